@@ -1,0 +1,273 @@
+"""Typed schema of a run's configuration.
+
+Hydra composes ``rf2/conf`` into a plain mapping; :func:`load_run_config` turns it into
+these dataclasses and validates every value before any compute starts. Each group of
+``conf/`` (dataset, model, strategy, devices, population, optimization, simulation)
+maps to one dataclass here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from rf2.typed import check, from_dict
+
+DatasetName = Literal["synthetic", "movielens100k", "movielens1m", "movielens20m", "lightgcn"]
+
+
+@dataclass
+class DatasetConfig:
+    name: DatasetName = "synthetic"
+    # Directory holding the dataset's files (MovieLens: u.data/ratings.dat/ratings.csv;
+    # lightgcn: train.txt/test.txt). Unused by ``synthetic``.
+    path: str | None = None
+    # Implicit click = rating >= click_threshold (RF²: 5 stars on MovieLens).
+    click_threshold: float = 5.0
+    # Per user, first ``train_fraction`` of clicks in time order train, the rest test.
+    train_fraction: float = 0.9
+    # Features: the last ``history_len`` clicked items before the predicted click.
+    history_len: int = 10
+    # Synthetic generator only.
+    num_users: int = 1000
+    num_items: int = 1000
+    num_groups: int = 20
+    mean_clicks_per_user: float = 25.0
+    popularity_exponent: float = 1.0
+    num_genres: int = 18
+
+    def validate(self, path: str = "dataset") -> None:
+        check(self.name == "synthetic" or bool(self.path), f"{path}.path", self.path,
+              f"a directory containing the {self.name} files (required for {self.name})")
+        check(0.0 < self.train_fraction < 1.0, f"{path}.train_fraction", self.train_fraction,
+              "a fraction in (0, 1)")
+        check(self.history_len >= 1, f"{path}.history_len", self.history_len, "an integer >= 1")
+        check(self.num_users >= 2, f"{path}.num_users", self.num_users, "an integer >= 2")
+        check(self.num_items >= 2, f"{path}.num_items", self.num_items, "an integer >= 2")
+        check(1 <= self.num_groups <= self.num_items, f"{path}.num_groups", self.num_groups,
+              "an integer in [1, num_items]")
+        check(self.mean_clicks_per_user >= 2, f"{path}.mean_clicks_per_user",
+              self.mean_clicks_per_user, "a number >= 2")
+        check(self.popularity_exponent >= 0, f"{path}.popularity_exponent",
+              self.popularity_exponent, "a number >= 0")
+        check(self.num_genres >= 0, f"{path}.num_genres", self.num_genres, "an integer >= 0")
+
+
+@dataclass
+class IndexConfig:
+    """Learned hierarchical index (HILL/HSNN); used when model.name = hier_index."""
+
+    levels: int = 2
+    nodes_per_level: list[int] = field(default_factory=lambda: [32, 32])
+    init: Literal["kmeans", "random"] = "kmeans"
+    max_alpha: float = 20.0
+    alpha_power: float = 1.0
+    index_loss_weight: float = 1.0
+    warmup_steps: int = 100
+    balance_weight: float = 0.01
+    reconstruction_weight: float = 1.0
+    beam: int = 8
+
+    def validate(self, path: str = "model.index") -> None:
+        check(self.levels >= 1, f"{path}.levels", self.levels, "an integer >= 1")
+        check(len(self.nodes_per_level) == self.levels, f"{path}.nodes_per_level",
+              self.nodes_per_level, f"a list of {self.levels} integers (one per level)")
+        check(all(k >= 2 for k in self.nodes_per_level), f"{path}.nodes_per_level",
+              self.nodes_per_level, "integers >= 2")
+        check(self.max_alpha > 0, f"{path}.max_alpha", self.max_alpha, "a number > 0")
+        check(self.beam >= 1, f"{path}.beam", self.beam, "an integer >= 1")
+        for name in ("index_loss_weight", "balance_weight", "reconstruction_weight"):
+            check(getattr(self, name) >= 0, f"{path}.{name}", getattr(self, name), "a number >= 0")
+        check(self.warmup_steps >= 0, f"{path}.warmup_steps", self.warmup_steps, "an integer >= 0")
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["two_tower", "hier_index"] = "two_tower"
+    dim: int = 64
+    use_genres: bool = True
+    item_bias: bool = True
+    loss: Literal["full_softmax", "sampled_softmax"] = "full_softmax"
+    num_negatives: int = 200
+    init_scale: float = 0.1
+    index: IndexConfig = field(default_factory=IndexConfig)
+
+    def validate(self, path: str = "model") -> None:
+        check(self.dim >= 1, f"{path}.dim", self.dim, "an integer >= 1")
+        check(self.num_negatives >= 1, f"{path}.num_negatives", self.num_negatives,
+              "an integer >= 1")
+        check(self.init_scale > 0, f"{path}.init_scale", self.init_scale, "a number > 0")
+
+
+@dataclass
+class ClientConfig:
+    local_epochs: int = 1
+    lr: float = 1.0
+    # 0 = full batch (RF²: one full-batch SGD step per local epoch).
+    batch_size: int = 0
+
+    def validate(self, path: str = "client") -> None:
+        check(self.local_epochs >= 1, f"{path}.local_epochs", self.local_epochs, "an integer >= 1")
+        check(self.lr > 0, f"{path}.lr", self.lr, "a number > 0")
+        check(self.batch_size >= 0, f"{path}.batch_size", self.batch_size,
+              "an integer >= 0 (0 = full batch)")
+
+
+@dataclass
+class StrategyConfig:
+    """Aggregation rule + server optimizer. ``_target_`` names the builder."""
+
+    _target_: str = "rf2.strategies.build_strategy"
+    name: Literal["fedavg", "fedprox", "qffl"] = "fedavg"
+    # Server optimizer applied to the aggregated pseudo-gradient (FedOpt, Reddi et al.).
+    server_optimizer: Literal["none", "adagrad", "adam", "yogi"] = "adagrad"
+    server_lr: float = 0.1
+    tau: float = 1e-9
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    proximal_mu: float = 0.01
+    q: float = 1.0
+
+    def validate(self, path: str = "strategy") -> None:
+        check(self.server_lr > 0, f"{path}.server_lr", self.server_lr, "a number > 0")
+        check(self.tau > 0, f"{path}.tau", self.tau, "a number > 0")
+        check(0 <= self.beta_1 < 1, f"{path}.beta_1", self.beta_1, "a number in [0, 1)")
+        check(0 <= self.beta_2 < 1, f"{path}.beta_2", self.beta_2, "a number in [0, 1)")
+        check(self.proximal_mu >= 0, f"{path}.proximal_mu", self.proximal_mu, "a number >= 0")
+        check(self.q >= 0, f"{path}.q", self.q, "a number >= 0")
+
+
+@dataclass
+class DevicesConfig:
+    # Name of a shipped profile (device_profiles/<name>.yaml) or a path to a YAML file.
+    profile: str = "uniform"
+
+
+PopulationMode = Literal["independent", "popularity-dirichlet", "activity", "rf2-sorted"]
+
+
+@dataclass
+class PopulationConfig:
+    mode: PopulationMode = "independent"
+    alpha: float = 0.005  # popularity-dirichlet concentration
+    strength: float = 1.0  # activity: 0 = independent, larger = stronger correlation
+
+    def validate(self, path: str = "population") -> None:
+        check(self.alpha > 0, f"{path}.alpha", self.alpha, "a number > 0")
+        check(self.strength >= 0, f"{path}.strength", self.strength, "a number >= 0")
+
+
+@dataclass
+class RoundConfig:
+    """Round policies of the simulated clock (FedScale-style); combinable."""
+
+    deadline_s: float | None = None
+    deadline_quantile: float | None = None
+    overcommit: float = 0.0
+    availability: bool = True
+    dropout: bool = True
+    # A round with fewer completed clients is skipped (logged with its reason).
+    min_completed: int = 1
+
+    def validate(self, path: str = "round") -> None:
+        check(self.deadline_s is None or self.deadline_s > 0, f"{path}.deadline_s",
+              self.deadline_s, "null or a number > 0")
+        check(self.deadline_quantile is None or 0 < self.deadline_quantile <= 1,
+              f"{path}.deadline_quantile", self.deadline_quantile, "null or a fraction in (0, 1]")
+        check(self.overcommit >= 0, f"{path}.overcommit", self.overcommit, "a number >= 0")
+        check(self.min_completed >= 1, f"{path}.min_completed", self.min_completed,
+              "an integer >= 1")
+
+
+@dataclass
+class OptimizationConfig:
+    """RF²'s tier-aware optimizations; each usable with any strategy."""
+
+    name: str = "none"
+    exclude_tiers: list[str] = field(default_factory=list)
+    overselect: float = 0.0
+    prune_rate: dict[str, float] = field(default_factory=dict)
+    quant_bits: dict[str, int] = field(default_factory=dict)
+    width: dict[str, float] = field(default_factory=dict)
+    per_row_embedding_avg: bool = False
+
+    def validate(self, path: str = "optimization") -> None:
+        check(self.overselect >= 0, f"{path}.overselect", self.overselect, "a number >= 0")
+        for tier, rate in self.prune_rate.items():
+            check(0 <= rate < 1, f"{path}.prune_rate.{tier}", rate, "a fraction in [0, 1)")
+        for tier, bits in self.quant_bits.items():
+            check(1 <= bits <= 32, f"{path}.quant_bits.{tier}", bits, "an integer in [1, 32]")
+        for tier, w in self.width.items():
+            check(0 < w <= 1, f"{path}.width.{tier}", w, "a fraction in (0, 1]")
+
+
+@dataclass
+class SimulationConfig:
+    backend: Literal["ray", "inprocess"] = "ray"
+    # Ray client resources: 1 CPU per client gives two actors on a 2-core machine.
+    num_cpus_per_client: float = 1.0
+    num_gpus_per_client: float = 0.0
+    # Join an existing Ray cluster (e.g. "auto" or "ray://host:10001") instead of starting one.
+    ray_address: str | None = None
+    ray_temp_dir: str | None = None
+    # Seconds to wait for one round's replies before counting the missing ones as faults.
+    round_timeout_s: float = 600.0
+
+    def validate(self, path: str = "simulation") -> None:
+        check(self.num_cpus_per_client > 0, f"{path}.num_cpus_per_client",
+              self.num_cpus_per_client, "a number > 0")
+        check(self.num_gpus_per_client >= 0, f"{path}.num_gpus_per_client",
+              self.num_gpus_per_client, "a number >= 0")
+        check(self.round_timeout_s > 0, f"{path}.round_timeout_s", self.round_timeout_s,
+              "a number > 0")
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [10, 20, 50])
+    every: int = 1
+    batch_size: int = 1024
+
+    def validate(self, path: str = "eval") -> None:
+        check(len(self.ks) > 0 and all(k >= 1 for k in self.ks), f"{path}.ks", self.ks,
+              "a non-empty list of integers >= 1")
+        check(self.every >= 1, f"{path}.every", self.every, "an integer >= 1")
+        check(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, "an integer >= 1")
+
+
+@dataclass
+class RunConfig:
+    seed: int = 123
+    num_rounds: int = 20
+    clients_per_round: int = 100
+    # Save a resumable checkpoint every N rounds (0 = only at the end).
+    checkpoint_every: int = 10
+    # Path of a run folder to continue instead of starting a new run.
+    resume: str | None = None
+    # Show full tracebacks for input errors.
+    debug: bool = False
+    # One progress line per round on stdout.
+    progress: bool = True
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
+    population: PopulationConfig = field(default_factory=PopulationConfig)
+    round: RoundConfig = field(default_factory=RoundConfig)
+    optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self, path: str = "") -> None:
+        check(self.num_rounds >= 0, "num_rounds", self.num_rounds, "an integer >= 0")
+        check(self.clients_per_round >= 1, "clients_per_round", self.clients_per_round,
+              "an integer >= 1")
+        check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every,
+              "an integer >= 0")
+
+
+def load_run_config(data: dict[str, Any]) -> RunConfig:
+    """Validate a composed config mapping (e.g. ``OmegaConf.to_container(cfg)``)."""
+    data = {k: v for k, v in data.items() if k != "hydra"}
+    return from_dict(RunConfig, data)
