@@ -236,6 +236,16 @@ class EvalConfig:
 
 
 @dataclass
+class FaultInjectionConfig:
+    """Testing aid: make chosen clients fail on purpose (exercise fault handling)."""
+
+    kind: Literal["none", "raise", "nan", "shape", "hang"] = "none"
+    users: list[int] = field(default_factory=list)
+    rounds: list[int] = field(default_factory=list)  # empty = every round
+    hang_s: float = 30.0
+
+
+@dataclass
 class RunConfig:
     seed: int = 123
     num_rounds: int = 20
@@ -258,6 +268,7 @@ class RunConfig:
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    fault_injection: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)
 
     def validate(self, path: str = "") -> None:
         check(self.num_rounds >= 0, "num_rounds", self.num_rounds, "an integer >= 0")

@@ -1,0 +1,56 @@
+"""Client faults: injecting them (for tests and drills) and screening replies for them.
+
+A reply is excluded from aggregation when its client raised, returned NaN/Inf, or
+returned arrays whose names or shapes differ from the global model's. Each exclusion is
+counted per round under ``fault/<reason>``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+FAULT_KINDS = ("raise", "nan", "shape", "hang")
+FAULT_REASONS = ("client_error", "non_finite", "wrong_shape", "timeout")
+
+
+class InjectedClientError(RuntimeError):
+    """Raised on purpose by a client told to fail."""
+
+
+def apply_injected_fault(config: Any, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Corrupt this client's reply as the server's ``inject-fault`` instruction says."""
+    kind = str(config.get("inject-fault", "")) if hasattr(config, "get") else ""
+    if not kind:
+        return arrays
+    if kind == "raise":
+        raise InjectedClientError("injected client fault")
+    if kind == "hang":
+        time.sleep(float(config.get("inject-hang-s", 3600.0)))
+        return arrays
+    first = next(iter(arrays))
+    out = dict(arrays)
+    if kind == "nan":
+        bad = out[first].astype(np.float32, copy=True)
+        bad.reshape(-1)[0] = np.nan
+        out[first] = bad
+    elif kind == "shape":
+        out[first] = np.zeros(tuple(s + 1 for s in out[first].shape), dtype=out[first].dtype)
+    return out
+
+
+def screen_reply(
+    arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray]
+) -> str | None:
+    """Return the fault reason for a client's arrays, or None if they are usable."""
+    if set(arrays) != set(reference):
+        return "wrong_shape"
+    for key, ref in reference.items():
+        if arrays[key].shape != ref.shape:
+            return "wrong_shape"
+    for value in arrays.values():
+        if not np.isfinite(value).all():
+            return "non_finite"
+    return None

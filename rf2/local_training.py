@@ -1,0 +1,68 @@
+"""One client's local training: plain PyTorch, no Flower, so it is testable directly.
+
+RF²'s recipe is the default: one local epoch, one full-batch SGD step at lr 1.0.
+FedProx adds (mu/2)·||w − w_global||² to the loss (squared norm, as in the paper).
+The loss at the global model before training is reported too: q-FFL needs F_k(w_t).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class LocalTrainingResult:
+    num_examples: int
+    loss_before: float  # F_k(w_t): mean loss on the local data at the global model
+    loss_after: float  # mean loss over the last local epoch's batches
+
+
+def train_locally(
+    model: torch.nn.Module,
+    histories: np.ndarray,  # (n, H) int64, PAD = -1
+    targets: np.ndarray,  # (n,) int64
+    *,
+    lr: float,
+    local_epochs: int,
+    batch_size: int,
+    proximal_mu: float = 0.0,
+    seed: int = 0,
+) -> LocalTrainingResult:
+    """Train ``model`` in place on one client's examples with plain SGD."""
+    n = int(len(targets))
+    hist_t = torch.from_numpy(np.asarray(histories, dtype=np.int64))
+    tgt_t = torch.from_numpy(np.asarray(targets, dtype=np.int64))
+    with torch.no_grad():
+        loss_before = float(model.loss(hist_t, tgt_t)) if n else 0.0
+    if n == 0:
+        return LocalTrainingResult(0, 0.0, 0.0)
+    global_params = (
+        [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    bs = n if batch_size <= 0 else min(batch_size, n)
+    gen = torch.Generator().manual_seed(seed)
+    loss_after = loss_before
+    for _ in range(local_epochs):
+        order = torch.randperm(n, generator=gen) if bs < n else torch.arange(n)
+        total, count = 0.0, 0
+        for start in range(0, n, bs):
+            idx = order[start : start + bs]
+            optimizer.zero_grad(set_to_none=True)
+            loss = model.loss(hist_t[idx], tgt_t[idx])
+            objective = loss
+            if global_params is not None:
+                prox = sum(
+                    ((p - g) ** 2).sum()
+                    for p, g in zip(model.parameters(), global_params, strict=True)
+                )
+                objective = loss + 0.5 * proximal_mu * prox
+            objective.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+        loss_after = total / max(count, 1)
+    return LocalTrainingResult(n, loss_before, loss_after)

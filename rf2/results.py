@@ -1,0 +1,349 @@
+"""Read run folders into tidy pandas frames, and RF²'s fairness-gap tables from them.
+
+A run folder holds ``config.yaml`` (the resolved RunConfig), ``metrics.jsonl`` (one flat
+JSON object per round; round 0 = before training), ``population.json``, checkpoints and
+the model. A Hydra multirun folder holds run folders at any depth (sweeps of sweeps), so
+runs are found by their two files, not by Hydra's numbering. This module imports neither
+torch nor Flower: a notebook on a laptop with pandas can analyse a cluster's sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from rf2.errors import UserInputError
+
+__all__ = ["CONFIG_COLUMNS", "FairnessTables", "ResultsError", "ResultsWarning",
+           "fairness_gap_table", "find_runs", "load", "load_population", "load_wide",
+           "order_tiers", "tier_metric", "to_parquet"]
+
+# Column -> dotted path in config.yaml: the axes a sweep usually varies.
+CONFIG_COLUMNS: dict[str, str] = {
+    "strategy": "strategy.name", "server_optimizer": "strategy.server_optimizer",
+    "optimization": "optimization.name", "population": "population.mode",
+    "devices": "devices.profile", "dataset": "dataset.name", "model": "model.name",
+    "seed": "seed", "num_rounds": "num_rounds", "clients_per_round": "clients_per_round",
+}
+# Besides seed and population, what must be equal for a run to be another's reference.
+MATCH_COLUMNS = ("strategy", "server_optimizer", "devices", "dataset", "model")
+_TIER_KEY = re.compile(r"^tier/([^/]+)/(.+)$")
+
+
+class ResultsError(UserInputError):
+    """A path holds no run folder, or a run folder or results frame is unusable."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"results error: {problem}")
+
+
+class ResultsWarning(UserWarning):
+    """Something was skipped while reading results (e.g. a torn last line)."""
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, ResultsWarning, stacklevel=3)
+
+
+def _natural(text: str) -> tuple[tuple[int, Any], ...]:
+    """Sort key putting run "2" before "10" (Hydra numbers its job folders)."""
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", text) if p)
+
+
+def find_runs(path: str | os.PathLike[str]) -> list[Path]:
+    """Run folders (``metrics.jsonl`` + ``config.yaml``) at or below ``path``, sorted.
+
+    Hidden folders (Hydra's ``.hydra``) and ``checkpoints`` are not searched, nor is the
+    inside of a run folder.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise ResultsError(f"{root}: no such folder")
+    runs, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):  # symlinked runs too
+        real, is_run = os.path.realpath(dirpath), {"metrics.jsonl", "config.yaml"} <= set(filenames)
+        if is_run and real not in seen:
+            runs.append(Path(dirpath))
+        stop = is_run or real in seen  # also guards against symlink loops
+        dirnames[:] = [] if stop else [d for d in dirnames if d[0] != "." and d != "checkpoints"]
+        seen.add(real)
+    if not runs:
+        raise ResultsError(f"{root}: no run folder (one holding metrics.jsonl and config.yaml) "
+                           "in it or below it")
+    return sorted(runs, key=lambda r: _natural(r.relative_to(root).as_posix()))
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    """Rows of metrics.jsonl; a torn last line is skipped with a warning. Should a round
+    appear twice (a resume), its last row wins: it belongs to the trajectory that went on."""
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    by_round: dict[int, dict[str, Any]] = {}
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if any(rest.strip() for rest in lines[i + 1:]):
+                raise ResultsError(f"{path}:{i + 1}: not a JSON object") from None
+            _warn(f"{path}:{i + 1}: skipping a torn last line (crash mid-write?)")
+            break
+        if not isinstance(record, dict) or not isinstance(record.get("round"), int):
+            raise ResultsError(f"{path}:{i + 1}: expected a JSON object with an integer 'round'")
+        by_round[record["round"]] = record
+    return [by_round[r] for r in sorted(by_round)]
+
+
+def _numeric(record: Mapping[str, Any]) -> dict[str, float]:
+    """The record's metric values as floats (null -> NaN); other kinds are not metrics."""
+    return {k: (math.nan if v is None else float(v)) for k, v in record.items()
+            if k != "round" and (v is None or isinstance(v, (int, float)))}
+
+
+def _config_value(config: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    # Lists/dicts become JSON text so the column stays scalar (and parquet-friendly).
+    return json.dumps(node, sort_keys=True) if isinstance(node, (list, dict)) else node
+
+
+def _columns(config_columns: Sequence[str] | Mapping[str, str] | None) -> dict[str, str]:
+    extra = (dict(config_columns) if isinstance(config_columns, Mapping)
+             else {c: c for c in config_columns or ()})
+    return {**CONFIG_COLUMNS, **extra}
+
+
+def _runs(path: str | os.PathLike[str], columns: Mapping[str, str]
+          ) -> list[tuple[str, Path, dict[str, Any]]]:
+    """(run id, folder, config column values) per run; run id = path relative to ``path``."""
+    root = Path(path)
+    out = []
+    for run in find_runs(root):
+        try:
+            config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ResultsError(f"{run / 'config.yaml'}: not valid YAML ({exc})") from None
+        if not isinstance(config, dict):
+            raise ResultsError(f"{run / 'config.yaml'}: expected a mapping")
+        values = {col: _config_value(config, dotted) for col, dotted in columns.items()}
+        out.append((run.relative_to(root).as_posix(), run, values))
+    return out
+
+
+def load(path: str | os.PathLike[str],
+         config_columns: Sequence[str] | Mapping[str, str] | None = None) -> pd.DataFrame:
+    """One run or a (nested) multirun folder as a tidy frame, one row per (run, round, metric).
+
+    Columns: ``run`` (folder relative to ``path``; "." for a single run), ``round``,
+    ``metric``, ``value`` (float; NaN where the run logged null/NaN), then the config
+    columns of :data:`CONFIG_COLUMNS` plus ``config_columns`` (dotted config paths, or a
+    mapping column -> dotted path). A metric a round did not log has no row.
+    """
+    columns = _columns(config_columns)
+    frames = []
+    for run_id, run, values in _runs(path, columns):
+        rows = [(rec["round"], key, value) for rec in _read_records(run / "metrics.jsonl")
+                for key, value in _numeric(rec).items()]
+        frame = pd.DataFrame(rows, columns=["round", "metric", "value"])
+        frame.insert(0, "run", run_id)
+        frames.append(frame.assign(**values))
+    df = pd.concat(frames, ignore_index=True)
+    return df.astype({"round": "int64", "value": "float64"})
+
+
+def load_wide(path: str | os.PathLike[str],
+              config_columns: Sequence[str] | Mapping[str, str] | None = None) -> pd.DataFrame:
+    """One row per (run, round): ``run``, ``round``, config columns, then one column per metric."""
+    columns = _columns(config_columns)
+    frames = []
+    for run_id, run, values in _runs(path, columns):
+        records = _read_records(run / "metrics.jsonl")
+        metrics = pd.DataFrame([_numeric(r) for r in records], dtype="float64")
+        head = pd.DataFrame({"run": run_id, "round": [r["round"] for r in records], **values})
+        frames.append(pd.concat([head, metrics], axis=1))
+    return pd.concat(frames, ignore_index=True).astype({"round": "int64"})
+
+
+def _population_table(data: Any, where: Path) -> pd.DataFrame:
+    """population.json as rows. rf2 writes ``{"tiers": {name: {users, share, ...}},
+    "num_users": ..., "jaccard_top50": {"low|mid": ...}, ...}``: one row per tier (column
+    ``tier``), scalars repeated on every row, flat mappings as ``key.sub`` columns. A list
+    of records, or any other mapping of name -> record, is read the same way."""
+    if isinstance(data, list):
+        return pd.DataFrame(data)
+    if not isinstance(data, dict):
+        raise ResultsError(f"{where}: expected a JSON list or object")
+    tables = [k for k, v in data.items() if isinstance(v, (dict, list)) and v
+              and all(isinstance(r, dict) for r in (v.values() if isinstance(v, dict) else v))]
+    key = "tiers" if "tiers" in tables else (tables[0] if tables else None)
+    rest = {k: v for k, v in data.items() if k != key}
+    extra = pd.json_normalize(rest).iloc[0].to_dict() if rest else {}
+    if key is None:
+        return pd.DataFrame([extra])
+    rows = data[key]
+    if isinstance(rows, dict):
+        name = key[:-1] if key.endswith("s") else key
+        rows = [{name: n, **r} for n, r in rows.items()]
+    table = pd.json_normalize(rows)
+    return table.assign(**{k: v for k, v in extra.items() if k not in table})
+
+
+def load_population(path: str | os.PathLike[str],
+                    config_columns: Sequence[str] | Mapping[str, str] | None = None
+                    ) -> pd.DataFrame:
+    """population.json of every run (one row per tier) with ``run`` and config columns."""
+    frames = []
+    for run_id, run, values in _runs(path, _columns(config_columns)):
+        file = run / "population.json"
+        if file.is_file():
+            table = _population_table(json.loads(file.read_text(encoding="utf-8")), file)
+            table.insert(0, "run", run_id)
+            frames.append(table.assign(**{k: v for k, v in values.items() if k not in table}))
+    if not frames:
+        raise ResultsError(f"{path}: no run folder holds a population.json")
+    return pd.concat(frames, ignore_index=True)
+
+
+def to_parquet(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """Write ``df`` as Parquet (no index), creating parent folders; returns the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_parquet(out, index=False)
+    return out
+
+
+def order_tiers(names: Sequence[str]) -> list[str]:
+    """Tiers in a reading order: low, mid, high first, then the rest naturally sorted."""
+    known = ["low", "mid", "high"]
+    rest = sorted((n for n in set(names) if n not in known), key=_natural)
+    return [n for n in known if n in set(names)] + rest
+
+
+def tier_metric(df: pd.DataFrame, metric: str = "recall@20") -> pd.DataFrame:
+    """Rows of ``tier/<tier>/<metric>`` from a :func:`load` frame, with a ``tier`` column."""
+    parts = df["metric"].str.extract(_TIER_KEY)
+    mask = (parts[1] == metric).to_numpy()
+    rows = df[mask].drop(columns="metric")
+    rows.insert(int(rows.columns.get_loc("round")) + 1, "tier", parts[0].to_numpy()[mask])
+    return rows.reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class FairnessTables:
+    """RF²'s fairness gap of every optimization against the reference (see fairness_gap_table).
+
+    - ``per_tier``: one row per (run, tier): context columns, ``optimization``,
+      ``population``, ``seed``, ``tier``, ``run``, ``round``, ``value``, ``reference_run``,
+      ``reference_round``, ``reference_value``, ``d`` (= D_t).
+    - ``mdac``: one row per run: context, ``optimization``, ``population``, ``seed``,
+      ``run``, ``mdac``, ``n_tiers``.
+    - ``per_tier_summary``: per (context, optimization, population, tier): ``d_mean``,
+      ``d_std``, ``n_seeds``.
+    - ``mdac_summary``: per (context, optimization, population): ``mdac_mean``, ``mdac_std``,
+      ``n_seeds``.
+    - ``ratio``: per (context, optimization): ``mdac_independent``, ``mdac_realistic``
+      (means over seeds), ``ratio`` (= their quotient, RF²'s headline),
+      ``ratio_seed_mean``, ``ratio_seed_std``, ``n_seeds`` (per-seed quotients).
+
+    Context = the ``match_on`` columns present (strategy, server_optimizer, devices, dataset,
+    model). Stds are sample stds (ddof=1): NaN with one seed.
+    """
+
+    per_tier: pd.DataFrame
+    mdac: pd.DataFrame
+    per_tier_summary: pd.DataFrame
+    mdac_summary: pd.DataFrame
+    ratio: pd.DataFrame
+
+
+def _mdac(d: pd.Series) -> float:
+    return float(d.max() - d.min()) if len(d) and d.notna().all() else math.nan
+
+
+def fairness_gap_table(df: pd.DataFrame | str | os.PathLike[str], metric: str = "recall@20",
+                       round: int | None = None, reference_optimization: str = "none",
+                       realistic: str = "popularity-dirichlet", independent: str = "independent",
+                       match_on: Sequence[str] = MATCH_COLUMNS) -> FairnessTables:
+    """D_t = (beta_t(opt) - beta_t(ref)) / beta_t(ref) per tier, MDAC = max_t D_t - min_t D_t.
+
+    ``df`` is a :func:`load` frame (or a path to load). ``round`` None = each run's last
+    logged round. The reference of a run is the run with ``optimization ==
+    reference_optimization`` and the same seed, population and ``match_on`` columns (several
+    such runs are averaged, with a warning). Relative changes, not raw gaps, because RF²'s
+    claim is about how unevenly an optimization *moves* each tier.
+    """
+    frame = load(df) if not isinstance(df, pd.DataFrame) else df
+    t = tier_metric(frame, metric)
+    if t.empty:
+        raise ResultsError(f"no tier/<tier>/{metric} values in these runs")
+    t = t[t["round"] == (t.groupby("run")["round"].transform("max") if round is None else round)]
+    context = [c for c in match_on if c in t.columns and c not in ("population", "seed")]
+    keys = [*context, "population", "seed"]
+    is_ref = t["optimization"] == reference_optimization
+    if not is_ref.any():
+        found = ", ".join(sorted(map(str, t["optimization"].unique())))
+        raise ResultsError(f"no reference run with optimization={reference_optimization!r} "
+                           f"(found: {found}); D_t and MDAC compare every run against one")
+    ref = t[is_ref].groupby([*keys, "tier"], dropna=False).agg(
+        reference_run=("run", lambda s: ",".join(sorted(s))),
+        reference_round=("round", "max"), reference_value=("value", "mean")).reset_index()
+    if ref["reference_run"].str.contains(",").any():
+        _warn("several reference runs share seed, population and match_on columns; "
+              "averaging them (pass match_on to tell them apart)")
+    per_tier = t[~is_ref].merge(ref, on=[*keys, "tier"], how="left")
+    missing = sorted(per_tier.loc[per_tier["reference_run"].isna(), "run"].unique())
+    if missing:
+        _warn(f"no reference run for {', '.join(missing)}: D_t is NaN there")
+    if not missing and (per_tier["round"] != per_tier["reference_round"]).any():
+        _warn("some runs end at another round than their reference")
+    refv = per_tier["reference_value"].where(per_tier["reference_value"] != 0)
+    per_tier["d"] = (per_tier["value"] - refv) / refv
+    tiers = order_tiers(list(per_tier["tier"].unique()))
+    per_tier["tier"] = pd.Categorical(per_tier["tier"], categories=tiers, ordered=True)
+    lead = [*context, "optimization", "population", "seed"]
+    per_tier = per_tier.sort_values([*lead, "run", "tier"]).reset_index(drop=True)
+    per_tier = per_tier[[*lead, "tier", "run", "round", "value", "reference_run",
+                         "reference_round", "reference_value", "d"]]
+    per_run = per_tier.groupby([*lead, "run"], dropna=False, observed=True)["d"]
+    mdac = per_run.agg(mdac=_mdac, n_tiers="size").reset_index()
+    group = [*context, "optimization", "population"]
+    tier_summary = per_tier.groupby([*group, "tier"], dropna=False, observed=True)["d"].agg(
+        d_mean="mean", d_std="std", n_seeds="count").reset_index()
+    mdac_summary = mdac.groupby(group, dropna=False)["mdac"].agg(
+        mdac_mean="mean", mdac_std="std", n_seeds="count").reset_index()
+    return FairnessTables(per_tier, mdac, tier_summary, mdac_summary,
+                          _ratio(mdac, [*context, "optimization"], realistic, independent))
+
+
+def _ratio(mdac: pd.DataFrame, group: list[str], realistic: str, independent: str
+           ) -> pd.DataFrame:
+    """MDAC(realistic) / MDAC(independent): of the seed means, and per seed."""
+    real = mdac[mdac["population"] == realistic]
+    ind = mdac[mdac["population"] == independent]
+    means = real.groupby(group, dropna=False)["mdac"].mean().rename("mdac_realistic").to_frame()
+    means = means.join(ind.groupby(group, dropna=False)["mdac"].mean().rename(
+        "mdac_independent"), how="outer")
+    paired = real.merge(ind, on=[*group, "seed"], suffixes=("_r", "_i"))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        means["ratio"] = means["mdac_realistic"] / means["mdac_independent"]
+        paired["ratio"] = paired["mdac_r"] / paired["mdac_i"]
+    per_seed = paired.groupby(group, dropna=False)["ratio"].agg(
+        ratio_seed_mean="mean", ratio_seed_std="std", n_seeds="count")
+    out = means.join(per_seed, how="left").reset_index()
+    out["n_seeds"] = out["n_seeds"].fillna(0).astype("int64")
+    return out[[*group, "mdac_independent", "mdac_realistic", "ratio", "ratio_seed_mean",
+                "ratio_seed_std", "n_seeds"]]

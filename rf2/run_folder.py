@@ -1,0 +1,164 @@
+"""Writing a run folder: append-only metrics, resolved config, atomic checkpoints.
+
+Layout (the stable format; ``rf2.results`` reads it)::
+
+    config.yaml        resolved RunConfig
+    population.json    per-tier population summary
+    metrics.jsonl      one JSON object per round (round 0 = before training)
+    checkpoints/round_NNNNNN/{arrays.npz,state.json}   resumable state, atomic
+    model.pt           final global model (state_dict of tensors only)
+    DONE               written last: the run finished
+
+A crash can tear only the last line of ``metrics.jsonl``; :meth:`RunFolder.read_metrics`
+drops such a line and :meth:`RunFolder.truncate_to_round` rewrites nothing but that tail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+METRICS = "metrics.jsonl"
+CONFIG = "config.yaml"
+DONE = "DONE"
+
+
+class RunFolderError(OSError):
+    """The run folder cannot be written (full disk, read-only, missing)."""
+
+
+class RunFolder:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # -- creation --------------------------------------------------------------------
+    def create(self, config: dict[str, Any]) -> None:
+        """Start a new run here; refuse to overwrite another run's metrics."""
+        if (self.path / METRICS).exists():
+            raise RunFolderError(
+                f"{self.path} already holds a run ({METRICS} exists); pass resume={self.path} "
+                "to continue it or choose another output directory"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.write_text(CONFIG, yaml.safe_dump(config, sort_keys=False))
+
+    def write_text(self, name: str, text: str) -> None:
+        """Write a whole file atomically (temp file + rename)."""
+        target = self.path / name
+        tmp = target.with_name(target.name + ".tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except OSError as ex:
+            _cleanup(tmp)
+            raise RunFolderError(f"cannot write {target}: {ex.strerror or ex}") from ex
+
+    def write_json(self, name: str, obj: Any) -> None:
+        self.write_text(name, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+    def read_config(self) -> dict[str, Any]:
+        with open(self.path / CONFIG, encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+
+    # -- metrics ---------------------------------------------------------------------
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        """Append one whole line; fsync so a crash loses at most this line."""
+        line = json.dumps(row, sort_keys=True, allow_nan=True) + "\n"
+        try:
+            with open(self.path / METRICS, "a", encoding="utf-8") as fh:
+                fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as ex:
+            raise RunFolderError(f"cannot append to {self.path / METRICS}: {ex.strerror or ex}") from ex
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """All whole rows; a torn last line (crash mid-write) is dropped."""
+        path = self.path / METRICS
+        if not path.exists():
+            return []
+        rows = []
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if not line.endswith("\n"):
+                    break  # torn tail
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break
+        return rows
+
+    def truncate_to_round(self, last_round: int) -> None:
+        """Keep rows with round <= last_round (drops rows past a checkpoint and torn tails)."""
+        rows = [r for r in self.read_metrics() if int(r["round"]) <= last_round]
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+        self.write_text(METRICS, text)
+
+    # -- checkpoints -----------------------------------------------------------------
+    def save_checkpoint(
+        self, round_: int, arrays: dict[str, np.ndarray], state: dict[str, Any], keep: int = 2
+    ) -> Path:
+        """Write ``checkpoints/round_N`` via a temp dir renamed into place (atomic)."""
+        root = self.path / "checkpoints"
+        final = root / f"round_{round_:06d}"
+        tmp = root / f".round_{round_:06d}.tmp"
+        try:
+            root.mkdir(exist_ok=True)
+            _cleanup(tmp)
+            tmp.mkdir()
+            with open(tmp / "arrays.npz", "wb") as fh:
+                np.savez(fh, **arrays)
+                fh.flush()
+                os.fsync(fh.fileno())
+            with open(tmp / "state.json", "w", encoding="utf-8") as fh:
+                json.dump(state, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            _cleanup(final)
+            os.replace(tmp, final)
+        except OSError as ex:
+            _cleanup(tmp)
+            raise RunFolderError(f"cannot write checkpoint {final}: {ex.strerror or ex}") from ex
+        for old in sorted(root.glob("round_*"))[:-keep]:
+            _cleanup(old)
+        return final
+
+    def latest_checkpoint(self) -> tuple[int, dict[str, np.ndarray], dict[str, Any]] | None:
+        root = self.path / "checkpoints"
+        candidates = sorted(root.glob("round_*")) if root.exists() else []
+        for ckpt in reversed(candidates):
+            try:
+                with np.load(ckpt / "arrays.npz") as npz:
+                    arrays = {k: npz[k] for k in npz.files}
+                with open(ckpt / "state.json", encoding="utf-8") as fh:
+                    state = json.load(fh)
+                return int(ckpt.name.split("_")[1]), arrays, state
+            except (OSError, ValueError):
+                continue
+        return None
+
+    def mark_done(self) -> None:
+        self.write_text(DONE, "")
+
+    @property
+    def done(self) -> bool:
+        return (self.path / DONE).exists()
+
+
+def _cleanup(path: Path) -> None:
+    try:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    except OSError:
+        pass

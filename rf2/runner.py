@@ -1,0 +1,121 @@
+"""One run end to end: validate and load everything, then open the run folder, then train.
+
+Order matters: every input check (config values, data files, device profile, tier
+names) happens in :func:`prepare` before the run folder is touched, so bad input never
+leaves a folder that looks like a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.serverapp.strategy import Strategy
+
+from rf2.client import client_spec_from, make_client_app
+from rf2.clock import SimClock
+from rf2.config import RunConfig
+from rf2.data import load_dataset
+from rf2.data.base import FederatedDataset
+from rf2.devices import DeviceProfile, load_profile
+from rf2.evaluation import Evaluator
+from rf2.model import build_model
+from rf2.model.examples import num_training_examples
+from rf2.params import load_numpy_into, state_to_numpy
+from rf2.population import Population, assign_tiers, population_summary
+from rf2.run_folder import RunFolder
+from rf2.selection import ClientSelector
+from rf2.server import FederatedServer, ServerState, restore_state
+from rf2.simulation import launch
+from rf2.strategies import build_strategy
+from rf2.typed import check, to_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedRun:
+    cfg: RunConfig
+    dataset: FederatedDataset
+    profile: DeviceProfile
+    population: Population
+    model: torch.nn.Module
+    strategy: Strategy
+    num_examples: np.ndarray  # (num_users,)
+
+
+def prepare(cfg: RunConfig) -> PreparedRun:
+    """Load and cross-check every input; raises UserInputError before any training."""
+    if cfg.dataset.path:
+        cfg = dataclasses.replace(
+            cfg, dataset=dataclasses.replace(cfg.dataset, path=str(Path(cfg.dataset.path).resolve()))
+        )
+    dataset = load_dataset(cfg.dataset, cfg.seed)
+    check(max(cfg.eval.ks) <= dataset.num_items, "eval.ks", cfg.eval.ks,
+          f"cut-offs <= the number of items ({dataset.num_items})")
+    check(cfg.clients_per_round <= dataset.num_users, "clients_per_round", cfg.clients_per_round,
+          f"an integer in [1, {dataset.num_users}] (the number of users)")
+    profile = load_profile(cfg.devices.profile)
+    tier_names = [t.name for t in profile.tiers]
+    opt = cfg.optimization
+    for field_name in ("prune_rate", "quant_bits", "width"):
+        for tier in getattr(opt, field_name):
+            check(tier in tier_names, f"optimization.{field_name}.{tier}", tier,
+                  f"tiers of profile {profile.name}: {', '.join(tier_names)}")
+    for tier in opt.exclude_tiers:
+        check(tier in tier_names, "optimization.exclude_tiers", tier,
+              f"tiers of profile {profile.name}: {', '.join(tier_names)}")
+    population = assign_tiers(dataset, profile, cfg.population, cfg.seed)
+    model = build_model(cfg.model, dataset, cfg.seed)
+    strategy = build_strategy(cfg.strategy, cfg.client)
+    num_examples = num_training_examples(dataset)
+    return PreparedRun(cfg, dataset, profile, population, model, strategy, num_examples)
+
+
+def eligible_users(prep: PreparedRun) -> np.ndarray:
+    """Users that may be selected: with local examples, not in an excluded tier."""
+    names = prep.population.tier_names
+    excluded = [names.index(t) for t in prep.cfg.optimization.exclude_tiers]
+    ok = prep.num_examples > 0
+    if excluded:
+        ok &= ~np.isin(prep.population.tier_of_user, excluded)
+    return np.flatnonzero(ok)
+
+
+def execute(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Path:
+    """Train and write the run folder. With ``resuming``, continue from its checkpoint."""
+    cfg = prep.cfg
+    selector = ClientSelector(eligible_users(prep), seed=cfg.seed)
+    model_bytes = float(sum(p.numel() * p.element_size() for p in prep.model.state_dict().values()))
+    clock = SimClock(prep.population, seed=cfg.seed, model_bytes_down=model_bytes,
+                     update_bytes_up=model_bytes, local_epochs=cfg.client.local_epochs)
+    checkpoint = folder.latest_checkpoint() if resuming else None
+    if checkpoint is not None:
+        state = restore_state(checkpoint, selector, clock, prep.strategy)
+        folder.truncate_to_round(state.round)
+    else:
+        if resuming:
+            folder.truncate_to_round(-1)
+        else:
+            folder.create(to_dict(cfg))
+        folder.write_json("population.json", population_summary(prep.dataset, prep.population))
+        state = ServerState(round=0, arrays=state_to_numpy(prep.model), selector=selector,
+                            clock=clock)
+    evaluator = Evaluator(prep.dataset, cfg.eval.ks, cfg.eval.batch_size,
+                          prep.population.tier_of_user, prep.population.tier_names)
+    server = FederatedServer(cfg, prep.population, prep.num_examples, prep.model,
+                             prep.strategy, evaluator, folder, state)
+    spec = client_spec_from(cfg.dataset, cfg.model, cfg.seed)
+    # Messages go only to clients that will finish, at most K per round.
+    num_slots = max(1, min(cfg.clients_per_round, len(selector.eligible)))
+    server.num_slots = num_slots
+    if state.round < cfg.num_rounds or not folder.read_metrics():
+        launch(server.main, make_client_app(spec), num_slots, cfg.simulation)
+    load_numpy_into(prep.model, server.state.arrays)
+    torch.save(prep.model.state_dict(), folder.path / "model.pt")
+    folder.mark_done()
+    return folder.path

@@ -1,0 +1,191 @@
+"""The only module that starts Ray or calls Flower's simulation launcher.
+
+Two backends run the same ServerApp logic and ClientApp:
+
+* ``ray``: Flower's simulation engine (``flwr.simulation.run_simulation``) on Ray, with
+  client resources set deliberately (1 CPU per client = 2 actors on 2 cores) and an
+  optional ``ray_address`` to join an existing cluster.
+* ``inprocess``: :class:`InProcessGrid`, a ``flwr.serverapp.Grid`` that calls the
+  ClientApp directly in this process — same messages, no Ray start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from uuid import uuid4
+
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+from rf2.config import SimulationConfig
+
+ServerMain = Callable[[Grid, Context], None]
+
+log = logging.getLogger(__name__)
+
+
+class InProcessGrid(Grid):
+    """A Grid whose nodes are ClientApp calls in this process.
+
+    It sets the run, node and task identity the way Flower's simulation engine does
+    before the ServerApp builds Messages, assigns message ids as the SuperLink would,
+    and turns a raising ClientApp into an error reply (as the engine does).
+    """
+
+    def __init__(self, client_app: ClientApp, num_nodes: int) -> None:
+        run_id = secrets.randbits(63)
+        self._run = Run.create_empty(run_id=run_id)
+        self._run.primary_task_id = 1
+        TaskIdentity.task_id = 1
+        TaskIdentity.run_id = run_id
+        TaskIdentity.node_id = SUPERLINK_NODE_ID
+        self._client_app = client_app
+        self._node_ids = list(range(1, num_nodes + 1))
+        self._contexts = {
+            node_id: Context(
+                run_id=run_id,
+                node_id=node_id,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
+            for i, node_id in enumerate(self._node_ids)
+        }
+        self._replies: dict[str, Message] = {}
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._node_ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid4())
+            context = self._contexts[msg.metadata.dst_node_id]
+            try:
+                reply = self._client_app(msg, context)
+            except Exception as ex:  # noqa: BLE001 - reported as an error reply, like Flower
+                from flwr.app import Error
+                from flwr.common.constant import ErrorCode
+
+                reason = f"{type(ex)}:<'{ex}'>"
+                reply = Message(
+                    Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                    reply_to=msg,
+                )
+            reply.metadata.__dict__["_message_id"] = str(uuid4())
+            self._replies[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(mid) for mid in message_ids if mid in self._replies]
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return list(self.pull_messages(list(self.push_messages(messages))))
+
+
+def launch(
+    server_main: ServerMain,
+    client_app: ClientApp,
+    num_supernodes: int,
+    sim: SimulationConfig,
+) -> None:
+    """Run ``server_main`` against ``num_supernodes`` client slots on the chosen backend."""
+    if sim.backend == "inprocess":
+        grid = InProcessGrid(client_app, num_supernodes)
+        server_main(grid, Context(run_id=grid.run.run_id, node_id=0, node_config={},
+                                  state=RecordDict(), run_config={}))
+        return
+    _launch_ray(server_main, client_app, num_supernodes, sim)
+
+
+def _init_ray(ray: object, sim: SimulationConfig) -> None:
+    """Start (or join) Ray ourselves, before Flower would.
+
+    Flower's own ``ray.init`` passes a ``runtime_env``, which stops Ray from reusing its
+    pre-started workers (~10 s start-up on 2 cores). Locally the workers inherit this
+    process's environment instead, including one OpenMP/torch thread per worker.
+    """
+    threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    if sim.ray_address:
+        # A remote cluster does not inherit our environment: ship it as a runtime_env.
+        ray.init(address=sim.ray_address, runtime_env={"env_vars": threads},  # type: ignore[attr-defined]
+                 include_dashboard=False, logging_level=logging.WARNING)
+        return
+    saved = {k: os.environ.get(k) for k in threads}
+    os.environ.update(threads)
+    try:
+        kwargs: dict[str, object] = {"num_cpus": os.cpu_count() or 1,
+                                     "include_dashboard": False,
+                                     "logging_level": logging.WARNING,
+                                     "log_to_driver": False}
+        if sim.ray_temp_dir:
+            kwargs["_temp_dir"] = os.path.abspath(sim.ray_temp_dir)
+        ray.init(**kwargs)  # type: ignore[attr-defined]
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _launch_ray(
+    server_main: ServerMain, client_app: ClientApp, num_supernodes: int, sim: SimulationConfig
+) -> None:
+    import ray
+    from flwr.simulation import run_simulation
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        server_main(grid, context)
+
+    _init_ray(ray, sim)
+    backend_config = {
+        "client_resources": {
+            "num_cpus": sim.num_cpus_per_client,
+            "num_gpus": sim.num_gpus_per_client,
+        },
+    }
+    started = time.perf_counter()
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=num_supernodes,
+            backend_name="ray",
+            backend_config=backend_config,
+        )
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        log.debug("ray simulation finished in %.1fs", time.perf_counter() - started)

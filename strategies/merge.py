@@ -1,0 +1,87 @@
+"""Feeding an aggregate that rf2 computed itself (HeteroFL, per-row averaging) through a
+Flower strategy, so the server optimizer (FedOpt) and q-FFL still apply.
+
+Flower's FedAvg mean cannot express HeteroFL (clients return slices of different shapes)
+or per-row averaging (each row has its own set of contributing clients). The server
+computes those means with the pure functions in ``rf2.heterofl`` / ``rf2.row_averaging``
+and hands the strategy either
+
+* one merged reply that carries the mean (FedAvg, FedProx and every FedOpt variant:
+  the weighted mean of a single reply is that reply, so FedAvg returns the mean and a
+  FedOpt class steps towards it), or
+* for q-FFL (:func:`needs_each_reply`), every reply with full-shape arrays in which the
+  client's uncovered elements hold w_t (a zero update there), so q-FFL still weighs
+  each client by F_k^q.
+
+Message-level glue only; the arithmetic lives in the pure modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from rf2.strategies.qffl import needs_each_reply
+
+Arrays = Mapping[str, np.ndarray]
+
+
+def _record(arrays: Arrays) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def with_arrays(reply: Message, arrays: Arrays, arrays_key: str = "arrays") -> Message:
+    """A copy of ``reply`` whose ArrayRecord is replaced by ``arrays`` (other records kept).
+
+    ``arrays`` must be in the global model's key order: q-FFL pairs arrays by position.
+    """
+    records = {k: v for k, v in reply.content.items() if k != arrays_key}
+    records[arrays_key] = _record(arrays)
+    return Message(RecordDict(records), reply_to=reply)
+
+
+def merged_reply(
+    replies: Sequence[Message],
+    arrays: Arrays,
+    weighted_by_key: str = "num-examples",
+    arrays_key: str = "arrays",
+    metrics_key: str = "metrics",
+) -> Message:
+    """One reply carrying ``arrays`` and the replies' metrics, weighted-averaged as
+    Flower's FedAvg would, with ``weighted_by_key`` = the replies' total weight."""
+    if not replies:
+        raise ValueError("no replies to merge")
+    contents = [r.content for r in replies]
+    metrics = aggregate_metricrecords(contents, weighted_by_key)
+    total = sum(next(iter(c.metric_records.values()))[weighted_by_key] for c in contents)
+    metrics[weighted_by_key] = total
+    content = RecordDict({arrays_key: _record(arrays), metrics_key: metrics})
+    return Message(content, reply_to=replies[0])
+
+
+def aggregate_precomputed(
+    strategy: Strategy,
+    server_round: int,
+    replies: Sequence[Message],
+    mean: Callable[[], dict[str, np.ndarray]],
+    padded: Callable[[], list[dict[str, np.ndarray]]],
+) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    """Run ``strategy.aggregate_train`` on an aggregate rf2 computed itself.
+
+    ``mean()`` returns the rule's full-shape aggregate (e.g. ``aggregate_heterofl``);
+    ``padded()`` returns one full-shape array dict per reply, in reply order, with the
+    client's uncovered elements at w_t (e.g. ``heterofl.pad`` / ``mask_untouched``).
+    Only the one the strategy needs is computed.
+    """
+    if not replies:
+        return None, None
+    if needs_each_reply(strategy):
+        full = padded()
+        return strategy.aggregate_train(
+            server_round, [with_arrays(r, a) for r, a in zip(replies, full, strict=True)]
+        )
+    return strategy.aggregate_train(server_round, [merged_reply(replies, mean())])

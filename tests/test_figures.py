@@ -1,0 +1,85 @@
+"""rf2.figures: main() on a fabricated multirun folder writes non-empty PNG and PDF files.
+
+Rendering dominates the cost, so the full sweep is rendered once per module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from matplotlib.figure import Figure
+
+from rf2.figures import main, plot_fairness_gap, plot_participation, plot_tier_curves
+from rf2.results import ResultsError, load
+
+# The sweep fabricator lives in test_results.py; load it by path so this works under any
+# pytest import mode.
+_spec = importlib.util.spec_from_file_location(
+    "rf2_test_results_fabric", Path(__file__).with_name("test_results.py"))
+assert _spec is not None and _spec.loader is not None
+fabric = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = fabric
+_spec.loader.exec_module(fabric)
+
+
+@pytest.fixture(scope="module")
+def multirun(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fabric.make_multirun(tmp_path_factory.mktemp("figs") / "multirun")
+
+
+@pytest.fixture(scope="module")
+def rendered(multirun: Path) -> tuple[Path, str]:
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main([str(multirun), "--metric", "recall@20"]) == 0
+    return multirun / "figures", stdout.getvalue()
+
+
+def test_main_writes_png_and_pdf(rendered: tuple[Path, str]) -> None:
+    out, _ = rendered
+    for name in ("tier_curves_recall_at_20", "fairness_gap_recall_at_20", "participation"):
+        for ext in ("png", "pdf"):
+            path = out / f"{name}.{ext}"
+            assert path.is_file() and path.stat().st_size > 1000, path
+    assert (out / "mdac_recall_at_20.csv").is_file()
+    assert (out / "mdac_ratio_recall_at_20.csv").is_file()
+
+
+def test_main_prints_the_mdac_table(rendered: tuple[Path, str]) -> None:
+    _, printed = rendered
+    assert "MDAC" in printed and "exclude_low" in printed
+    assert "3.333" in printed  # mean-of-seeds ratio 1.0 / 0.3
+
+
+def test_main_without_reference_says_so(multirun: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.copytree(multirun / "2", tmp_path / "runs" / "2")  # exclude_low only
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "o"), "--formats", "png"]) == 0
+    assert "no reference run with optimization='none'" in capsys.readouterr().out
+    assert (tmp_path / "o" / "participation.png").stat().st_size > 1000
+    assert (tmp_path / "o" / "tier_curves_recall_at_20.png").is_file()
+    assert not list((tmp_path / "o").glob("fairness_gap*"))
+
+
+def test_main_on_a_folder_without_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(tmp_path)]) == 2
+    assert "no run folder" in capsys.readouterr().err
+
+
+def test_plot_functions_return_figures(multirun: Path) -> None:
+    df = load(multirun)
+    assert isinstance(plot_tier_curves(df, "recall@20"), Figure)
+    assert isinstance(plot_participation(df), Figure)
+    fig = plot_fairness_gap(df)
+    assert "3.33x" in fig.axes[0].get_title()
+    # One population only: still plotted, the ratio shown as n/a.
+    fig = plot_fairness_gap(df[df["population"] == "independent"])
+    assert "n/a" in fig.axes[0].get_title()
+    with pytest.raises(ResultsError, match="tier/<tier>/auc"):
+        plot_tier_curves(df, "auc")
