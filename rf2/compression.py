@@ -95,7 +95,7 @@ def compressed_bytes(
     rate = _active_rate(prune_rate)
     b = _active_bits(bits)
     if rate > 0.0:
-        kept = math.ceil((1.0 - rate) * n) if nnz is None else int(nnz)
+        kept = math.ceil(round((1.0 - rate) * n, 9)) if nnz is None else int(nnz)
         positions = min(math.ceil(n / 8), kept * INDEX_BYTES)  # bitmap or int32 indices
     else:
         kept, positions = n, 0

@@ -19,6 +19,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from rf2.errors import UserInputError
 from rf2.results import (
@@ -109,6 +110,7 @@ def plot_tier_curves(df: pd.DataFrame, metric: str = "recall@20") -> Figure:
                 o = o.groupby("round")["value"].mean()
                 if not o.empty:
                     ax.plot(o.index, o.to_numpy(), "k--", lw=1.2, label="all users")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
                 if i == len(variants) - 1:
                     ax.set_xlabel("round")
                 if j == 0:
@@ -130,7 +132,7 @@ def _mdac_label(pop: str, mdac: pd.DataFrame) -> str:
     if pop not in mdac.index:
         return name
     mean, std = mdac.loc[pop, "mdac_mean"], mdac.loc[pop, "mdac_std"]
-    return f"{name}\nMDAC {mean:.3g}" + (f" ± {std:.2g}" if np.isfinite(std) else "")
+    return f"{name}\nMDAC {mean:.3f}" + (f" ± {std:.3f}" if np.isfinite(std) else "")
 
 
 def plot_fairness_gap(df: pd.DataFrame, metric: str = "recall@20", round: int | None = None,
@@ -156,7 +158,7 @@ def plot_fairness_gap(df: pd.DataFrame, metric: str = "recall@20", round: int | 
     nrows = -(-len(variants) // ncols)
     width = 0.8 / max(len(tiers), 1)
     with matplotlib.rc_context(STYLE):
-        fig = _grid(nrows, ncols, width=1.6 + 1.6 * len(pops), height=3.6)
+        fig = _grid(nrows, ncols, width=max(2.4 + 1.6 * len(pops), 6.0 / ncols), height=3.8)
         axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
         for ax in axes.flat[len(variants):]:
             ax.set_visible(False)
@@ -174,10 +176,10 @@ def plot_fairness_gap(df: pd.DataFrame, metric: str = "recall@20", round: int | 
             ratio_text = f"{r.iloc[0]:.3g}x" if len(r) and np.isfinite(r.iloc[0]) else "n/a"
             ax.set_title(f"{variant}\nMDAC realistic/independent = {ratio_text}")
         for ax in axes[:, 0]:
-            ax.set_ylabel(f"relative change D_t\nof {metric} vs {reference_optimization!r}")
+            ax.set_ylabel(f"D_t = relative change of {metric}")
         handles, labels = axes.flat[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside right upper", title="tier")
-        fig.suptitle(f"Fairness gap: per-tier relative change of {metric} (mean ± std over seeds)")
+        fig.suptitle(f"Per-tier change vs {reference_optimization!r} (mean ± std over seeds)")
     return fig
 
 
@@ -284,8 +286,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ResultsError as exc:
             print(f"skipped {name}: {exc}")
             continue
-        for ext in args.formats.split(","):
+        for i, ext in enumerate(args.formats.split(",")):
             fig.savefig(out / f"{name}.{ext}", dpi=150)
+            if i == 0:  # the layout is computed once, for every format
+                fig.set_layout_engine("none")
         written += 1
     print(f"wrote {written} figure(s) as {args.formats} to {out}")
     return 0 if written else 1

@@ -8,8 +8,8 @@ Which axes of which parameter are width axes is data (``Rules``: param name -> a
 a model declares it instead of this module guessing from names.
 
 For rf2's two-tower the width is the embedding dimension D: a client at width r is the
-same ``TwoTower`` built with dim = ceil(r·D) (the identity-initialised user projection
-stays an identity). RF² narrows only DLRM's MLP layers; a two-tower has no hidden MLP,
+same ``TwoTower`` built with dim = ceil(r·D), holding the first ceil(r·D) columns of
+every embedding table (scores use the first ceil(r·D) dimensions). RF² narrows only DLRM's MLP layers; a two-tower has no hidden MLP,
 so narrowing D is the only way to give low tiers a cheaper model.
 
 Aggregation (RF²'s variant of HeteroFL's): the server adds each client's slice, weighted
@@ -30,8 +30,9 @@ Rules = Mapping[str, tuple[int, ...]]  # param name -> axes that shrink with the
 Spec = dict[str, tuple[slice, ...]]  # param name -> the client's top-left slice
 
 # rf2.model.two_tower.TwoTower's state_dict: embedding tables narrow along D (columns);
-# the D x D user projection is a hidden layer (rows and columns); the per-item bias
-# has no D axis. (Better declared by the model itself, e.g. a ``WIDTH_AXES`` attribute.)
+# the per-item bias has no D axis; a D x D user projection (an earlier version had one,
+# kept here should it return) is a hidden layer: rows and columns. Better declared by
+# the model itself (e.g. a ``WIDTH_AXES`` class attribute) than kept here.
 TWO_TOWER_RULES: dict[str, tuple[int, ...]] = {
     "history_table": (1,),  # (I, D)
     "item_table": (1,),  # (I, D)

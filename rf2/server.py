@@ -75,7 +75,8 @@ class FederatedServer:
         started = time.perf_counter() - self.state.wall_offset_s
         slots = self._wait_for_slots(grid)
         if self.state.round == 0:
-            row = {"round": 0, **self.evaluate()}
+            row = {"round": 0, "num_clients_selected": 0, "num_clients_trained": 0,
+                   "num_examples": 0, "skipped": 0, **self.evaluate()}
             row.update(self.evaluator.evaluate_popularity())
             self._finish_row(row, started, round_started=time.perf_counter(), trained=0)
         for rnd in range(self.state.round + 1, self.cfg.num_rounds + 1):

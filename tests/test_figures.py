@@ -5,6 +5,7 @@ Rendering dominates the cost, so the full sweep is rendered once per module.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib.util
 import io
@@ -58,7 +59,11 @@ def test_main_prints_the_mdac_table(rendered: tuple[Path, str]) -> None:
 
 
 def test_main_without_reference_says_so(multirun: Path, tmp_path: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+                                        capsys: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Rendering is covered above; here only which files main() chooses to write.
+    monkeypatch.setattr(Figure, "savefig", lambda self, path, **kw: Path(path).write_bytes(
+        b"x" * 2000))
     shutil.copytree(multirun / "2", tmp_path / "runs" / "2")  # exclude_low only
     assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "o"), "--formats", "png"]) == 0
     assert "no reference run with optimization='none'" in capsys.readouterr().out
@@ -74,12 +79,26 @@ def test_main_on_a_folder_without_runs(tmp_path: Path, capsys: pytest.CaptureFix
 
 def test_plot_functions_return_figures(multirun: Path) -> None:
     df = load(multirun)
-    assert isinstance(plot_tier_curves(df, "recall@20"), Figure)
-    assert isinstance(plot_participation(df), Figure)
     fig = plot_fairness_gap(df)
+    assert isinstance(fig, Figure)
     assert "3.33x" in fig.axes[0].get_title()
     # One population only: still plotted, the ratio shown as n/a.
     fig = plot_fairness_gap(df[df["population"] == "independent"])
     assert "n/a" in fig.axes[0].get_title()
     with pytest.raises(ResultsError, match="tier/<tier>/auc"):
         plot_tier_curves(df, "auc")
+    with pytest.raises(ResultsError, match="completed"):
+        plot_participation(df[~df["metric"].str.endswith("/completed")])
+
+
+def test_analysis_modules_need_neither_torch_nor_flower() -> None:
+    """A notebook on a laptop with only pandas/matplotlib must be able to read results:
+    rf2.results and rf2.figures import no ML stack, directly or via other rf2 modules."""
+    root = Path(__file__).resolve().parents[1] / "rf2"
+    for module in ("results", "figures"):
+        tree = ast.parse((root / f"{module}.py").read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        tops = {n.split(".")[0] for n in names}
+        assert not tops & {"torch", "flwr", "ray"}, (module, names)
+        assert {n for n in names if n.startswith("rf2")} <= {"rf2.errors", "rf2.results"}

@@ -108,7 +108,7 @@ def cases(draw: st.DrawFn, distinct: bool) -> tuple:
     return torch.tensor(scores, dtype=torch.float32), exclude, targets, ks
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(cases(distinct=False))
 def test_recall_monotone_in_k_and_bounded(case: tuple) -> None:
     scores, exclude, targets, _ = case
@@ -124,7 +124,7 @@ def test_recall_monotone_in_k_and_bounded(case: tuple) -> None:
     assert np.all((ndcg >= 0) & (ndcg <= 1 + 1e-12))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(cases(distinct=True))
 def test_matches_brute_force_oracle(case: tuple) -> None:
     scores, exclude, targets, ks = case
@@ -134,7 +134,7 @@ def test_matches_brute_force_oracle(case: tuple) -> None:
         np.testing.assert_allclose(got[key], value, rtol=1e-12, atol=1e-12, err_msg=key)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(cases(distinct=False))
 def test_auc_with_ties_matches_oracle(case: tuple) -> None:
     scores, exclude, targets, ks = case

@@ -187,9 +187,9 @@ def test_qffl_matches_li_et_al(q: float) -> None:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("q", [0.0, 0.5, 3.0])
-def test_qffl_equals_flowers_qfedavg(q: float) -> None:
-    """rf2's QFFL only skips QFedAvg's per-reply gc.collect(): same numbers."""
+def test_qffl_equals_flowers_qfedavg(q: float = 2.5) -> None:
+    """rf2's QFFL only skips QFedAvg's per-reply gc.collect(): same numbers.
+    (One case: Flower's QFedAvg itself is the slow one here.)"""
     clients = clients_around(W0, seed=9)
     ours = build("qffl", q=q, lr=0.25)
     flwr_s = QFedAvg(client_learning_rate=0.25, q=q, **SAMPLING)

@@ -10,7 +10,15 @@ from rf2.config import ModelConfig
 from rf2.data.base import FederatedDataset
 from rf2.model import PAD, TwoTower, build_model, eval_histories, user_examples
 
+# One thread: with the default two and a busy core, these tiny loops ran ~40x slower.
+torch.set_num_threads(1)
+
 NUM_ITEMS, NUM_USERS, HIST = 12, 5, 3
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    """torch.testing.assert_close costs ~1.5 s of imports on first use."""
+    assert a.shape == b.shape and torch.allclose(a, b, atol=1e-6), (a, b)
 
 
 def _dataset(history_len: int = HIST, genres: bool = True) -> FederatedDataset:
@@ -77,7 +85,7 @@ def test_shapes_and_score_formula() -> None:
     s = model.score_all(u)
     assert s.shape == (NUM_USERS, NUM_ITEMS)
     expected = u @ model.item_embeddings().T + model.bias
-    torch.testing.assert_close(s, expected)
+    _close(s, expected)
     loss = model.loss(hist, torch.arange(NUM_USERS))
     assert loss.shape == () and torch.isfinite(loss)
     no_bias = build_model(ModelConfig(dim=8, item_bias=False), ds, seed=0)
@@ -88,9 +96,9 @@ def test_pad_does_not_change_mean() -> None:
     model = build_model(ModelConfig(dim=8), _dataset(history_len=5), seed=1)
     short = model.user_embedding(torch.tensor([[4, 7]]))
     padded = model.user_embedding(torch.tensor([[PAD, PAD, PAD, 4, 7]]))
-    torch.testing.assert_close(padded, short)
+    _close(padded, short)
     manual = model.history_table[[4, 7]].mean(dim=0, keepdim=True)
-    torch.testing.assert_close(padded, manual)
+    _close(padded, manual)
     empty = model.user_embedding(torch.full((2, 5), PAD))
     assert torch.equal(empty, torch.zeros(2, 8))
 
@@ -104,16 +112,16 @@ def test_genres_are_a_mean_and_not_state() -> None:
     # No per-user parameter: nothing is sized by the number of users.
     assert all(NUM_USERS not in p.shape for p in model.parameters())
     v, e, g = model.item_embeddings(), model.item_table, model.genre_table
-    torch.testing.assert_close(v[0], e[0])  # no genres -> item embedding alone
-    torch.testing.assert_close(v[1], e[1] + (g[0] + g[1]) / 2)  # two genres -> their mean
-    torch.testing.assert_close(v[6], e[6] + g[2])
+    _close(v[0], e[0])  # no genres -> item embedding alone
+    _close(v[1], e[1] + (g[0] + g[1]) / 2)  # two genres -> their mean
+    _close(v[6], e[6] + g[2])
     # Genres off, or absent from the data: no genre table at all.
     assert "genre_table" not in build_model(ModelConfig(use_genres=False), ds, 0).state_dict()
     assert "genre_table" not in build_model(ModelConfig(), _dataset(genres=False), 0).state_dict()
     # A fresh model loads the state strictly (what a client does with the global weights).
     fresh = build_model(ModelConfig(dim=8), ds, seed=5)
     fresh.load_state_dict(model.state_dict(), strict=True)
-    torch.testing.assert_close(fresh.item_embeddings(), model.item_embeddings())
+    _close(fresh.item_embeddings(), model.item_embeddings())
 
 
 def test_init_is_deterministic_per_seed() -> None:

@@ -1,0 +1,51 @@
+"""Shared fixtures: small, fast configurations and the MovieLens-100K location."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ml100k_path() -> Path | None:
+    """MovieLens-100K: $RF2_ML100K, else ../shared/data/ml-100k next to the checkout."""
+    env = os.environ.get("RF2_ML100K")
+    candidates = [Path(env)] if env else []
+    candidates.append(REPO.parent / "shared" / "data" / "ml-100k")
+    for path in candidates:
+        if (path / "u.data").is_file():
+            return path
+    return None
+
+
+@pytest.fixture
+def ml100k() -> Path:
+    path = ml100k_path()
+    if path is None:
+        pytest.skip("MovieLens-100K not available (set RF2_ML100K or provide ../shared/data/ml-100k)")
+    return path
+
+
+def small_run(**overrides: Any) -> dict[str, Any]:
+    """A run config mapping: 200 synthetic users, 20 clients/round, in-process, quiet."""
+    cfg: dict[str, Any] = {
+        "seed": 7,
+        "num_rounds": 3,
+        "clients_per_round": 20,
+        "progress": False,
+        "dataset": {"name": "synthetic", "num_users": 200, "num_items": 150, "num_groups": 5},
+        "model": {"dim": 16},
+        "simulation": {"backend": "inprocess"},
+        "eval": {"ks": [10, 20]},
+    }
+    for key, value in overrides.items():
+        node = cfg
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return cfg
