@@ -51,7 +51,7 @@ _hydra_main = hydra.main(version_base="1.3", config_path="pkg://rf2.conf", confi
 def main() -> None:
     from rf2.cli_support import precheck_overrides
 
-    precheck_overrides(sys.argv[1:])
+    sys.argv[1:] = precheck_overrides(sys.argv[1:])
     _hydra_main()
 
 

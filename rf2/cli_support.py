@@ -9,7 +9,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from rf2.config import load_run_config
+from rf2.config import RunConfig, load_run_config
+from rf2.typed import to_dict
 from rf2.errors import ConfigError, UserInputError
 from rf2.run_folder import METRICS, RunFolder
 
@@ -24,24 +25,52 @@ def group_options(group: str) -> list[str]:
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
-def precheck_overrides(argv: list[str]) -> None:
-    """Reject an unknown group choice (e.g. ``strategy=fedsgd``) with one line, exit 2.
+def _fail(error: ConfigError) -> None:
+    print(f"rf2: {error}", file=sys.stderr, flush=True)
+    sys.exit(error.exit_code)
 
-    Hydra would also reject it, but with a multi-line message and exit status 1.
+
+def _check_key(path: list[str], value: str) -> bool:
+    """Is ``path`` a RunConfig field? Returns True when it points inside a mapping field
+    (e.g. ``optimization.prune_rate.low``), which Hydra only accepts as ``++key=value``.
     """
+    node: Any = to_dict(RunConfig())
+    for depth, part in enumerate(path):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+            continue
+        parent = ".".join(path[:depth]) or "the config"
+        if isinstance(node, dict) and depth > 0 and not node:
+            return True  # a free-form mapping such as prune_rate: {tier: rate}
+        known = ", ".join(node) if isinstance(node, dict) else "none (not a mapping)"
+        _fail(ConfigError(".".join(path), value, f"known keys of {parent}: {known}"))
+    return False
+
+
+def precheck_overrides(argv: list[str]) -> list[str]:
+    """Check command-line overrides before Hydra sees them; return them ready for Hydra.
+
+    An unknown group choice (``strategy=fedsgd``) or unknown key (``client.momentum=1``)
+    gets rf2's one-line error and exit status 2 (Hydra's own is multi-line, status 1).
+    Keys inside mapping fields are passed on as ``++key=value`` (add or override).
+    """
+    out = []
     for arg in argv:
-        if arg.startswith("-") or "=" not in arg:
+        if arg.startswith("-") or "=" not in arg or arg.startswith(("+", "~")):
+            out.append(arg)
             continue
-        key, _, value = arg.lstrip("+~").partition("=")
-        if key not in GROUPS:
-            continue
-        allowed = group_options(key)
-        choices = [v.strip() for v in value.split(",")] if "," in value and "(" not in value else [value]
-        for choice in choices:
-            if choice and choice not in allowed:
-                error = ConfigError(key, choice, ", ".join(allowed))
-                print(f"rf2: {error}", file=sys.stderr, flush=True)
-                sys.exit(error.exit_code)
+        key, _, value = arg.partition("=")
+        if key in GROUPS:
+            allowed = group_options(key)
+            sweep = "," in value and "(" not in value
+            for choice in ([v.strip() for v in value.split(",")] if sweep else [value]):
+                if choice and choice not in allowed:
+                    _fail(ConfigError(key, choice, ", ".join(allowed)))
+        elif not key.startswith("hydra.") and key != "hydra":
+            if _check_key(key.split("."), value):
+                arg = "++" + arg
+        out.append(arg)
+    return out
 
 
 def quiet_frameworks(debug: bool) -> None:
@@ -61,9 +90,9 @@ def remove_unused_run_dir(run_dir: Path) -> None:
 
 def run_job(data: dict[str, Any], run_dir: Path, overrides: list[str] | None = None) -> Path:
     """Validate ``data`` (a composed config), then run it (or resume) into ``run_dir``."""
+    cfg = load_run_config(data)  # before the heavy imports: config errors come back fast
     from rf2.runner import execute, prepare
 
-    cfg = load_run_config(data)
     quiet_frameworks(cfg.debug)
     if cfg.resume:
         folder = RunFolder(cfg.resume)

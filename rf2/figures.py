@@ -251,6 +251,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reference", default="none",
                         help="optimization D_t is measured against (default none)")
     parser.add_argument("--round", type=int, help="round to compare (default: each run's last)")
+    parser.add_argument("--independent", default="independent",
+                        help="population of the MDAC ratio's denominator (default independent)")
+    parser.add_argument("--realistic", default="popularity-dirichlet",
+                        help="population of its numerator (default popularity-dirichlet)")
     parser.add_argument("--formats", default="png,pdf", help="file types (default png,pdf)")
     args = parser.parse_args(argv)
     matplotlib.use("Agg")
@@ -264,7 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     slug = _slug(args.metric)
     tables: FairnessTables | None = None
     try:
-        tables = fairness_gap_table(df, args.metric, args.round, args.reference)
+        tables = fairness_gap_table(df, args.metric, args.round, args.reference,
+                                    args.realistic, args.independent)
         _print_tables(tables, args.metric)
         tables.mdac_summary.to_csv(out / f"mdac_{slug}.csv", index=False)
         tables.ratio.to_csv(out / f"mdac_ratio_{slug}.csv", index=False)
@@ -274,7 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs = {
         f"tier_curves_{slug}": lambda: plot_tier_curves(df, args.metric),
         f"fairness_gap_{slug}": lambda: plot_fairness_gap(
-            df, args.metric, args.round, args.reference, tables=tables),
+            df, args.metric, args.round, args.reference, args.realistic, args.independent,
+            tables=tables),
         "participation": lambda: plot_participation(df),
     }
     written = 0

@@ -9,8 +9,9 @@ a model declares it instead of this module guessing from names.
 
 For rf2's two-tower the width is the embedding dimension D: a client at width r is the
 same ``TwoTower`` built with dim = ceil(r·D), holding the first ceil(r·D) columns of
-every embedding table (scores use the first ceil(r·D) dimensions). RF² narrows only DLRM's MLP layers; a two-tower has no hidden MLP,
-so narrowing D is the only way to give low tiers a cheaper model.
+every embedding table (scores use the first ceil(r·D) dimensions). RF² narrows only
+DLRM's MLP layers; a two-tower has no hidden MLP, so narrowing D is the only way to give
+low tiers a cheaper model.
 
 Aggregation (RF²'s variant of HeteroFL's): the server adds each client's slice, weighted
 by its number of examples, into zeros, divides every element by the total weight of the

@@ -39,6 +39,9 @@ CONFIG_COLUMNS: dict[str, str] = {
 # Besides seed and population, what must be equal for a run to be another's reference.
 MATCH_COLUMNS = ("strategy", "server_optimizer", "devices", "dataset", "model")
 _TIER_KEY = re.compile(r"^tier/([^/]+)/(.+)$")
+PathLike = str | os.PathLike[str]
+# Extra config columns: dotted paths ("population.alpha") or {column: dotted path}.
+ConfigColumns = Sequence[str] | Mapping[str, str] | None
 
 
 class ResultsError(UserInputError):
@@ -61,7 +64,7 @@ def _natural(text: str) -> tuple[tuple[int, Any], ...]:
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", text) if p)
 
 
-def find_runs(path: str | os.PathLike[str]) -> list[Path]:
+def find_runs(path: PathLike) -> list[Path]:
     """Run folders (``metrics.jsonl`` + ``config.yaml``) at or below ``path``, sorted.
 
     Hidden folders (Hydra's ``.hydra``) and ``checkpoints`` are not searched, nor is the
@@ -112,23 +115,23 @@ def _numeric(record: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _config_value(config: Mapping[str, Any], dotted: str) -> Any:
+    """Value at a dotted path (None if absent); lists/dicts as JSON text, keeping columns
+    scalar and parquet-friendly."""
     node: Any = config
     for part in dotted.split("."):
         if not isinstance(node, Mapping) or part not in node:
             return None
         node = node[part]
-    # Lists/dicts become JSON text so the column stays scalar (and parquet-friendly).
     return json.dumps(node, sort_keys=True) if isinstance(node, (list, dict)) else node
 
 
-def _columns(config_columns: Sequence[str] | Mapping[str, str] | None) -> dict[str, str]:
+def _columns(config_columns: ConfigColumns) -> dict[str, str]:
     extra = (dict(config_columns) if isinstance(config_columns, Mapping)
              else {c: c for c in config_columns or ()})
     return {**CONFIG_COLUMNS, **extra}
 
 
-def _runs(path: str | os.PathLike[str], columns: Mapping[str, str]
-          ) -> list[tuple[str, Path, dict[str, Any]]]:
+def _runs(path: PathLike, columns: Mapping[str, str]) -> list[tuple[str, Path, dict[str, Any]]]:
     """(run id, folder, config column values) per run; run id = path relative to ``path``."""
     root = Path(path)
     out = []
@@ -144,8 +147,7 @@ def _runs(path: str | os.PathLike[str], columns: Mapping[str, str]
     return out
 
 
-def load(path: str | os.PathLike[str],
-         config_columns: Sequence[str] | Mapping[str, str] | None = None) -> pd.DataFrame:
+def load(path: PathLike, config_columns: ConfigColumns = None) -> pd.DataFrame:
     """One run or a (nested) multirun folder as a tidy frame, one row per (run, round, metric).
 
     Columns: ``run`` (folder relative to ``path``; "." for a single run), ``round``,
@@ -153,24 +155,20 @@ def load(path: str | os.PathLike[str],
     columns of :data:`CONFIG_COLUMNS` plus ``config_columns`` (dotted config paths, or a
     mapping column -> dotted path). A metric a round did not log has no row.
     """
-    columns = _columns(config_columns)
     frames = []
-    for run_id, run, values in _runs(path, columns):
+    for run_id, run, values in _runs(path, _columns(config_columns)):
         rows = [(rec["round"], key, value) for rec in _read_records(run / "metrics.jsonl")
                 for key, value in _numeric(rec).items()]
         frame = pd.DataFrame(rows, columns=["round", "metric", "value"])
         frame.insert(0, "run", run_id)
         frames.append(frame.assign(**values))
-    df = pd.concat(frames, ignore_index=True)
-    return df.astype({"round": "int64", "value": "float64"})
+    return pd.concat(frames, ignore_index=True).astype({"round": "int64", "value": "float64"})
 
 
-def load_wide(path: str | os.PathLike[str],
-              config_columns: Sequence[str] | Mapping[str, str] | None = None) -> pd.DataFrame:
+def load_wide(path: PathLike, config_columns: ConfigColumns = None) -> pd.DataFrame:
     """One row per (run, round): ``run``, ``round``, config columns, then one column per metric."""
-    columns = _columns(config_columns)
     frames = []
-    for run_id, run, values in _runs(path, columns):
+    for run_id, run, values in _runs(path, _columns(config_columns)):
         records = _read_records(run / "metrics.jsonl")
         metrics = pd.DataFrame([_numeric(r) for r in records], dtype="float64")
         head = pd.DataFrame({"run": run_id, "round": [r["round"] for r in records], **values})
@@ -202,9 +200,7 @@ def _population_table(data: Any, where: Path) -> pd.DataFrame:
     return table.assign(**{k: v for k, v in extra.items() if k not in table})
 
 
-def load_population(path: str | os.PathLike[str],
-                    config_columns: Sequence[str] | Mapping[str, str] | None = None
-                    ) -> pd.DataFrame:
+def load_population(path: PathLike, config_columns: ConfigColumns = None) -> pd.DataFrame:
     """population.json of every run (one row per tier) with ``run`` and config columns."""
     frames = []
     for run_id, run, values in _runs(path, _columns(config_columns)):
@@ -218,7 +214,7 @@ def load_population(path: str | os.PathLike[str],
     return pd.concat(frames, ignore_index=True)
 
 
-def to_parquet(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
+def to_parquet(df: pd.DataFrame, path: PathLike) -> Path:
     """Write ``df`` as Parquet (no index), creating parent folders; returns the path."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -235,6 +231,8 @@ def order_tiers(names: Sequence[str]) -> list[str]:
 
 def tier_metric(df: pd.DataFrame, metric: str = "recall@20") -> pd.DataFrame:
     """Rows of ``tier/<tier>/<metric>`` from a :func:`load` frame, with a ``tier`` column."""
+    if "metric" not in df:
+        raise ResultsError("expected the long frame of rf2.results.load() (no 'metric' column)")
     parts = df["metric"].str.extract(_TIER_KEY)
     mask = (parts[1] == metric).to_numpy()
     rows = df[mask].drop(columns="metric")
@@ -274,7 +272,7 @@ def _mdac(d: pd.Series) -> float:
     return float(d.max() - d.min()) if len(d) and d.notna().all() else math.nan
 
 
-def fairness_gap_table(df: pd.DataFrame | str | os.PathLike[str], metric: str = "recall@20",
+def fairness_gap_table(df: pd.DataFrame | PathLike, metric: str = "recall@20",
                        round: int | None = None, reference_optimization: str = "none",
                        realistic: str = "popularity-dirichlet", independent: str = "independent",
                        match_on: Sequence[str] = MATCH_COLUMNS) -> FairnessTables:
@@ -304,6 +302,9 @@ def fairness_gap_table(df: pd.DataFrame | str | os.PathLike[str], metric: str = 
     if ref["reference_run"].str.contains(",").any():
         _warn("several reference runs share seed, population and match_on columns; "
               "averaging them (pass match_on to tell them apart)")
+    if is_ref.all():
+        raise ResultsError(f"only reference runs (optimization={reference_optimization!r}): "
+                           "no optimization to compare")
     per_tier = t[~is_ref].merge(ref, on=[*keys, "tier"], how="left")
     missing = sorted(per_tier.loc[per_tier["reference_run"].isna(), "run"].unique())
     if missing:
@@ -329,8 +330,7 @@ def fairness_gap_table(df: pd.DataFrame | str | os.PathLike[str], metric: str = 
                           _ratio(mdac, [*context, "optimization"], realistic, independent))
 
 
-def _ratio(mdac: pd.DataFrame, group: list[str], realistic: str, independent: str
-           ) -> pd.DataFrame:
+def _ratio(mdac: pd.DataFrame, group: list[str], realistic: str, independent: str) -> pd.DataFrame:
     """MDAC(realistic) / MDAC(independent): of the seed means, and per seed."""
     real = mdac[mdac["population"] == realistic]
     ind = mdac[mdac["population"] == independent]

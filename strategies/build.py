@@ -24,9 +24,10 @@ from typing import Any
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedProx, FedYogi, Strategy
 
 from rf2.config import ClientConfig, StrategyConfig
-from rf2.strategies.fedprox import FedProxAdagrad, FedProxAdam, FedProxYogi
-from rf2.strategies.qffl import QFFL, QFFLAdagrad, QFFLAdam, QFFLYogi
-from rf2.strategies.sampling import SAMPLING
+
+from .fedprox import FedProxAdagrad, FedProxAdam, FedProxYogi
+from .qffl import QFFL, QFFLAdagrad, QFFLAdam, QFFLYogi
+from .sampling import SAMPLING
 
 # (name, server_optimizer) -> class; "none" entries take no optimizer arguments.
 _CLASSES: dict[tuple[str, str], type[Strategy]] = {

@@ -25,7 +25,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from rf2.strategies.qffl import needs_each_reply
+from .qffl import needs_each_reply
 
 Arrays = Mapping[str, np.ndarray]
 

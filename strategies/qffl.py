@@ -29,7 +29,7 @@ from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedYogi, QFedAvg
 from flwr.serverapp.strategy.qfedavg import compute_delta_and_h, get_train_loss
 
-from rf2.strategies.sampling import SAMPLING
+from .sampling import SAMPLING
 
 
 class QFFL(QFedAvg):

@@ -1,0 +1,119 @@
+"""Hydra composition of rf2.conf and validation of every value before compute."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from rf2.cli_support import GROUPS, group_options
+from rf2.config import RunConfig, load_run_config
+from rf2.errors import ConfigError
+
+
+def composed(*overrides: str) -> RunConfig:
+    with initialize_config_module(config_module="rf2.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    data = OmegaConf.to_container(cfg, resolve=True)
+    return load_run_config(data)  # type: ignore[arg-type]
+
+
+def test_defaults_compose_to_rf2_settings() -> None:
+    cfg = composed()
+    assert cfg.dataset.name == "synthetic"
+    assert cfg.strategy.name == "fedavg" and cfg.strategy.server_optimizer == "adagrad"
+    assert cfg.strategy.server_lr == 0.1
+    assert cfg.client.lr == 1.0 and cfg.client.local_epochs == 1 and cfg.client.batch_size == 0
+    assert cfg.clients_per_round == 100 and cfg.seed == 123
+    assert cfg.simulation.backend == "ray" and cfg.simulation.num_cpus_per_client == 1.0
+
+
+ALL_OPTIONS = [(g, o) for g in GROUPS if g != "experiment" for o in group_options(g)]
+
+
+@pytest.mark.parametrize(("group", "option"), ALL_OPTIONS)
+def test_every_conf_option_composes(group: str, option: str) -> None:
+    extra = [f"{group}={option}"]
+    if group == "dataset" and option != "synthetic":
+        extra.append("dataset.path=/some/where")
+    cfg = composed(*extra)
+    assert isinstance(cfg, RunConfig)
+
+
+def test_every_group_has_options() -> None:
+    for group in GROUPS:
+        if group == "experiment":
+            continue
+        assert group_options(group), group
+
+
+BAD_VALUES = [
+    ({"client": {"lr": 0}}, "client.lr"),
+    ({"client": {"lr": -1.0}}, "client.lr"),
+    ({"num_rounds": -1}, "num_rounds"),
+    ({"clients_per_round": 0}, "clients_per_round"),
+    ({"dataset": {"train_fraction": 1.5}}, "dataset.train_fraction"),
+    ({"dataset": {"name": "netflix"}}, "dataset.name"),
+    ({"dataset": {"name": "movielens100k"}}, "dataset.path"),
+    ({"strategy": {"name": "fedsgd"}}, "strategy.name"),
+    ({"strategy": {"server_lr": 0.0}}, "strategy.server_lr"),
+    ({"round": {"deadline_quantile": 0.0}}, "round.deadline_quantile"),
+    ({"round": {"overcommit": -0.5}}, "round.overcommit"),
+    ({"population": {"mode": "random"}}, "population.mode"),
+    ({"population": {"alpha": 0}}, "population.alpha"),
+    ({"optimization": {"prune_rate": {"low": 1.0}}}, "optimization.prune_rate.low"),
+    ({"optimization": {"quant_bits": {"low": 0}}}, "optimization.quant_bits.low"),
+    ({"optimization": {"width": {"low": 0.0}}}, "optimization.width.low"),
+    ({"simulation": {"backend": "dask"}}, "simulation.backend"),
+    ({"eval": {"ks": []}}, "eval.ks"),
+    ({"eval": {"ks": [0]}}, "eval.ks"),
+    ({"model": {"dim": "big"}}, "model.dim"),
+    ({"seed": 1.5}, "seed"),
+    ({"colour": "red"}, "colour"),
+    ({"client": {"momentum": 0.9}}, "client.momentum"),
+]
+
+
+@pytest.mark.parametrize(("data", "field"), BAD_VALUES)
+def test_bad_values_name_the_field(data: dict, field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_run_config(data)
+    assert info.value.field == field
+    message = str(info.value)
+    assert field in message and "allowed" in message and "\n" not in message
+
+
+def _rf2(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "rf2", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["strategy=fedsgd"], "strategy='fedsgd'"),
+        (["client.lr=-1"], "client.lr=-1.0"),
+        (["dataset=movielens100k", "dataset.path=/nonexistent/ml"], "/nonexistent/ml"),
+        (["clients_per_round=5000", "simulation=inprocess"], "clients_per_round=5000"),
+        (["eval.ks=[10,5000]", "simulation=inprocess"], "eval.ks"),
+        (["devices=rf2-3tier", "optimization.exclude_tiers=[tiny]"], "optimization.exclude_tiers"),
+        (["client.momentum=0.9"], "client.momentum"),
+        (["devices=rf2-3tier", "optimization.prune_rate.low=2"], "optimization.prune_rate.low"),
+        (["devices=nokia"], "devices='nokia'"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line_and_no_run_folder(
+    tmp_path: Path, args: list[str], needle: str
+) -> None:
+    proc = _rf2(*args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("rf2: ") and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.jsonl"))
+    leftovers = list((tmp_path / "outputs").rglob("config.yaml")) if (tmp_path / "outputs").exists() else []
+    assert leftovers == []
