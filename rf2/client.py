@@ -83,6 +83,11 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
     model = state.model
     global_arrays = record_to_numpy(msg.content["arrays"])
     load_numpy_into(model, global_arrays)
+    # Schedules that depend on training progress (the index's temperature and loss
+    # warm-up) follow the server round.
+    set_progress = getattr(model, "set_training_progress", None)
+    if callable(set_progress):
+        set_progress(server_round, int(config.get("num-rounds", 1)))
     histories, targets = user_examples(state.dataset, user)
     result = train_locally(
         model,

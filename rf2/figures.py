@@ -167,7 +167,7 @@ def plot_fairness_gap(df: pd.DataFrame, metric: str = "recall@20", round: int | 
             for k, tier in enumerate(tiers):
                 sel = rows[rows["tier"] == tier].set_index("population").reindex(pops)
                 x = np.arange(len(pops)) + (k - (len(tiers) - 1) / 2) * width
-                ax.bar(x, sel["d_mean"], width, yerr=sel["d_std"].fillna(0), capsize=3,
+                ax.bar(x, sel["d_mean"], width, yerr=sel["d_std"].to_numpy(), capsize=3,
                        color=colors[tier], label=tier)
             ax.axhline(0, color="black", lw=0.8)
             m = mdac[mdac["variant"] == variant].set_index("population")
@@ -218,7 +218,7 @@ def plot_participation(df: pd.DataFrame) -> Figure:
                 for k, tier in enumerate(tiers):
                     s = stats[stats["tier"] == tier].set_index("variant").reindex(variants)
                     x = np.arange(len(variants)) + (k - (len(tiers) - 1) / 2) * width
-                    ax.bar(x, s["mean"], width, yerr=s["std"].fillna(0), capsize=3,
+                    ax.bar(x, s["mean"], width, yerr=s["std"].to_numpy(), capsize=3,
                            color=colors[tier], label=tier)
                 ax.set_xticks(np.arange(len(variants)), variants, rotation=20, ha="right")
                 ax.set_title(pop if i == 0 else "")

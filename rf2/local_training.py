@@ -35,6 +35,11 @@ def train_locally(
     n = int(len(targets))
     hist_t = torch.from_numpy(np.asarray(histories, dtype=np.int64))
     tgt_t = torch.from_numpy(np.asarray(targets, dtype=np.int64))
+    # Sampled-softmax negatives must depend on (seed, user, round) only, not on which
+    # clients this worker happened to run before: otherwise Ray runs would not repeat.
+    seed_sampler = getattr(model, "seed_sampler", None)
+    if callable(seed_sampler):
+        seed_sampler(seed)
     with torch.no_grad():
         loss_before = float(model.loss(hist_t, tgt_t)) if n else 0.0
     if n == 0:

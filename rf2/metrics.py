@@ -114,8 +114,8 @@ def ranking_metrics(
 
     Users without targets get NaN (the caller decides whether to evaluate them). A
     target that is also excluded still counts in |targets| but can never be hit, as in
-    the LightGCN protocol. Ties at the top-k cut are broken by ``torch.topk``.
-    Returns float64 NumPy arrays of shape (B,).
+    the LightGCN protocol. Ties at the top-k cut are broken by ``torch.topk``; a k above I
+    counts as I. Returns float64 NumPy arrays of shape (B,).
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be (B, I), got shape {tuple(scores.shape)}")

@@ -159,6 +159,7 @@ class FederatedServer:
                 "local-epochs": int(self.cfg.client.local_epochs),
                 "batch-size": int(self.cfg.client.batch_size),
                 "seed": int(self.cfg.seed),
+                "num-rounds": int(self.cfg.num_rounds),
             }
         )
         messages = self.strategy.configure_train(

@@ -49,3 +49,10 @@ def small_run(**overrides: Any) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return cfg
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # One torch thread: on a busy 2-core machine two threads made SGD loops ~60x slower.
+    import torch
+
+    torch.set_num_threads(1)

@@ -245,3 +245,7 @@ def test_fairness_gap_table_round_and_missing_reference(multirun: Path) -> None:
     assert tables.mdac.set_index("seed")["mdac"].loc[2].isna().all()
     with pytest.raises(ResultsError, match="no tier/<tier>/auc"):
         fairness_gap_table(df, metric="auc")
+    with pytest.raises(ResultsError, match="only reference runs"):
+        fairness_gap_table(df[df["optimization"] == "none"])
+    with pytest.raises(ResultsError, match="long frame"):
+        fairness_gap_table(load_wide(multirun))

@@ -175,3 +175,13 @@ def test_sampled_softmax_estimates_full_loss() -> None:
     x = m.loss(hist, tgt)
     m.seed_sampler(11)
     assert torch.equal(m.loss(hist, tgt), x)  # negatives reproducible from the seed
+
+
+def test_num_training_examples_matches_user_examples() -> None:
+    from rf2.config import DatasetConfig
+    from rf2.data import load_dataset
+    from rf2.model.examples import num_training_examples
+
+    ds = load_dataset(DatasetConfig(num_users=60, num_items=40, num_groups=4), seed=3)
+    counts = num_training_examples(ds)
+    assert [len(user_examples(ds, u)[1]) for u in range(ds.num_users)] == counts.tolist()
