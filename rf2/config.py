@@ -55,18 +55,32 @@ class DatasetConfig:
 
 @dataclass
 class IndexConfig:
-    """Learned hierarchical index (HILL/HSNN); used when model.name = hier_index."""
+    """Learned hierarchical index (HILL/HSNN); used when model.name = hier_index.
+
+    A "step" is a server round in federated training, an optimizer step centrally.
+    """
 
     levels: int = 2
     nodes_per_level: list[int] = field(default_factory=lambda: [32, 32])
     init: Literal["kmeans", "random"] = "kmeans"
+    # Soft-assignment temperature alpha = min + (max - min) * progress ** alpha_power.
+    min_alpha: float = 1.0
     max_alpha: float = 20.0
     alpha_power: float = 1.0
     index_loss_weight: float = 1.0
     warmup_steps: int = 100
     balance_weight: float = 0.01
+    # Catalogue items sampled per step for the balance term (all items when fewer).
+    balance_sample: int = 4096
     reconstruction_weight: float = 1.0
+    # Paths kept per level by beam search at evaluation/serving.
     beam: int = 8
+    # Test-time training: fine-tune on (user, node-on-path at depth ttt_depth) pairs.
+    ttt: bool = False
+    ttt_depth: int = 2
+    ttt_rate: float = 1.0  # node pairs per training example (expected)
+    ttt_epochs: int = 2
+    ttt_lr: float = 0.01
 
     def validate(self, path: str = "model.index") -> None:
         check(self.levels >= 1, f"{path}.levels", self.levels, "an integer >= 1")
@@ -75,28 +89,20 @@ class IndexConfig:
         check(all(k >= 2 for k in self.nodes_per_level), f"{path}.nodes_per_level",
               self.nodes_per_level, "integers >= 2")
         check(self.max_alpha > 0, f"{path}.max_alpha", self.max_alpha, "a number > 0")
+        check(0 <= self.min_alpha <= self.max_alpha, f"{path}.min_alpha", self.min_alpha,
+              "a number in [0, max_alpha]")
+        check(self.alpha_power > 0, f"{path}.alpha_power", self.alpha_power, "a number > 0")
         check(self.beam >= 1, f"{path}.beam", self.beam, "an integer >= 1")
         for name in ("index_loss_weight", "balance_weight", "reconstruction_weight"):
             check(getattr(self, name) >= 0, f"{path}.{name}", getattr(self, name), "a number >= 0")
         check(self.warmup_steps >= 0, f"{path}.warmup_steps", self.warmup_steps, "an integer >= 0")
-
-
-@dataclass
-class ModelConfig:
-    name: Literal["two_tower", "hier_index"] = "two_tower"
-    dim: int = 64
-    use_genres: bool = True
-    item_bias: bool = True
-    loss: Literal["full_softmax", "sampled_softmax"] = "full_softmax"
-    num_negatives: int = 200
-    init_scale: float = 0.1
-    index: IndexConfig = field(default_factory=IndexConfig)
-
-    def validate(self, path: str = "model") -> None:
-        check(self.dim >= 1, f"{path}.dim", self.dim, "an integer >= 1")
-        check(self.num_negatives >= 1, f"{path}.num_negatives", self.num_negatives,
+        check(self.balance_sample >= 1, f"{path}.balance_sample", self.balance_sample,
               "an integer >= 1")
-        check(self.init_scale > 0, f"{path}.init_scale", self.init_scale, "a number > 0")
+        check(1 <= self.ttt_depth <= self.levels, f"{path}.ttt_depth", self.ttt_depth,
+              f"an integer in [1, levels={self.levels}]")
+        check(self.ttt_rate >= 0, f"{path}.ttt_rate", self.ttt_rate, "a number >= 0")
+        check(self.ttt_epochs >= 1, f"{path}.ttt_epochs", self.ttt_epochs, "an integer >= 1")
+        check(self.ttt_lr > 0, f"{path}.ttt_lr", self.ttt_lr, "a number > 0")
 
 
 @dataclass

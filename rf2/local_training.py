@@ -47,7 +47,9 @@ def train_locally(
     global_params = (
         [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     )
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    # Plain SGD by hand: ``torch.optim`` imports torch._dynamo on first use (~2-6 s in
+    # every fresh worker) and costs a constructor per client for a one-line update.
+    params = [p for p in model.parameters() if p.requires_grad]
     bs = n if batch_size <= 0 else min(batch_size, n)
     gen = torch.Generator().manual_seed(seed)
     loss_after = loss_before
@@ -56,7 +58,8 @@ def train_locally(
         total, count = 0.0, 0
         for start in range(0, n, bs):
             idx = order[start : start + bs]
-            optimizer.zero_grad(set_to_none=True)
+            for p in params:
+                p.grad = None
             loss = model.loss(hist_t[idx], tgt_t[idx])
             objective = loss
             if global_params is not None:
@@ -66,7 +69,10 @@ def train_locally(
                 )
                 objective = loss + 0.5 * proximal_mu * prox
             objective.backward()
-            optimizer.step()
+            with torch.no_grad():
+                for p in params:
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=-lr)
             total += float(loss.detach()) * len(idx)
             count += len(idx)
         loss_after = total / max(count, 1)

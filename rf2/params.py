@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+from functools import lru_cache
+
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
@@ -12,12 +15,53 @@ def state_to_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
 
+@lru_cache(maxsize=256)
+def _npy_header(dtype_str: str, shape: tuple[int, ...]) -> bytes:
+    """The ``.npy`` header ``np.save`` writes for a C-ordered array of this dtype/shape."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype_str)),
+                 "fortran_order": False, "shape": shape}
+    )
+    return buffer.getvalue()
+
+
+def numpy_to_array(value: np.ndarray) -> Array:
+    """``Array(value)`` without ``np.save``: a cached header plus the raw bytes.
+
+    Byte-identical to Flower's own serialisation for C-ordered arrays (tested), at a
+    fraction of the cost; this runs for every client reply.
+    """
+    value = np.require(value, requirements="C")
+    shape = tuple(int(d) for d in value.shape)
+    header = _npy_header(value.dtype.str, shape)
+    return Array(dtype=str(value.dtype), shape=shape, stype="numpy.ndarray",
+                 data=header + value.tobytes())
+
+
 def numpy_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return ArrayRecord({k: numpy_to_array(v) for k, v in arrays.items()})
+
+
+def array_to_numpy(array: Array) -> np.ndarray:
+    """Read-only view of an Array's data without ``np.load``'s header parsing.
+
+    Flower stores an Array as ``.npy`` bytes; ``Array.numpy()`` re-parses the header
+    with ``ast.literal_eval`` on every call (~0.4 ms, as much as a client's training
+    step here). The payload of a C-ordered array is the last ``nbytes`` of the data, so
+    dtype and shape from the Array's own metadata suffice.
+    """
+    data = array.data
+    dtype = np.dtype(array.dtype)
+    nbytes = int(np.prod(array.shape, dtype=np.int64)) * dtype.itemsize
+    head = bytes(data[: min(len(data) - nbytes, 256)])
+    if array.stype != "numpy.ndarray" or b"'fortran_order': False" not in head:
+        return array.numpy()
+    return np.frombuffer(data, dtype=dtype, offset=len(data) - nbytes).reshape(array.shape)
 
 
 def record_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: a.numpy() for k, a in record.items()}
+    return {k: array_to_numpy(a) for k, a in record.items()}
 
 
 def load_numpy_into(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> None:

@@ -144,7 +144,9 @@ class FederatedServer:
             row["skipped_reason"] = (
                 f"{len(valid)} usable replies < round.min_completed={cfg.round.min_completed}"
             )
-        row.update(self.evaluate())
+        every = cfg.eval.every
+        if rnd % every == 0 or rnd == cfg.num_rounds:
+            row.update(self.evaluate())
         return row
 
     def _dispatch(

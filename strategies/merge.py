@@ -37,7 +37,8 @@ def _record(arrays: Arrays) -> ArrayRecord:
 def with_arrays(reply: Message, arrays: Arrays, arrays_key: str = "arrays") -> Message:
     """A copy of ``reply`` whose ArrayRecord is replaced by ``arrays`` (other records kept).
 
-    ``arrays`` must be in the global model's key order: q-FFL pairs arrays by position.
+    Keep the global model's key order: Flower's own QFedAvg pairs arrays by position
+    (rf2's QFFL pairs them by name).
     """
     records = {k: v for k, v in reply.content.items() if k != arrays_key}
     records[arrays_key] = _record(arrays)

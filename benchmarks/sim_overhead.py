@@ -1,0 +1,175 @@
+"""Simulation overhead: rf2's federated round vs the same client updates in a plain loop.
+
+For each setting (backend x clients per round x population size) a fresh subprocess
+runs rf2 (evaluation only at the last round, so rounds measure training + transport)
+and, in the same subprocess, a plain single-process Python loop doing the same client
+updates (same selection, same local training, same FedAvg + Adagrad step). Printed:
+steady-state seconds per round of each, their ratio, start-up time (until round 1 is
+done, minus one steady round) and the process tree's peak RSS.
+
+    python benchmarks/sim_overhead.py                 # full table (takes minutes)
+    python benchmarks/sim_overhead.py --quick         # 10 clients, 1k users, both backends
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROUNDS = 6
+
+
+def _tree_rss(proc) -> int:  # noqa: ANN001 - psutil.Process
+    import psutil
+
+    total = 0
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+class PeakMemory(threading.Thread):
+    """Samples this process tree's RSS every 0.2 s (Ray workers are descendants)."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        import psutil
+
+        self.proc = psutil.Process()
+        self.peak = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.peak = max(self.peak, _tree_rss(self.proc))
+            self.stop.wait(0.2)
+
+
+def plain_loop_round_s(cfg_map: dict, rounds: int) -> float:
+    """Median seconds per round of the same client updates in one plain Python loop."""
+    import numpy as np
+    import torch
+
+    from rf2.config import load_run_config
+    from rf2.data import load_dataset
+    from rf2.local_training import train_locally
+    from rf2.model import build_model
+    from rf2.model.examples import num_training_examples, user_examples
+    from rf2.params import load_numpy_into, state_to_numpy
+    from rf2.selection import ClientSelector
+
+    torch.set_num_threads(1)
+    cfg = load_run_config(cfg_map)
+    ds = load_dataset(cfg.dataset, cfg.seed)
+    model = build_model(cfg.model, ds, cfg.seed)
+    selector = ClientSelector(np.flatnonzero(num_training_examples(ds) > 0), seed=cfg.seed)
+    weights = state_to_numpy(model)
+    accum = {k: np.zeros_like(v) for k, v in weights.items()}
+    times = []
+    for rnd in range(1, rounds + 1):
+        start = time.perf_counter()
+        users, _ = selector.select(cfg.clients_per_round, lambda u: np.ones(len(u), bool))
+        total = {k: np.zeros_like(v) for k, v in weights.items()}
+        n_total = 0
+        for u in users:
+            load_numpy_into(model, weights)
+            hist, tgt = user_examples(ds, int(u))
+            res = train_locally(model, hist, tgt, lr=cfg.client.lr, local_epochs=1,
+                                batch_size=0, seed=int(u) + rnd)
+            for k, v in state_to_numpy(model).items():
+                total[k] += v * res.num_examples
+            n_total += res.num_examples
+        for k in weights:  # FedAvg then server Adagrad, as FedAdagrad does
+            delta = total[k] / max(n_total, 1) - weights[k]
+            accum[k] += delta**2
+            weights[k] = weights[k] + cfg.strategy.server_lr * delta / (np.sqrt(accum[k]) + 1e-9)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def measure_one(backend: str, clients: int, users: int) -> dict:
+    from rf2.cli_support import quiet_frameworks, run_job
+
+    quiet_frameworks(False)
+    cfg_map = {
+        "seed": 1, "num_rounds": ROUNDS, "clients_per_round": clients, "progress": False,
+        "checkpoint_every": 0,
+        "dataset": {"name": "synthetic", "num_users": users, "num_items": 1000},
+        "eval": {"every": 10_000},
+        "simulation": {"backend": backend},
+    }
+    if backend == "ray":
+        cfg_map["simulation"]["ray_temp_dir"] = tempfile.mkdtemp(prefix="rf2b")
+    mem = PeakMemory()
+    mem.start()
+    t0 = time.perf_counter()
+    out = Path(tempfile.mkdtemp(prefix="rf2bench")) / "run"
+    run_job(cfg_map, out)
+    total = time.perf_counter() - t0
+    mem.stop.set()
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl", encoding="utf-8")]
+    by_round = {r["round"]: r for r in rows}
+    steady = statistics.median(by_round[r]["round_wall_s"] for r in range(2, ROUNDS))
+    first_done = by_round[1]["wall_time_s"]
+    # Everything but steady training rounds and evaluation: data loading, Ray start,
+    # worker spin-up (the excess of round 1 over a steady round), final save.
+    startup = total - sum(r["round_wall_s"] for r in rows) + (by_round[1]["round_wall_s"] - steady)
+    plain = plain_loop_round_s(cfg_map, ROUNDS)
+    return {"backend": backend, "clients": clients, "users": users,
+            "rf2_round_s": steady, "plain_round_s": plain, "ratio": steady / plain,
+            "startup_s": startup, "first_round_done_s": first_done,
+            "peak_rss_gb": mem.peak / 1e9}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--one", nargs=3, metavar=("BACKEND", "CLIENTS", "USERS"))
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results/sim_overhead.md")
+    args = parser.parse_args()
+    if args.one:
+        backend, clients, users = args.one
+        print(json.dumps(measure_one(backend, int(clients), int(users))))
+        return
+    settings = [(b, c, u) for b in ("inprocess", "ray") for c in (10, 100) for u in (1000, 100_000)]
+    if args.quick:
+        settings = [("inprocess", 10, 1000), ("ray", 10, 1000)]
+    results = []
+    for backend, clients, users in settings:
+        proc = subprocess.run([sys.executable, __file__, "--one", backend, str(clients), str(users)],
+                              capture_output=True, text=True, check=False)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode != 0 or not line:
+            print(f"{backend} {clients} {users}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+            continue
+        results.append(json.loads(line[-1]))
+        print(json.dumps(results[-1]), flush=True)
+    header = ("| backend | clients/round | users | rf2 s/round | plain loop s/round | ratio "
+              "| start-up s | peak RSS GB |\n|---|---|---|---|---|---|---|---|")
+    lines = [header] + [
+        f"| {r['backend']} | {r['clients']} | {r['users']} | {r['rf2_round_s']:.3f} | "
+        f"{r['plain_round_s']:.3f} | {r['ratio']:.2f}x | {r['startup_s']:.1f} | {r['peak_rss_gb']:.2f} |"
+        for r in results
+    ]
+    table = "\n".join(lines)
+    print(table)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(table + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
