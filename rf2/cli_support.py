@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from rf2.config import RunConfig, load_run_config
-from rf2.typed import to_dict
 from rf2.errors import ConfigError, UserInputError
 from rf2.run_folder import METRICS, RunFolder
+from rf2.typed import to_dict
 
 GROUPS = ("dataset", "model", "strategy", "devices", "population", "optimization",
           "simulation", "experiment")

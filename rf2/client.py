@@ -10,23 +10,33 @@ The dataset is loaded once per worker process (``_WORKER_CACHE``), not per call.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from rf2.compression import compress_update
 from rf2.config import DatasetConfig, ModelConfig
 from rf2.data import load_dataset
 from rf2.data.base import FederatedDataset
 from rf2.faults import apply_injected_fault
+from rf2.heterofl import kept
 from rf2.local_training import train_locally
 from rf2.model import build_model
 from rf2.model.examples import user_examples
-from rf2.params import load_numpy_into, numpy_to_record, record_to_numpy, state_to_numpy
+from rf2.params import (
+    load_numpy_into,
+    num_bytes,
+    numpy_to_record,
+    record_to_numpy,
+    state_to_numpy,
+)
+from rf2.row_averaging import touched_items
 from rf2.typed import from_dict, to_dict
 
 
@@ -48,6 +58,18 @@ class ClientSpec:
 class _WorkerState:
     dataset: FederatedDataset
     model: torch.nn.Module
+    model_cfg: ModelConfig
+    seed: int
+    narrow: dict[float, torch.nn.Module] = field(default_factory=dict)
+
+    def model_for_width(self, width: float) -> torch.nn.Module:
+        """The full model, or a HeteroFL sub-model of embedding dim ceil(width * D)."""
+        if width >= 1.0:
+            return self.model
+        if width not in self.narrow:
+            cfg = dataclasses.replace(self.model_cfg, dim=kept(self.model_cfg.dim, width))
+            self.narrow[width] = build_model(cfg, self.dataset, self.seed)
+        return self.narrow[width]
 
 
 _WORKER_CACHE: dict[str, _WorkerState] = {}
@@ -64,7 +86,7 @@ def worker_state(spec: ClientSpec) -> _WorkerState:
         model_cfg = from_dict(ModelConfig, spec.model, "model")
         dataset = load_dataset(dataset_cfg, spec.seed)
         model = build_model(model_cfg, dataset, spec.seed)
-        state = _WorkerState(dataset=dataset, model=model)
+        state = _WorkerState(dataset=dataset, model=model, model_cfg=model_cfg, seed=spec.seed)
         _WORKER_CACHE.clear()  # one run per worker at a time; free the previous one
         _WORKER_CACHE[spec.key] = state
     return state
@@ -80,9 +102,9 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
     user = int(config["partition-id"])
     server_round = int(config["server-round"])
     state = worker_state(spec)
-    model = state.model
-    global_arrays = record_to_numpy(msg.content["arrays"])
-    load_numpy_into(model, global_arrays)
+    received = record_to_numpy(msg.content["arrays"])  # the global model, or its slice
+    model = state.model_for_width(float(config.get("width", 1.0)))
+    load_numpy_into(model, received)
     # Schedules that depend on training progress (the index's temperature and loss
     # warm-up) follow the server round.
     set_progress = getattr(model, "set_training_progress", None)
@@ -100,6 +122,17 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
         seed=int(config.get("seed", 0)) * 1_000_003 + user * 7919 + server_round,
     )
     arrays = state_to_numpy(model)
+    bytes_up = num_bytes(arrays)
+    prune, bits = config.get("prune-rate"), config.get("quant-bits")
+    if prune is not None or bits is not None:
+        # Compress the update (not the weights); the server sees the decompressed,
+        # unbiased update, and the clock and traffic log see the compressed size.
+        rng = np.random.default_rng([int(config.get("seed", 0)), user, server_round, 1])
+        delta = {k: arrays[k] - received[k] for k in arrays}
+        delta_hat, bytes_up = compress_update(
+            delta, None if prune is None else float(prune), None if bits is None else int(bits), rng
+        )
+        arrays = {k: (received[k] + delta_hat[k]).astype(arrays[k].dtype) for k in arrays}
     arrays = apply_injected_fault(config, arrays)
     metrics = MetricRecord(
         {
@@ -107,11 +140,15 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
             "train_loss": result.loss_before,
             "loss_after": result.loss_after,
             "partition-id": user,
-            "pid": os.getpid(),
+            "bytes-up": int(bytes_up),
         }
     )
-    content = RecordDict({"arrays": numpy_to_record(arrays), "metrics": metrics})
-    return Message(content=content, reply_to=msg)
+    records: dict[str, Any] = {"arrays": numpy_to_record(arrays), "metrics": metrics}
+    if config.get("report-touched", False):
+        # Per-row embedding averaging needs the rows this client's data touched.
+        touched = touched_items(histories, targets)
+        records["rf2"] = ConfigRecord({"touched-items": [int(i) for i in touched]})
+    return Message(content=RecordDict(records), reply_to=msg)
 
 
 def make_client_app(spec: ClientSpec) -> ClientApp:

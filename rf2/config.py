@@ -106,6 +106,24 @@ class IndexConfig:
 
 
 @dataclass
+class ModelConfig:
+    name: Literal["two_tower", "hier_index"] = "two_tower"
+    dim: int = 64
+    use_genres: bool = True
+    item_bias: bool = True
+    loss: Literal["full_softmax", "sampled_softmax"] = "full_softmax"
+    num_negatives: int = 200
+    init_scale: float = 0.1
+    index: IndexConfig = field(default_factory=IndexConfig)
+
+    def validate(self, path: str = "model") -> None:
+        check(self.dim >= 1, f"{path}.dim", self.dim, "an integer >= 1")
+        check(self.num_negatives >= 1, f"{path}.num_negatives", self.num_negatives,
+              "an integer >= 1")
+        check(self.init_scale > 0, f"{path}.init_scale", self.init_scale, "a number > 0")
+
+
+@dataclass
 class ClientConfig:
     local_epochs: int = 1
     lr: float = 1.0
@@ -205,6 +223,10 @@ class OptimizationConfig:
             check(1 <= bits <= 32, f"{path}.quant_bits.{tier}", bits, "an integer in [1, 32]")
         for tier, w in self.width.items():
             check(0 < w <= 1, f"{path}.width.{tier}", w, "a fraction in (0, 1]")
+        narrower = any(w < 1 for w in self.width.values())
+        # Columns a narrow client never held would count as "touched" rows.
+        check(not (narrower and self.per_row_embedding_avg), f"{path}.per_row_embedding_avg",
+              self.per_row_embedding_avg, "false when optimization.width narrows a tier")
 
 
 @dataclass

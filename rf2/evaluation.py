@@ -3,6 +3,14 @@
 Produces the flat metric keys of one ``metrics.jsonl`` row: overall user means
 (``recall@K``, ``ndcg@K``, ``auc``), per tier (``tier/<name>/...``), per activity
 quartile (``activity/<q>/...``) and fairness summaries across tiers (``fair/<m>/...``).
+
+For a model with an index (``build_retriever``, e.g. ``hier_index``) the same users are
+also served through the index: ``index/recall@K`` and ``index/ndcg@K`` (same definitions
+as the brute-force ``recall@K``/``ndcg@K``, which stay the all-item numbers),
+``exactness@K`` (share of brute force's top K that the index returns in its top K) and
+``items_scored_frac`` (items scored exactly per query / all items). Building the
+retriever recomputes every item's hard code, so after each aggregation the codes
+follow the aggregated parameters.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import torch
 from rf2.data.base import FederatedDataset
 from rf2.metrics import activity_quartile, fairness_summary, group_means, ranking_metrics
 from rf2.model.examples import eval_histories
+from rf2.model.retrieval import Retriever
 
 # Metrics that get per-tier fairness summaries.
 FAIRNESS_METRICS = ("recall@20", "ndcg@20", "auc")
@@ -54,12 +63,43 @@ class Evaluator:
 
     def evaluate_model(self, model: torch.nn.Module) -> dict[str, float]:
         model.eval()
+        build = getattr(model, "build_retriever", None)
+        retriever: Retriever | None = build() if callable(build) else None
+        served: dict[str, list[np.ndarray]] = {}
         with torch.no_grad():
             def score(sl: slice) -> torch.Tensor:
-                return model.score_all(model.user_embedding(self.histories[sl]))
+                user = model.user_embedding(self.histories[sl])  # (B, D)
+                scores = model.score_all(user)  # (B, I)
+                if retriever is not None:
+                    queries = model.query_vectors(user)  # (B, Dq)
+                    for key, values in self._served(retriever, queries, scores, sl).items():
+                        served.setdefault(key, []).append(values)
+                return scores
 
             per_user = self._per_user(score)
+        per_user.update({k: np.concatenate(v) for k, v in served.items()})
         return self.summarise(per_user)
+
+    def _served(
+        self, retriever: Retriever, queries: torch.Tensor, scores: torch.Tensor, sl: slice
+    ) -> dict[str, np.ndarray]:
+        """Per-user metrics of the index's top K against the targets and brute force."""
+        k_max = min(max(self.ks), self.dataset.num_items)
+        exclude, targets = self.exclude[sl], self.targets[sl]
+        result = retriever.topk(queries, k_max, exclude)
+        out = topk_metrics(result.item_ids.numpy(), exclude, targets, self.ks,
+                           self.dataset.num_items, prefix="index/")
+        masked = scores.clone()
+        masked.view(-1)[torch.from_numpy(_flat(exclude, scores.shape[1]))] = float("-inf")
+        brute = torch.topk(masked, k_max, dim=1).indices.numpy()  # (B, K)
+        index_ids = result.item_ids.numpy()
+        for k in self.ks:
+            kk = min(k, k_max)
+            same = [np.intersect1d(a[:kk], b[:kk]).size for a, b in zip(index_ids, brute,
+                                                                        strict=True)]
+            out[f"exactness@{k}"] = np.asarray(same, dtype=np.float64) / kk
+        out["items_scored_frac"] = result.items_scored.numpy() / self.dataset.num_items
+        return out
 
     def evaluate_popularity(self) -> dict[str, float]:
         pop = torch.from_numpy(self.dataset.item_popularity().astype(np.float32))  # (I,)
@@ -87,3 +127,45 @@ class Evaluator:
         quartiles = self.quartile_of_user[self.users]
         row.update(group_means(per_user, quartiles, self.quartile_names, prefix="activity"))
         return row
+
+
+def _flat(rows: Sequence[np.ndarray], num_items: int) -> np.ndarray:
+    """Flat keys ``b * I + item`` of every row's items."""
+    lengths = [len(r) for r in rows]
+    if sum(lengths) == 0:
+        return np.empty(0, dtype=np.int64)
+    users = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)
+    return users * num_items + np.concatenate([np.asarray(r, dtype=np.int64) for r in rows])
+
+
+def topk_metrics(
+    top_ids: np.ndarray,  # (B, K) retrieved item ids, best first, -1 = empty slot
+    exclude: Sequence[np.ndarray],
+    targets: Sequence[np.ndarray],
+    ks: Sequence[int],
+    num_items: int,
+    prefix: str = "",
+) -> dict[str, np.ndarray]:
+    """Recall@k and NDCG@k of a retrieved list, defined as in ``ranking_metrics``.
+
+    |targets| (unique) is the recall denominator, excluded targets cannot be hits, the
+    ideal DCG has min(k, |targets|) hits. Needed because an index returns a list, not
+    scores for every item; empty slots are never hits.
+    """
+    num_users, k_max = top_ids.shape
+    tg = np.unique(_flat(targets, num_items))
+    pos = np.setdiff1d(tg, np.unique(_flat(exclude, num_items)), assume_unique=True)
+    n_targets = np.bincount(tg // num_items, minlength=num_users).astype(np.float64)
+    keys = np.arange(num_users)[:, None] * num_items + top_ids
+    hits = (np.isin(keys, pos) & (top_ids >= 0)).astype(np.float64)  # (B, K)
+    gains = 1.0 / np.log2(np.arange(2, k_max + 2, dtype=np.float64))  # (K,)
+    cum_hits, cum_dcg, cum_ideal = hits.cumsum(1), (hits * gains).cumsum(1), gains.cumsum()
+    out: dict[str, np.ndarray] = {}
+    for k in ks:
+        kk = min(k, k_max)
+        n_ideal = np.clip(n_targets, 1, kk).astype(np.int64)
+        recall = cum_hits[:, kk - 1] / np.maximum(n_targets, 1)
+        ndcg = cum_dcg[:, kk - 1] / cum_ideal[n_ideal - 1]
+        out[f"{prefix}recall@{k}"] = np.where(n_targets > 0, recall, np.nan)
+        out[f"{prefix}ndcg@{k}"] = np.where(n_targets > 0, ndcg, np.nan)
+    return out

@@ -146,3 +146,8 @@ def aggregate_heterofl(
         mean = np.divide(total, cover, out=np.zeros_like(total), where=cover > 0)
         out[name] = np.where(cover > 0, mean, g).astype(g.dtype, copy=False)
     return out
+
+
+def full_spec(arrays: Mapping[str, np.ndarray]) -> Spec:
+    """The spec of a full-width client (every element covered)."""
+    return {name: tuple(slice(None) for _ in np.shape(a)) for name, a in arrays.items()}

@@ -32,6 +32,7 @@ from rf2.selection import ClientSelector
 from rf2.server import FederatedServer, ServerState, restore_state
 from rf2.simulation import launch
 from rf2.strategies import build_strategy
+from rf2.tier_settings import TierSettings
 from rf2.typed import check, to_dict
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,8 @@ class PreparedRun:
 def prepare(cfg: RunConfig) -> PreparedRun:
     """Load and cross-check every input; raises UserInputError before any training."""
     if cfg.dataset.path:
-        cfg = dataclasses.replace(
-            cfg, dataset=dataclasses.replace(cfg.dataset, path=str(Path(cfg.dataset.path).resolve()))
-        )
+        resolved = str(Path(cfg.dataset.path).resolve())
+        cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, path=resolved))
     dataset = load_dataset(cfg.dataset, cfg.seed)
     check(max(cfg.eval.ks) <= dataset.num_items, "eval.ks", cfg.eval.ks,
           f"cut-offs <= the number of items ({dataset.num_items})")
@@ -91,6 +91,7 @@ def execute(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Pat
     cfg = prep.cfg
     selector = ClientSelector(eligible_users(prep), seed=cfg.seed)
     model_bytes = float(sum(p.numel() * p.element_size() for p in prep.model.state_dict().values()))
+    # Per-user sizes come from TierSettings each round; these are the defaults.
     clock = SimClock(prep.population, seed=cfg.seed, model_bytes_down=model_bytes,
                      update_bytes_up=model_bytes, local_epochs=cfg.client.local_epochs)
     checkpoint = folder.latest_checkpoint() if resuming else None
@@ -107,8 +108,10 @@ def execute(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Pat
                             clock=clock)
     evaluator = Evaluator(prep.dataset, cfg.eval.ks, cfg.eval.batch_size,
                           prep.population.tier_of_user, prep.population.tier_names)
+    shapes = {k: tuple(v.shape) for k, v in state.arrays.items()}
+    tiers = TierSettings(cfg.optimization, prep.population, shapes, cfg.model.dim)
     server = FederatedServer(cfg, prep.population, prep.num_examples, prep.model,
-                             prep.strategy, evaluator, folder, state)
+                             prep.strategy, evaluator, folder, state, tiers)
     spec = client_spec_from(cfg.dataset, cfg.model, cfg.seed)
     # Messages go only to clients that will finish, at most K per round.
     num_slots = max(1, min(cfg.clients_per_round, len(selector.eligible)))

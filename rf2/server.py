@@ -7,7 +7,6 @@ strategy's own ``configure_train``/``aggregate_train``, fed through :class:`Roun
 
 from __future__ import annotations
 
-import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,13 +22,17 @@ from rf2.clock import SimClock, num_to_select, tier_counts
 from rf2.config import RunConfig
 from rf2.evaluation import Evaluator
 from rf2.faults import screen_reply
+from rf2.heterofl import aggregate_heterofl, full_spec, pad
 from rf2.params import load_numpy_into, numpy_to_record, record_to_numpy
 from rf2.population import Population
 from rf2.progress import ProgressPrinter
 from rf2.round_grid import RoundGrid
+from rf2.row_averaging import aggregate_rows, item_row_params, mask_untouched, touched_rows_for
 from rf2.run_folder import RunFolder
 from rf2.selection import ClientSelector
+from rf2.strategies.merge import aggregate_precomputed
 from rf2.strategies.state import load_strategy_state, strategy_state
+from rf2.tier_settings import TierSettings
 
 
 @dataclass
@@ -55,7 +58,7 @@ class FederatedServer:
         evaluator: Evaluator,
         folder: RunFolder,
         state: ServerState,
-        per_client_config: dict[int, dict[str, Any]] | None = None,
+        tiers: TierSettings,
     ) -> None:
         self.cfg = cfg
         self.population = population
@@ -65,10 +68,10 @@ class FederatedServer:
         self.evaluator = evaluator
         self.folder = folder
         self.state = state
-        self.per_client_config = per_client_config or {}
+        self.tiers = tiers
+        self.num_items = int(evaluator.dataset.num_items)
         self.num_slots = 1  # client slots (SuperNodes) the launcher provides
         self.progress = ProgressPrinter(enabled=cfg.progress, total_rounds=cfg.num_rounds)
-        self.bytes_down = int(sum(a.nbytes for a in state.arrays.values()))
 
     # -- the ServerApp main ------------------------------------------------------------
     def main(self, grid: Grid, context: Context) -> None:  # noqa: ARG002 - Flower signature
@@ -117,7 +120,9 @@ class FederatedServer:
         # same mechanism: select ceil((1 + x) K), keep the K that finish first.
         n_select = num_to_select(k, cfg.round.overcommit + cfg.optimization.overselect)
         selected, offline = self.state.selector.select(n_select, clock.online_fn(rnd, cfg.round))
-        plan = clock.plan_round(rnd, selected, self.num_examples[selected], cfg.round, k=k)
+        bytes_down, bytes_up = self.tiers.expected_bytes(selected)
+        plan = clock.plan_round(rnd, selected, self.num_examples[selected], cfg.round, k=k,
+                                bytes_down=bytes_down, bytes_up=bytes_up)
         clock.advance(plan)
         row: dict[str, Any] = {"round": rnd, "num_clients_selected": int(len(selected))}
         row.update(tier_counts(plan, self.population, offline))
@@ -129,10 +134,10 @@ class FederatedServer:
         trained_users = [int(u) for u, _ in valid]
         row["num_clients_trained"] = len(trained_users)
         row["num_examples"] = int(sum(self.num_examples[u] for u in trained_users))
-        row.update(self._traffic(trained_users))
+        row.update(self._traffic(valid))
 
         if len(valid) >= cfg.round.min_completed:
-            arrays, metrics = self.strategy.aggregate_train(rnd, [m for _, m in valid])
+            arrays, metrics = self._aggregate(rnd, valid)
             if arrays is not None:
                 self.state.arrays = record_to_numpy(arrays)
             if metrics is not None:
@@ -175,10 +180,35 @@ class FederatedServer:
         missing = [u for u in round_grid.sent_users if u not in answered]
         return pairs, missing
 
+    def _aggregate(self, rnd: int, valid: list[tuple[int, Message]]) -> tuple[Any, Any]:
+        """The strategy's aggregation; HeteroFL and per-row averaging compute the mean
+        themselves and hand it to the strategy (so server optimizers and q-FFL apply)."""
+        replies = [m for _, m in valid]
+        if not self.tiers.custom_aggregation:
+            return self.strategy.aggregate_train(rnd, replies)
+        g = self.state.arrays
+        clients = [record_to_numpy(m.content["arrays"]) for m in replies]
+        weights = [float(m.content["metrics"]["num-examples"]) for m in replies]
+        if self.tiers.heterofl:
+            specs = [self.tiers.spec_of(u) or full_spec(g) for u, _ in valid]
+            return aggregate_precomputed(
+                self.strategy, rnd, replies,
+                mean=lambda: aggregate_heterofl(g, clients, specs, weights),
+                padded=lambda: [pad(g, c, sp) for c, sp in zip(clients, specs, strict=True)],
+            )
+        row_params = item_row_params({k: v.shape for k, v in g.items()}, self.num_items)
+        touched = [touched_rows_for(np.asarray(m.content["rf2"]["touched-items"], dtype=np.int64),
+                                    row_params) for m in replies]
+        return aggregate_precomputed(
+            self.strategy, rnd, replies,
+            mean=lambda: aggregate_rows(g, clients, touched, weights),
+            padded=lambda: [mask_untouched(g, c, t) for c, t in zip(clients, touched, strict=True)],
+        )
+
     def per_client_config_for(self, users: list[int], rnd: int) -> dict[int, dict[str, Any]]:
         out: dict[int, dict[str, Any]] = {}
         for u in users:
-            extra = dict(self.per_client_config.get(u, {}))
+            extra = self.tiers.client_config(u)
             fi = self.cfg.fault_injection
             if fi.kind != "none" and u in fi.users and (not fi.rounds or rnd in fi.rounds):
                 extra["inject-fault"] = fi.kind
@@ -197,26 +227,32 @@ class FederatedServer:
             if reply.has_error():
                 faults["client_error"] += 1
                 continue
-            reason = screen_reply(record_to_numpy(reply.content["arrays"]), self.state.arrays)
+            reference = self.tiers.reference_arrays(user, self.state.arrays)
+            reason = screen_reply(record_to_numpy(reply.content["arrays"]), reference)
             if reason is not None:
                 faults[reason] += 1
                 continue
             valid.append((user, reply))
         return valid, faults
 
-    def _traffic(self, trained: list[int]) -> dict[str, int]:
-        out: dict[str, int] = {}
+    def _traffic(self, valid: list[tuple[int, Message]]) -> dict[str, float]:
+        """Per tier: clients trained, examples, share of examples, bytes down and up."""
         names = self.population.tier_names
-        for t, name in enumerate(names):
-            n = sum(1 for u in trained if self.population.tier_of_user[u] == t)
-            out[f"tier/{name}/bytes_down"] = n * self.bytes_down
-            out[f"tier/{name}/bytes_up"] = n * self.bytes_down
-            ex = sum(int(self.num_examples[u]) for u in trained
-                     if self.population.tier_of_user[u] == t)
-            out[f"tier/{name}/examples"] = ex
+        out: dict[str, float] = {}
+        for name in names:
+            for what in ("trained", "examples", "bytes_down", "bytes_up"):
+                out[f"tier/{name}/{what}"] = 0
+        for user, reply in valid:
+            t = names[self.tiers.tier_of(user)]
+            out[f"tier/{t}/trained"] += 1
+            out[f"tier/{t}/examples"] += int(self.num_examples[user])
+            out[f"tier/{t}/bytes_down"] += int(self.tiers.bytes_down[self.tiers.tier_of(user)])
+            out[f"tier/{t}/bytes_up"] += int(reply.content["metrics"]["bytes-up"])
         total = sum(out[f"tier/{n}/examples"] for n in names) or 1
         for name in names:
             out[f"tier/{name}/examples_share"] = out[f"tier/{name}/examples"] / total
+        out["bytes_up"] = sum(out[f"tier/{n}/bytes_up"] for n in names)
+        out["bytes_down"] = sum(out[f"tier/{n}/bytes_down"] for n in names)
         return out
 
     # -- evaluation & checkpoints ------------------------------------------------------

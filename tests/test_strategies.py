@@ -16,14 +16,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.strategy import QFedAvg
 from flwr.supercore.task_identity import TaskIdentity
+
+from rf2.config import ClientConfig, StrategyConfig
+from rf2.local_training import train_locally
 from rf2.strategies import build_strategy
 from rf2.strategies.merge import aggregate_precomputed
 from rf2.strategies.qffl import needs_each_reply
 from rf2.strategies.sampling import SAMPLING
 from rf2.strategies.state import load_strategy_state, strategy_state
-
-from rf2.config import ClientConfig, StrategyConfig
-from rf2.local_training import train_locally
 
 Arrays = dict[str, np.ndarray]
 W0: Arrays = {"a": np.array([[1.0, -2.0], [0.5, 3.0]], np.float32), "b": np.array([0.1, -0.4])}

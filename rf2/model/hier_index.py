@@ -80,7 +80,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> torch.Ten
         sums = torch.zeros_like(centroids).index_add_(0, assign, x)
         nonempty = counts > 0
         centroids[nonempty] = sums[nonempty] / counts[nonempty].unsqueeze(1).float()
-        empty = torch.flatnonzero(~nonempty)
+        empty = torch.nonzero(~nonempty).squeeze(1)
         if len(empty):
             far = torch.topk(best, len(empty)).indices
             centroids[empty] = x[far]

@@ -1,0 +1,87 @@
+"""Per-tier client settings of RF²'s tier-aware optimizations, as the server applies them.
+
+Maps each user's tier to what its client is told (HeteroFL width, prune rate, quantizer
+bits, whether to report touched rows) and to what the round costs on the wire (bytes
+down and the expected bytes up, for the simulated clock and the traffic log).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from rf2.compression import update_bytes
+from rf2.config import OptimizationConfig
+from rf2.heterofl import Spec, extract, rules_for, slice_spec, sub_shapes
+from rf2.population import Population
+
+FLOAT_BYTES = 4
+
+
+class TierSettings:
+    def __init__(
+        self,
+        opt: OptimizationConfig,
+        population: Population,
+        shapes: dict[str, tuple[int, ...]],
+        dim: int,
+    ) -> None:
+        self.opt = opt
+        self.population = population
+        self.shapes = shapes
+        self.per_row = opt.per_row_embedding_avg
+        rules = rules_for(shapes, dim)
+        names = population.tier_names
+        # Per tier index: HeteroFL slice spec (None = full model), prune rate, bits.
+        self.specs: list[Spec | None] = []
+        self.bytes_down = np.zeros(len(names))  # (T,)
+        self.bytes_up = np.zeros(len(names))  # (T,) expected upload size
+        for t, name in enumerate(names):
+            width = opt.width.get(name, 1.0)
+            spec = slice_spec(shapes, width, rules) if width < 1.0 else None
+            self.specs.append(spec)
+            tier_shapes = sub_shapes(spec) if spec is not None else shapes
+            self.bytes_down[t] = FLOAT_BYTES * sum(int(np.prod(s)) for s in tier_shapes.values())
+            self.bytes_up[t] = update_bytes(tier_shapes, opt.prune_rate.get(name),
+                                            opt.quant_bits.get(name))
+
+    @property
+    def heterofl(self) -> bool:
+        return any(spec is not None for spec in self.specs)
+
+    @property
+    def custom_aggregation(self) -> bool:
+        """HeteroFL and per-row averaging need rf2's own mean (see strategies/merge.py)."""
+        return self.heterofl or self.per_row
+
+    def tier_of(self, user: int) -> int:
+        return int(self.population.tier_of_user[user])
+
+    def spec_of(self, user: int) -> Spec | None:
+        return self.specs[self.tier_of(user)]
+
+    def client_config(self, user: int) -> dict[str, Any]:
+        """Message config keys for this user's client (only the non-default ones)."""
+        name = self.population.tier_names[self.tier_of(user)]
+        out: dict[str, Any] = {}
+        if name in self.opt.width and self.opt.width[name] < 1.0:
+            out["width"] = float(self.opt.width[name])
+        if self.opt.prune_rate.get(name, 0.0) > 0.0:
+            out["prune-rate"] = float(self.opt.prune_rate[name])
+        if name in self.opt.quant_bits and self.opt.quant_bits[name] < 32:
+            out["quant-bits"] = int(self.opt.quant_bits[name])
+        if self.per_row:
+            out["report-touched"] = True
+        return out
+
+    def reference_arrays(self, user: int, global_arrays: dict[str, np.ndarray]
+                         ) -> dict[str, np.ndarray]:
+        """What this user's reply must look like (its HeteroFL slice, or the full model)."""
+        spec = self.spec_of(user)
+        return global_arrays if spec is None else extract(global_arrays, spec)
+
+    def expected_bytes(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(n,) bytes down and expected bytes up per user, for the simulated clock."""
+        tiers = self.population.tier_of_user[np.asarray(users, dtype=np.int64)]
+        return self.bytes_down[tiers], self.bytes_up[tiers]
