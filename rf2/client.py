@@ -25,7 +25,7 @@ from rf2.config import DatasetConfig, ModelConfig
 from rf2.data import load_dataset
 from rf2.data.base import FederatedDataset
 from rf2.faults import apply_injected_fault
-from rf2.heterofl import kept
+from rf2.heterofl import extract, kept, rules_for, slice_spec
 from rf2.local_training import train_locally
 from rf2.model import build_model
 from rf2.model.examples import user_examples
@@ -102,8 +102,15 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
     user = int(config["partition-id"])
     server_round = int(config["server-round"])
     state = worker_state(spec)
-    received = record_to_numpy(msg.content["arrays"])  # the global model, or its slice
-    model = state.model_for_width(float(config.get("width", 1.0)))
+    received = record_to_numpy(msg.content["arrays"])  # the global model
+    width = float(config.get("width", 1.0))
+    if width < 1.0:
+        # HeteroFL: this client holds the top-left slice of every width-scaled tensor.
+        # (The simulation ships the full model and slices here; traffic is logged as
+        # the slice's size, which is what a real server would send.)
+        shapes = {k: tuple(v.shape) for k, v in received.items()}
+        received = extract(received, slice_spec(shapes, width, rules_for(shapes, state.model_cfg.dim)))
+    model = state.model_for_width(width)
     load_numpy_into(model, received)
     # Schedules that depend on training progress (the index's temperature and loss
     # warm-up) follow the server round.

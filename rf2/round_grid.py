@@ -65,7 +65,7 @@ class RoundGrid(Grid):
             RecordDict(records),
             msg.metadata.dst_node_id,
             msg.metadata.message_type,
-            group_id=msg.metadata.group_id,
+            group_id=msg.metadata.group_id or str(config.get("server-round", "")),
         )
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:

@@ -7,6 +7,7 @@ strategy's own ``configure_train``/``aggregate_train``, fed through :class:`Roun
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from rf2.selection import ClientSelector
 from rf2.strategies.merge import aggregate_precomputed
 from rf2.strategies.state import load_strategy_state, strategy_state
 from rf2.tier_settings import TierSettings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -226,6 +229,8 @@ class FederatedServer:
         for user, reply in sorted(replies, key=lambda p: p[0]):
             if reply.has_error():
                 faults["client_error"] += 1
+                log.warning("client %d failed in round %s: %s", user,
+                            reply.metadata.group_id or "?", reply.error.reason)
                 continue
             reference = self.tiers.reference_arrays(user, self.state.arrays)
             reason = screen_reply(record_to_numpy(reply.content["arrays"]), reference)
