@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from rf2.errors import UserInputError
+from rf2.run_folder import RunFolderError
 
 log = logging.getLogger("rf2")
 
@@ -35,6 +36,13 @@ def run_from_hydra(cfg: DictConfig) -> Path | None:
     try:
         overrides = list(HydraConfig.get().overrides.task)
         return run_job(data, run_dir, overrides)  # type: ignore[arg-type]
+    except RunFolderError as ex:
+        # Full disk, read-only folder: earlier rounds stay intact (appends are whole
+        # lines, checkpoints are renamed into place) and `resume=` can continue later.
+        if debug:
+            traceback.print_exc()
+        print(f"rf2: {ex}", file=sys.stderr, flush=True)
+        sys.exit(1)
     except UserInputError as ex:
         remove_unused_run_dir(run_dir)
         if debug:
@@ -49,9 +57,11 @@ _hydra_main = hydra.main(version_base="1.3", config_path="pkg://rf2.conf", confi
 
 
 def main() -> None:
-    from rf2.cli_support import precheck_overrides
+    from rf2.cli_support import precheck_overrides, preflight_output_dir
 
     sys.argv[1:] = precheck_overrides(sys.argv[1:])
+    if not any(a in ("--help", "-h", "--cfg", "-c", "--info") for a in sys.argv[1:]):
+        preflight_output_dir(sys.argv[1:])
     _hydra_main()
 
 

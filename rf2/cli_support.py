@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
+import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,32 @@ def precheck_overrides(argv: list[str]) -> list[str]:
                 arg = "++" + arg
         out.append(arg)
     return out
+
+
+def preflight_output_dir(argv: list[str]) -> None:
+    """Fail with one line if the run's output directory cannot be written.
+
+    Hydra creates the directory before rf2 runs and reports a failure with a traceback;
+    this probes the nearest existing parent of the (static prefix of the) directory.
+    """
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
+    target = next((a[len(key):] for a in argv if a.startswith(key)),
+                  "multirun" if multirun else "outputs")
+    static = Path(target.split("${", 1)[0] or ".").absolute()
+    probe = static
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(f"{probe} is not a directory")
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as ex:
+        reason = ex.strerror or str(ex)
+        print(f"rf2: cannot write the output directory {static}: {reason}", file=sys.stderr,
+              flush=True)
+        sys.exit(1)
 
 
 def quiet_frameworks(debug: bool) -> None:

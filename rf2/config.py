@@ -61,20 +61,20 @@ class IndexConfig:
     """
 
     levels: int = 2
-    nodes_per_level: list[int] = field(default_factory=lambda: [32, 32])
+    nodes_per_level: list[int] = field(default_factory=lambda: [16, 16])
     init: Literal["kmeans", "random"] = "kmeans"
     # Soft-assignment temperature alpha = min + (max - min) * progress ** alpha_power.
     min_alpha: float = 1.0
     max_alpha: float = 20.0
     alpha_power: float = 1.0
     index_loss_weight: float = 1.0
-    warmup_steps: int = 100
+    warmup_steps: int = 20
     balance_weight: float = 0.01
     # Catalogue items sampled per step for the balance term (all items when fewer).
     balance_sample: int = 4096
     reconstruction_weight: float = 1.0
     # Paths kept per level by beam search at evaluation/serving.
-    beam: int = 8
+    beam: int = 16
     # Test-time training: fine-tune on (user, node-on-path at depth ttt_depth) pairs.
     ttt: bool = False
     ttt_depth: int = 2
@@ -264,13 +264,21 @@ class EvalConfig:
 
 
 @dataclass
-class FaultInjectionConfig:
-    """Testing aid: make chosen clients fail on purpose (exercise fault handling)."""
+class FaultInjection:
+    """Testing aid: make chosen clients fail on purpose (exercise fault handling).
 
-    kind: Literal["none", "raise", "nan", "shape", "hang"] = "none"
+    ``raise``: the ClientApp raises; ``nan``: it returns NaN weights; ``shape``: it
+    returns a wrongly shaped array; ``hang``: it sleeps ``hang_s`` seconds (exceeds
+    ``simulation.round_timeout_s`` on the Ray backend).
+    """
+
+    kind: Literal["raise", "nan", "shape", "hang"] = "raise"
     users: list[int] = field(default_factory=list)
     rounds: list[int] = field(default_factory=list)  # empty = every round
     hang_s: float = 30.0
+
+    def validate(self, path: str = "fault_injection") -> None:
+        check(self.hang_s > 0, f"{path}.hang_s", self.hang_s, "a number > 0")
 
 
 @dataclass
@@ -296,7 +304,7 @@ class RunConfig:
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    fault_injection: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)
+    fault_injection: list[FaultInjection] = field(default_factory=list)
 
     def validate(self, path: str = "") -> None:
         check(self.num_rounds >= 0, "num_rounds", self.num_rounds, "an integer >= 0")

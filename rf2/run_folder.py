@@ -72,14 +72,29 @@ class RunFolder:
     # -- metrics ---------------------------------------------------------------------
     def append_metrics(self, row: dict[str, Any]) -> None:
         """Append one whole line; fsync so a crash loses at most this line."""
-        line = json.dumps(row, sort_keys=True, allow_nan=True) + "\n"
+        line = (json.dumps(row, sort_keys=True, allow_nan=True) + "\n").encode("utf-8")
+        path = self.path / METRICS
         try:
-            with open(self.path / METRICS, "a", encoding="utf-8") as fh:
-                fh.write(line)
-                fh.flush()
-                os.fsync(fh.fileno())
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as ex:
-            raise RunFolderError(f"cannot append to {self.path / METRICS}: {ex.strerror or ex}") from ex
+            raise RunFolderError(f"cannot append to {path}: {ex.strerror or ex}") from ex
+        try:
+            before = os.fstat(fd).st_size
+            try:
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except OSError as ex:
+                # A full disk can leave part of the line: cut it off so every line in the
+                # file stays a whole row (truncating needs no free space).
+                try:
+                    os.ftruncate(fd, before)
+                except OSError:
+                    pass
+                raise RunFolderError(f"cannot append to {path}: {ex.strerror or ex}") from ex
+        finally:
+            os.close(fd)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """All whole rows; a torn last line (crash mid-write) is dropped."""

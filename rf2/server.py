@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import Strategy
 from rf2.clock import SimClock, num_to_select, tier_counts
 from rf2.config import RunConfig
 from rf2.evaluation import Evaluator
-from rf2.faults import screen_reply
+from rf2.faults import FAULT_REASONS, screen_reply
 from rf2.heterofl import aggregate_heterofl, full_spec, pad
 from rf2.params import load_numpy_into, numpy_to_record, record_to_numpy
 from rf2.population import Population
@@ -133,7 +133,7 @@ class FederatedServer:
 
         replies, missing = self._dispatch(grid, slots, completed, rnd)
         valid, faults = self._screen(replies, missing)
-        row.update({f"fault/{reason}": n for reason, n in sorted(faults.items())})
+        row.update({f"fault/{reason}": int(faults[reason]) for reason in FAULT_REASONS})
         trained_users = [int(u) for u, _ in valid]
         row["num_clients_trained"] = len(trained_users)
         row["num_examples"] = int(sum(self.num_examples[u] for u in trained_users))
@@ -212,10 +212,10 @@ class FederatedServer:
         out: dict[int, dict[str, Any]] = {}
         for u in users:
             extra = self.tiers.client_config(u)
-            fi = self.cfg.fault_injection
-            if fi.kind != "none" and u in fi.users and (not fi.rounds or rnd in fi.rounds):
-                extra["inject-fault"] = fi.kind
-                extra["inject-hang-s"] = float(fi.hang_s)
+            for fi in self.cfg.fault_injection:
+                if u in fi.users and (not fi.rounds or rnd in fi.rounds):
+                    extra["inject-fault"] = fi.kind
+                    extra["inject-hang-s"] = float(fi.hang_s)
             if extra:
                 out[u] = extra
         return out

@@ -19,8 +19,13 @@ Training (``loss``) = item softmax + w(t) * (sum_l CE_l + lambda_rec * rec + lam
 - CE_l: softmax over level-l nodes of <query, c_k> with the target item's soft
   assignment a_l as label. Summed over levels this is exactly the cross-entropy over
   whole paths with path logit <query, c_1 + ... + c_L> (the softmax factorises), which
-  is the score beam search ranks paths by;
-- rec = ||sum_l c_bar_l - key||^2 over the batch's target items;
+  is the score beam search ranks paths by. The label is detached: with gradient through
+  it, the CE pulls each item towards the nodes its users already score high, a
+  rich-get-richer collapse (measured on MovieLens-100K: 1089 of 1682 items in one
+  level-1 node, 65% of items scored at beam 4; detached: largest leaf 58 items);
+- rec = ||sum_l c_bar_l - key||^2 over the batch's target items. Its gradient reaches
+  the item embeddings too (joint learning: items become quantisable); detaching it
+  there cut exactness@20 at beam 16 from 0.98 to 0.70 on MovieLens-100K;
 - bal: K * sum_k p_k^2 - 1 (0 when uniform) of the catalogue-wide share of items per
   path prefix (joint over levels while small enough, else per level). It is over the
   catalogue, not the batch: a federated batch is one user's items, which *should*
@@ -255,7 +260,8 @@ class HierIndexModel(TwoTower):
         out: dict[str, torch.Tensor] = {}
         for level, a in enumerate(assign):
             logp = F.log_softmax(q @ self.node_keys(level).T, dim=1)  # (B, K_l)
-            out[f"level{level}"] = -(a * logp).sum(1).mean()
+            # Detached label: the CE moves nodes and the user tower, never the assignment.
+            out[f"level{level}"] = -(a.detach() * logp).sum(1).mean()
         out["rec"] = ((recon - tk) ** 2).sum(1).mean()
         out["bal"] = self.balance_loss(keys, alpha)
         return out
