@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -80,6 +80,8 @@ class FederatedServer:
     def main(self, grid: Grid, context: Context) -> None:  # noqa: ARG002 - Flower signature
         started = time.perf_counter() - self.state.wall_offset_s
         slots = self._wait_for_slots(grid)
+        if self.state.round < self.cfg.num_rounds:
+            self._warm_up(grid, slots)
         if self.state.round == 0:
             row = {"round": 0, "num_clients_selected": 0, "num_clients_trained": 0,
                    "num_examples": 0, "skipped": 0, **self.evaluate()}
@@ -103,6 +105,11 @@ class FederatedServer:
             if len(slots) >= self.num_slots or time.monotonic() > deadline:
                 return slots
             time.sleep(0.05)
+
+    def _warm_up(self, grid: Grid, slots: list[int]) -> None:
+        """One ``query.warmup`` message per slot: every worker loads its data up front."""
+        messages = [Message(RecordDict({}), node, "query.warmup") for node in slots]
+        grid.send_and_receive(messages, timeout=max(600.0, self.cfg.simulation.round_timeout_s))
 
     def _finish_row(self, row: dict[str, Any], started: float, round_started: float,
                     trained: int) -> None:

@@ -110,7 +110,7 @@ def test_faiss_ivf_probing_every_list_is_exact(kind: str) -> None:
     exclude = [np.array([int(i)]) for i in range(5)]
     want = BruteForceRetriever(keys).topk(queries, 10, exclude)
     refine = 0 if kind == "flat" else 40  # RQ codes are lossy: re-rank exactly
-    ret = FaissIVFRetriever(keys, nlist=8, nprobe=8, kind=kind, rq_m=2, rq_nbits=4,
+    ret = FaissIVFRetriever(keys, nlist=8, nprobe=8, kind=kind, rq_m=2, rq_nbits=3,
                             refine=refine)
     got = ret.topk(queries, 10, exclude)
     assert torch.equal(got.item_ids, want.item_ids)

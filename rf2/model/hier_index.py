@@ -75,7 +75,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> torch.Ten
         n = x.shape[0]
     if n < k:  # fewer points than nodes: duplicates, jittered apart
         idx = torch.randint(n, (k,), generator=gen)
-        noise = torch.randn(k, x.shape[1], generator=gen) * 1e-3 * (x.std() + 1e-6)
+        noise = torch.randn(k, x.shape[1], generator=gen) * 1e-3 * (x.std(correction=0) + 1e-6)
         return x[idx] + noise
     centroids = x[torch.randperm(n, generator=gen)[:k]].clone()  # (k, D)
     for _ in range(iters):

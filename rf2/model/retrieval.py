@@ -255,14 +255,14 @@ class FaissIVFRetriever:
         rng = np.random.default_rng(seed)
         train = x if len(x) <= train_size else x[rng.choice(len(x), train_size, replace=False)]
         ivf.train(train)
-        ivf.add(x)
         ivf.nprobe = nprobe
         self._quantizer, self._ivf, self.nprobe = quantizer, ivf, nprobe
-        self.index = ivf
         self.refine = int(refine)
-        if self.refine > 0:
+        self.index = ivf
+        if self.refine > 0:  # wraps the empty trained index; adding fills both
             self.index = faiss.IndexRefineFlat(ivf)
             self.index.k_factor = float(self.refine)
+        self.index.add(x)
         self._list_sizes = np.array([ivf.invlists.list_size(i) for i in range(nlist)])
 
     def topk(

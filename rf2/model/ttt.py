@@ -130,7 +130,7 @@ SUMMARY_KEYS = ("recall@20", "ndcg@20", "index/recall@20", "index/ndcg@20", "exa
                 "items_scored_frac")
 
 
-def test_time_train(
+def run_ttt(
     model: HierIndexModel,
     dataset: FederatedDataset,
     evaluate: Callable[[torch.nn.Module], dict[str, float]],

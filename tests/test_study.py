@@ -1,0 +1,238 @@
+"""The fairness-gap study end to end: experiment files, sweep, rf2-figures, notebook.
+
+The slow test runs ``rf2 -m +experiment=rf2_fairness_gap_quick`` as a real CLI multirun
+(6 optimizations x 2 populations x 2 seeds, synthetic data, 3 rounds), then
+``rf2-figures`` on its folder, then executes ``notebooks/fairness_gap.ipynb`` headless
+against it. The fast tests check the experiment files compose and validate, the stored
+notebook, and the optional TensorBoard logger.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+import yaml
+
+from rf2.cli_support import precheck_overrides
+from rf2.config import load_run_config
+from rf2.errors import ConfigError
+from rf2.results import find_runs
+from rf2.tensorboard_log import TensorBoardLogger, scalars_of
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO / "notebooks" / "fairness_gap.ipynb"
+OPTIMIZATIONS = ("none", "exclude-low", "over-select", "quantize", "prune", "heterofl")
+POPULATIONS = ("independent", "popularity-dirichlet")
+QUICK_SEEDS = (1, 2)
+FIGURES = ("tier_curves_recall_at_20", "fairness_gap_recall_at_20", "participation")
+
+
+# -- the experiment files -------------------------------------------------------------------
+
+def _compose(experiment: str, *overrides: str) -> dict[str, Any]:
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    with initialize_config_module(config_module="rf2.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[f"+experiment={experiment}", *overrides],
+                      return_hydra_config=True)
+    data = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(data, dict)
+    return data
+
+
+def _sweep(params: dict[str, str]) -> dict[str, list[str]]:
+    return {key: [v.strip() for v in str(value).split(",")] for key, value in params.items()}
+
+
+@pytest.mark.parametrize("experiment, dataset, seeds", [
+    ("rf2_fairness_gap", "movielens100k", ["1", "2", "3"]),
+    ("rf2_fairness_gap_quick", "synthetic", ["1", "2"]),
+])
+def test_experiment_composes_and_validates(experiment: str, dataset: str, seeds: list[str]) -> None:
+    data = _compose(experiment, "dataset.path=/data/ml-100k")
+    params = _sweep(data["hydra"]["sweeper"]["params"])
+    assert params == {"optimization": list(OPTIMIZATIONS), "population": list(POPULATIONS),
+                      "seed": seeds}
+    cfg = load_run_config(data)
+    assert cfg.dataset.name == dataset
+    assert cfg.devices.profile == "rf2-3tier"
+    assert cfg.simulation.backend == "inprocess"
+    assert cfg.round.deadline_quantile is None and cfg.round.deadline_s is None
+    # every swept choice exists in its group
+    for opt in OPTIMIZATIONS:
+        assert (REPO / "conf" / "optimization" / f"{opt}.yaml").is_file()
+
+
+def test_experiment_needs_the_plus_and_passes_the_cli_precheck() -> None:
+    args = ["-m", "+experiment=rf2_fairness_gap", "dataset.path=/data/ml-100k",
+            "hydra.sweep.dir=/tmp/x"]
+    assert precheck_overrides(args) == args
+    text = (REPO / "conf" / "experiment" / "rf2_fairness_gap.yaml").read_text(encoding="utf-8")
+    assert text.startswith("# @package _global_")
+
+
+# -- the stored notebook ------------------------------------------------------------------
+
+def _code_cells(nb: Any) -> list[Any]:
+    return [c for c in nb.cells if c.cell_type == "code"]
+
+
+def test_notebook_is_stored_without_outputs_and_without_library_code() -> None:
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    cells = _code_cells(nb)
+    assert all(c.outputs == [] and c.execution_count is None for c in cells)
+    assert 'RUN_DIR = os.environ.get("RF2_RUN_DIR"' in cells[0].source
+    for cell in cells:
+        assert not any(line.lstrip().startswith(("def ", "class ", "lambda"))
+                       for line in cell.source.splitlines()), cell.source
+    assert any("mdac-table" in c.metadata.get("tags", []) for c in cells)
+
+
+# -- TensorBoard --------------------------------------------------------------------------
+
+ROW = {"round": 3, "recall@20": 0.25, "ndcg@20": 0.1, "num_clients_trained": 90,
+       "skipped": False, "skipped_reason": None, "tier/low/recall@20": 0.2,
+       "tier/low/completed": 30, "fair/recall@20/max_gap": float("nan"),
+       "activity/q1/recall@20": 0.1, "popularity/recall@20": 0.05, "train/train_loss": 4.0}
+
+
+def test_scalars_of_keeps_tier_fair_and_overall_numbers() -> None:
+    got = scalars_of(ROW)
+    assert set(got) == {"recall@20", "ndcg@20", "num_clients_trained", "tier/low/recall@20",
+                        "tier/low/completed", "fair/recall@20/max_gap"}
+    assert got["tier/low/completed"] == 30.0
+
+
+class _FakeWriter:
+    def __init__(self, log_dir: str) -> None:
+        self.log_dir, self.scalars, self.flushes, self.closed = log_dir, [], 0, False
+
+    def add_scalar(self, tag: str, value: float, step: int | None = None) -> None:
+        self.scalars.append((tag, value, step))
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_tensorboard_logger_writes_each_scalar_at_the_round(tmp_path: Path) -> None:
+    writers: list[_FakeWriter] = []
+
+    def factory(log_dir: str) -> _FakeWriter:
+        writers.append(_FakeWriter(log_dir))
+        return writers[-1]
+
+    with TensorBoardLogger(tmp_path, writer_factory=factory) as tb:
+        assert tb.log_row(ROW) == 6
+        tb.log_row({"round": 4, "tier/mid/auc": 0.7})
+    (w,) = writers
+    assert w.log_dir == str(tmp_path / "tensorboard") and w.closed and w.flushes == 2
+    assert ("tier/low/recall@20", 0.2, 3) in w.scalars and ("tier/mid/auc", 0.7, 4) in w.scalars
+    assert all(step in (3, 4) for _, _, step in w.scalars)
+
+
+def test_tensorboard_missing_is_a_config_error(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard -> ImportError
+    with pytest.raises(ConfigError, match=r"pip install rf2\[tensorboard\]"):
+        TensorBoardLogger(tmp_path)
+
+
+def test_tensorboard_real_events_file(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with TensorBoardLogger(tmp_path) as tb:
+        tb.log_row(ROW)
+        tb.log_row({**ROW, "round": 4, "tier/low/recall@20": 0.3})
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert "tier/low/recall@20" in acc.Tags()["scalars"]
+    events = acc.Scalars("tier/low/recall@20")
+    assert [(e.step, round(e.value, 6)) for e in events] == [(3, 0.2), (4, 0.3)]
+
+
+# -- the quick study, end to end -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def quick_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("study")
+    sweep = tmp / "multirun"
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "rf2", "-m", "+experiment=rf2_fairness_gap_quick",
+         f"hydra.sweep.dir={sweep}"],
+        cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return sweep
+
+
+@pytest.mark.slow
+def test_quick_study_sweep_figures_and_notebook(quick_sweep: Path) -> None:
+    # 1. the multirun: one finished run folder per (optimization, population, seed)
+    runs = find_runs(quick_sweep)
+    expected = set(itertools.product(OPTIMIZATIONS, POPULATIONS, QUICK_SEEDS))
+    assert len(runs) == len(expected)
+    seen = set()
+    for run in runs:
+        cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+        seen.add((cfg["optimization"]["name"], cfg["population"]["mode"], cfg["seed"]))
+        assert (run / "DONE").is_file(), run
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rows] == [0, 1, 2, 3]
+        assert "tier/low/recall@20" in rows[-1]
+    assert seen == expected
+
+    # 2. rf2-figures on the folder: PNG and PDF of every figure
+    out = quick_sweep.parent / "figures"
+    proc = subprocess.run([sys.executable, "-m", "rf2.figures", str(quick_sweep), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "MDAC" in proc.stdout and "exclude-low" in proc.stdout
+    for name in FIGURES:
+        for ext in ("png", "pdf"):
+            path = out / f"{name}.{ext}"
+            assert path.is_file() and path.stat().st_size > 1000, path
+
+    # 3. the notebook, headless, against the same folder
+    _execute_notebook(quick_sweep)
+
+
+def _execute_notebook(run_dir: Path) -> None:
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    # jupyter_client launches the "python3" kernel with sys.executable (its argv[0] is
+    # "python"): this extra cell proves the kernel is this interpreter (the venv's).
+    nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.prefix)"))
+    old = os.environ.get("RF2_RUN_DIR")
+    os.environ["RF2_RUN_DIR"] = str(run_dir)  # the kernel inherits this process's env
+    try:
+        NotebookClient(nb, kernel_name="python3", timeout=300,
+                       resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    finally:
+        if old is None:
+            os.environ.pop("RF2_RUN_DIR", None)
+        else:
+            os.environ["RF2_RUN_DIR"] = old
+    cells = _code_cells(nb)
+    errors = [o for c in cells for o in c.outputs if o.output_type == "error"]
+    assert not errors, errors
+    assert cells[-1].outputs[0]["text"].strip() == sys.prefix
+    (mdac,) = [c for c in cells if "mdac-table" in c.metadata.get("tags", [])]
+    text = "".join(o.get("data", {}).get("text/plain", "") for o in mdac.outputs)
+    assert "mdac_mean" in text and "exclude-low" in text
+    images = [c for c in cells if any("image/png" in o.get("data", {}) for o in c.outputs)]
+    assert len(images) == 3  # tier curves, fairness gap, participation
