@@ -14,7 +14,7 @@ from rf2.errors import ConfigError
 
 
 def run(tmp_path: Path, name: str, **overrides: object) -> list[dict]:
-    cfg = small_run(num_rounds=3, **{"devices.profile": "rf2-3tier", **overrides})
+    cfg = small_run(**{"num_rounds": 3, "devices.profile": "rf2-3tier", **overrides})
     out = tmp_path / name
     run_job(cfg, out)
     with open(out / "metrics.jsonl", encoding="utf-8") as fh:
@@ -82,3 +82,14 @@ def test_heterofl_with_per_row_averaging_is_rejected() -> None:
 def test_strategies_run_end_to_end(tmp_path: Path, strategy: dict) -> None:
     rows = run(tmp_path, "s", strategy=strategy, **{"client.local_epochs": 2})
     assert rows[-1]["recall@20"] > rows[0]["recall@20"]
+
+
+def test_deadline_under_represents_the_low_tier(tmp_path: Path) -> None:
+    rows = run(tmp_path, "deadline", **{"round.deadline_quantile": 0.6, "num_rounds": 4})
+    completed = {t: totals(rows, f"tier/{t}/completed") for t in ("low", "mid", "high")}
+    dropped = {t: totals(rows, f"tier/{t}/dropped_deadline") for t in ("low", "mid", "high")}
+    share_low = completed["low"] / sum(completed.values())
+    assert share_low < 0.2  # population share is 1/3
+    assert dropped["low"] > dropped["high"]
+    assert all(r["sim_time_s"] > 0 for r in rows[1:])
+    assert [r["sim_time_s"] for r in rows[1:]] == sorted(r["sim_time_s"] for r in rows[1:])
