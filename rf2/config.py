@@ -80,7 +80,7 @@ class IndexConfig:
     ttt_depth: int = 2
     ttt_rate: float = 1.0  # node pairs per training example (expected)
     ttt_epochs: int = 2
-    ttt_lr: float = 0.01
+    ttt_lr: float = 0.001
 
     def validate(self, path: str = "model.index") -> None:
         check(self.levels >= 1, f"{path}.levels", self.levels, "an integer >= 1")

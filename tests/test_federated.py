@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -93,3 +97,42 @@ def test_ray_backend_matches_inprocess_and_improves(inprocess_run: Path, tmp_pat
     assert rows[-1]["recall@20"] > rows[0]["recall@20"] + 0.05
     # Aggregation in partition-id order: Ray's reply order does not change a number.
     assert without_timing(rows) == without_timing(read_rows(inprocess_run))
+
+
+def test_worker_loads_the_dataset_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    import rf2.client as client
+    from rf2.config import load_run_config
+
+    cfg = load_run_config(small_run())
+    spec = client.client_spec_from(cfg.dataset, cfg.model, cfg.seed)
+    calls = []
+    real = client.load_dataset
+    monkeypatch.setattr(client, "load_dataset", lambda *a: calls.append(1) or real(*a))
+    client._WORKER_CACHE.clear()
+    first = client.worker_state(spec)
+    assert client.worker_state(spec) is first
+    assert len(calls) == 1
+
+
+@pytest.mark.slow
+def test_joins_an_existing_ray_cluster(tmp_path: Path) -> None:
+    """`simulation.ray_address` joins a cluster started with `ray start --head`."""
+    ray_bin = Path(sys.executable).parent / "ray"
+    temp = tempfile.mkdtemp(prefix="rf2clu")
+    env = dict(os.environ, RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0")
+    start = subprocess.run([str(ray_bin), "start", "--head", "--num-cpus=2", "--port=0",
+                            "--include-dashboard=false", f"--temp-dir={temp}"],
+                           capture_output=True, text=True, timeout=180, env=env)
+    assert start.returncode == 0, start.stderr
+    match = re.search(r"ray start --address='([^']+)'", start.stdout)
+    assert match, start.stdout
+    try:
+        cfg = small_run(num_rounds=2)
+        cfg["simulation"] = {"backend": "ray", "ray_address": match.group(1)}
+        run_job(cfg, tmp_path / "run")
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+    rows = read_rows(tmp_path / "run")
+    assert rows[-1]["num_clients_trained"] == 20
+    assert rows[-1]["recall@20"] > rows[0]["recall@20"]

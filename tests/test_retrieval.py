@@ -36,16 +36,17 @@ def _problem(
     k=st.integers(1, 70),
     seed=st.integers(0, 10_000),
     with_exclude=st.booleans(),
+    scan=st.sampled_from(["torch", "faiss"]),
 )
 def test_full_beam_equals_brute_force(
-    n_items: int, dim: int, sizes: list[int], k: int, seed: int, with_exclude: bool
+    n_items: int, dim: int, sizes: list[int], k: int, seed: int, with_exclude: bool, scan: str
 ) -> None:
     keys, books, codes, queries = _problem(n_items, dim, sizes, seed)
     rng = np.random.default_rng(seed)
     exclude = ([rng.choice(n_items, rng.integers(0, n_items + 1), replace=False)
                 for _ in range(len(queries))] if with_exclude else None)
     beam = int(np.prod(sizes))  # as wide as every path: nothing is pruned
-    got = BeamSearchRetriever(keys, books, codes, beam).topk(queries, k, exclude)
+    got = BeamSearchRetriever(keys, books, codes, beam, scan=scan).topk(queries, k, exclude)
     want = BruteForceRetriever(keys).topk(queries, k, exclude)
     assert torch.equal(got.item_ids, want.item_ids)
     assert torch.equal(torch.isinf(got.scores), torch.isinf(want.scores))
@@ -54,9 +55,10 @@ def test_full_beam_equals_brute_force(
     assert (got.items_scored == n_items).all()
 
 
-def test_narrow_beam_scores_exactly_the_items_under_kept_leaves() -> None:
+@pytest.mark.parametrize("scan", ["torch", "faiss"])
+def test_narrow_beam_scores_exactly_the_items_under_kept_leaves(scan: str) -> None:
     keys, books, codes, queries = _problem(200, 8, [5, 4], seed=3)
-    ret = BeamSearchRetriever(keys, books, codes, beam=3)
+    ret = BeamSearchRetriever(keys, books, codes, beam=[2, 3], scan=scan)
     res = ret.topk(queries, 10)
     leaves, _ = ret.leaves(queries)  # (B, 3)
     leaf_of_item = codes[:, 0] * 4 + codes[:, 1]
@@ -85,7 +87,8 @@ def test_short_lists_are_padded_and_exclusions_respected() -> None:
     books = [keys.clone()]
     codes = torch.arange(4).unsqueeze(1)
     q = torch.tensor([[1.0, 0.9, 0.8, 0.7]])
-    for ret in (BruteForceRetriever(keys), BeamSearchRetriever(keys, books, codes, beam=4)):
+    for ret in (BruteForceRetriever(keys), BeamSearchRetriever(keys, books, codes, beam=4),
+                BeamSearchRetriever(keys, books, codes, beam=4, scan="faiss")):
         res = ret.topk(q, 6, exclude=[np.array([0, 2])])
         assert res.item_ids.tolist() == [[1, 3, -1, -1, -1, -1]]
         assert torch.isinf(res.scores[0, 2:]).all()

@@ -108,8 +108,15 @@ class BeamSearchRetriever:
     """Beam search down a residual-quantisation tree, exact scoring under the leaves.
 
     A leaf is a full code path (k_1, ..., k_L); items are stored sorted by leaf so the
-    items under one leaf are one contiguous slice. With ``beam`` >= the number of paths
-    at every level all leaves survive and the result equals brute force.
+    items under one leaf are one contiguous slice. ``beam`` is the number of paths kept
+    at every level, or one number per level. With a beam >= the number of paths at
+    every level all leaves survive and the result equals brute force.
+
+    ``scan`` chooses the kernel that scores the items under the kept leaves: ``torch``
+    (gather + batched mat-vec; the reference) or ``faiss``: the leaves become the
+    inverted lists of a FAISS ``IndexIVFFlat`` searched with the beam's leaves
+    pre-assigned, so the exact scoring runs in the same SIMD kernel as the IVF
+    baseline and a comparison measures the routing, not the kernel.
     """
 
     def __init__(
@@ -117,15 +124,20 @@ class BeamSearchRetriever:
         keys: torch.Tensor,  # (I, Dq) exact item vectors
         codebooks: Sequence[torch.Tensor],  # L tensors (K_l, Dq)
         codes: torch.Tensor,  # (I, L) int64 code of each item at each level
-        beam: int,
+        beam: int | Sequence[int],
+        scan: str = "torch",
     ) -> None:
-        if beam < 1:
-            raise ValueError(f"beam must be >= 1, got {beam}")
+        beams = [int(beam)] * len(codebooks) if isinstance(beam, int) else [int(b) for b in beam]
+        if len(beams) != len(codebooks) or min(beams) < 1:
+            raise ValueError(f"beam must be >= 1 (one int, or one per level), got {beam}")
         if codes.shape != (keys.shape[0], len(codebooks)):
             raise ValueError(f"codes must be (I, L) = {(keys.shape[0], len(codebooks))}, "
                              f"got {tuple(codes.shape)}")
+        if scan not in ("torch", "faiss"):
+            raise ValueError(f"scan must be 'torch' or 'faiss', got {scan!r}")
         self.num_items = int(keys.shape[0])
-        self.beam = int(beam)
+        self.beams = beams
+        self.scan = scan
         self.codebooks = [c.detach().float().contiguous() for c in codebooks]
         self.sizes = [int(c.shape[0]) for c in self.codebooks]
         codes = codes.long()
@@ -147,6 +159,23 @@ class BeamSearchRetriever:
         counts = torch.bincount(prefix, minlength=num_paths)  # (P,)
         self.leaf_count = counts
         self.leaf_start = torch.cumsum(counts, 0) - counts  # (P,)
+        self._ivf = self._leaf_lists(keys, prefix, num_paths) if scan == "faiss" else None
+
+    @staticmethod
+    def _leaf_lists(keys: torch.Tensor, leaf: torch.Tensor, num_paths: int):  # noqa: ANN205
+        """An IndexIVFFlat whose inverted list p holds the items of leaf p."""
+        import faiss
+        from faiss.contrib.ivf_tools import add_preassigned
+
+        d = keys.shape[1]
+        quantizer = faiss.IndexFlatIP(d)  # never searched: lists are pre-assigned
+        quantizer.add(np.zeros((num_paths, d), dtype=np.float32))
+        ivf = faiss.IndexIVFFlat(quantizer, d, num_paths, faiss.METRIC_INNER_PRODUCT)
+        ivf.is_trained = True
+        x = np.ascontiguousarray(keys.numpy())
+        add_preassigned(ivf, x, np.ascontiguousarray(leaf.numpy()),
+                        ids=np.arange(len(x), dtype=np.int64))
+        return ivf
 
     def leaves(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, Dq) -> (B, b) best leaf ids and path scores; -1 / -inf for unused slots."""
@@ -160,7 +189,7 @@ class BeamSearchRetriever:
             valid = self.occupied[level][cand_ids.clamp(min=0)] & (ids >= 0).unsqueeze(2)
             cand = cand.masked_fill(~valid, float("-inf")).flatten(1)  # (B, b * K_l)
             cand_ids = cand_ids.flatten(1)
-            scores, pos = torch.topk(cand, min(self.beam, cand.shape[1]), dim=1)  # (B, b')
+            scores, pos = torch.topk(cand, min(self.beams[level], cand.shape[1]), dim=1)
             ids = torch.gather(cand_ids, 1, pos)
             ids = torch.where(torch.isfinite(scores), ids, torch.full_like(ids, -1))
         return ids, scores
@@ -174,6 +203,8 @@ class BeamSearchRetriever:
         safe = leaves.clamp(min=0)
         lens = torch.where(valid, self.leaf_count[safe], 0)  # (B, b)
         scored = lens.sum(1)  # (B,)
+        if self._ivf is not None:
+            return self._faiss_scan(q, leaves, k, exclude, scored)
         width = max(int(scored.max()), 1) if scored.numel() else 1
         # Score in row chunks so the (rows, N, Dq) candidate block stays ~64 MB.
         rows = max(1, (1 << 24) // (width * q.shape[1]))
@@ -206,7 +237,8 @@ class BeamSearchRetriever:
         pos = torch.gather(starts, 1, leaf_of) + offset  # (B, N) rows of sorted_keys
         pad_row = self.sorted_keys.shape[0] - 1
         pos = torch.where(in_range, pos, torch.full_like(pos, pad_row))
-        cand = self.sorted_keys[pos]  # (B, N, Dq): one gather, then a batched mat-vec
+        # (B, N, Dq): index_select copies whole rows (~1.5x faster than fancy indexing).
+        cand = self.sorted_keys.index_select(0, pos.reshape(-1)).view(*pos.shape, -1)
         scores = torch.bmm(cand, q.unsqueeze(2)).squeeze(2)  # (B, N)
         ids = torch.where(in_range, self.sorted_ids[pos.clamp(max=pad_row - 1)], -1)  # (B, N)
         scores = scores.masked_fill(~in_range, float("-inf"))
@@ -215,6 +247,27 @@ class BeamSearchRetriever:
             scores = scores.masked_fill(mask, float("-inf"))
         top_s, top_i = finish_topk(scores, ids, k)
         return top_s, top_i
+
+
+    def _faiss_scan(
+        self, q: torch.Tensor, leaves: torch.Tensor, k: int,
+        exclude: Sequence[np.ndarray] | None, scored: torch.Tensor,
+    ) -> RetrievalResult:
+        from faiss.contrib.ivf_tools import search_preassigned
+
+        assert self._ivf is not None
+        extra = max((len(e) for e in exclude), default=0) if exclude is not None else 0
+        kk = min(k + extra, self.num_items)
+        self._ivf.nprobe = leaves.shape[1]
+        dist, ids_np = search_preassigned(self._ivf, np.ascontiguousarray(q.numpy()), kk,
+                                          np.ascontiguousarray(leaves.numpy()))
+        ids = torch.from_numpy(ids_np).long()
+        scores = torch.from_numpy(dist).float().masked_fill(ids < 0, float("-inf"))
+        mask = excluded_mask(ids, exclude, self.num_items)
+        if mask is not None:
+            scores = scores.masked_fill(mask, float("-inf"))
+        top_s, top_i = finish_topk(scores, ids, k)
+        return RetrievalResult(top_s, top_i, scored)
 
 
 class FaissIVFRetriever:
