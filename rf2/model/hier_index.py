@@ -61,17 +61,39 @@ def sq_distances(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def kmeans(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> torch.Tensor:
+def nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, ...]:
+    """(N, D), (K, D) -> (N,) squared distance to and index of the nearest row of c.
+
+    In row chunks, so 10^6 points x 1024 centroids never materialise a 4 GB matrix.
+    """
+    c_sq = (c * c).sum(1)  # (K,)
+    best, idx = [], []
+    for lo in range(0, x.shape[0], chunk):
+        xc = x[lo : lo + chunk]
+        d = torch.addmm(c_sq, xc, c.T, alpha=-2.0)  # (n, K) = ||c||^2 - 2 <x, c>
+        b, i = d.min(1)
+        best.append((b + (xc * xc).sum(1)).clamp(min=0.0))
+        idx.append(i)
+    if not best:
+        return x.new_zeros(0), torch.zeros(0, dtype=torch.int64)
+    return torch.cat(best), torch.cat(idx)
+
+
+@torch.no_grad()
+def kmeans(
+    x: torch.Tensor, k: int, iters: int = 25, seed: int = 0, points_per_centroid: int = 256
+) -> torch.Tensor:
     """(N, D) -> (k, D) Lloyd's k-means from k distinct random points, seeded.
 
-    At most 256 * k points are used (FAISS's default training cap). An empty cluster is
-    re-seeded at the point farthest from its centroid, so no node starts dead.
+    At most ``points_per_centroid`` * k points are used (FAISS's default cap is 256). An
+    empty cluster is re-seeded at the point farthest from its centroid, so no node
+    starts dead.
     """
     gen = torch.Generator().manual_seed(seed)
     x = x.detach().float()
     n = x.shape[0]
-    if n > 256 * k:
-        x = x[torch.randperm(n, generator=gen)[: 256 * k]]
+    if n > points_per_centroid * k:
+        x = x[torch.randperm(n, generator=gen)[: points_per_centroid * k]]
         n = x.shape[0]
     if n < k:  # fewer points than nodes: duplicates, jittered apart
         idx = torch.randint(n, (k,), generator=gen)
@@ -79,8 +101,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> torch.Ten
         return x[idx] + noise
     centroids = x[torch.randperm(n, generator=gen)[:k]].clone()  # (k, D)
     for _ in range(iters):
-        d = sq_distances(x, centroids)  # (N, k)
-        best, assign = d.min(1)
+        best, assign = nearest(x, centroids)  # (N,), (N,)
         counts = torch.bincount(assign, minlength=k)  # (k,)
         sums = torch.zeros_like(centroids).index_add_(0, assign, x)
         nonempty = counts > 0
@@ -98,20 +119,24 @@ def hard_codes(keys: torch.Tensor, codebooks: Sequence[torch.Tensor]) -> torch.T
     codes = []
     for book in codebooks:
         book = book.detach().float()
-        c = sq_distances(r, book).argmin(1)  # (N,)
+        c = nearest(r, book)[1]  # (N,)
         codes.append(c)
         r = r - book[c]
     return torch.stack(codes, 1)  # (N, L)
 
 
-def residual_kmeans(keys: torch.Tensor, sizes: Sequence[int], seed: int = 0) -> list[torch.Tensor]:
+def residual_kmeans(
+    keys: torch.Tensor, sizes: Sequence[int], seed: int = 0, iters: int = 25,
+    points_per_centroid: int = 256,
+) -> list[torch.Tensor]:
     """Codebooks of a residual quantiser: k-means on the keys, then on their residuals."""
     r = keys.detach().float()
     books = []
     for level, k in enumerate(sizes):
-        book = kmeans(r, k, seed=seed + level)
+        book = kmeans(r, k, iters=iters, seed=seed + level,
+                      points_per_centroid=points_per_centroid)
         books.append(book)
-        r = r - book[sq_distances(r, book).argmin(1)]
+        r = r - book[nearest(r, book)[1]]
     return books
 
 

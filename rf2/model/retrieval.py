@@ -173,8 +173,11 @@ class BeamSearchRetriever:
         ivf = faiss.IndexIVFFlat(quantizer, d, num_paths, faiss.METRIC_INNER_PRODUCT)
         ivf.is_trained = True
         x = np.ascontiguousarray(keys.numpy())
-        add_preassigned(ivf, x, np.ascontiguousarray(leaf.numpy()),
-                        ids=np.arange(len(x), dtype=np.int64))
+        # Named arrays: add_preassigned rebinds its ``ids`` argument to a raw pointer,
+        # so a temporary passed inline would be freed while FAISS still reads it.
+        lists = np.ascontiguousarray(leaf.numpy())
+        ids = np.arange(len(x), dtype=np.int64)
+        add_preassigned(ivf, x, lists, ids=ids)
         return ivf
 
     def leaves(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
