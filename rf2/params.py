@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from functools import lru_cache
 
 import numpy as np
@@ -82,8 +83,23 @@ def record_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def load_numpy_into(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> None:
-    state = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()}
-    model.load_state_dict(state, strict=True)
+    """Copy ``arrays`` into the model's state in place (names and shapes must match).
+
+    One copy per tensor, straight from the (possibly read-only) buffer: the hot path of
+    every client call.
+    """
+    state = model.state_dict()
+    if set(state) != set(arrays):
+        missing, extra = sorted(set(state) - set(arrays)), sorted(set(arrays) - set(state))
+        raise KeyError(f"state mismatch: missing {missing}, unexpected {extra}")
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch warns on read-only buffers; we only read from them.
+        warnings.simplefilter("ignore", UserWarning)
+        for key, tensor in state.items():
+            source = torch.from_numpy(np.asarray(arrays[key]))
+            if source.shape != tensor.shape:
+                raise ValueError(f"{key}: shape {tuple(source.shape)} != {tuple(tensor.shape)}")
+            tensor.copy_(source)
 
 
 def num_bytes(arrays: dict[str, np.ndarray]) -> int:

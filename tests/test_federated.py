@@ -67,10 +67,16 @@ def test_other_seed_other_metrics(inprocess_run: Path, tmp_path: Path) -> None:
 
 def test_resume_continues_to_the_same_result(inprocess_run: Path, tmp_path: Path) -> None:
     part = tmp_path / "part"
-    run_job(small_run(num_rounds=2, checkpoint_every=1), part)
-    # Continue the same folder to round 4, as `rf2 resume=... num_rounds=4` does.
-    run_job(small_run(resume=str(part), num_rounds=4), tmp_path / "unused", ["num_rounds=4"])
+    run_job(small_run(num_rounds=4, checkpoint_every=2), part)
+    # Make it look like a crash after round 3: round 3's row written, its checkpoint not.
+    rows = (part / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (part / "metrics.jsonl").write_text("".join(rows[:4]))
+    shutil.rmtree(part / "checkpoints" / "round_000004")
+    (part / "DONE").unlink()
+    (part / "model.pt").unlink()
+    run_job(small_run(resume=str(part)), tmp_path / "unused")
     assert not (tmp_path / "unused").exists()
+    assert (part / "DONE").exists() and (part / "model.pt").exists()
     assert without_timing(read_rows(part)) == without_timing(read_rows(inprocess_run))
 
 
