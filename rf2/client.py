@@ -11,6 +11,7 @@ The dataset is loaded once per worker process (``_WORKER_CACHE``), not per call.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,7 +50,7 @@ class ClientSpec:
     seed: int
     torch_threads: int = 1
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         return json.dumps([self.dataset, self.model, self.seed], sort_keys=True)
 
