@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,21 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# Fields that measure wall-clock time: the only ones allowed to differ between two runs
+# of the same config and seed.
+TIMING = ("wall_time_s", "round_wall_s")
+
+
+def read_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """All rows of a run folder's metrics.jsonl."""
+    with open(run_dir / "metrics.jsonl", encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def without_timing(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
 def ml100k_path() -> Path | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -12,20 +11,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import small_run
+from conftest import read_rows, small_run, without_timing
 
 from rf2.cli_support import run_job
-
-TIMING = ("wall_time_s", "round_wall_s")
-
-
-def read_rows(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.jsonl", encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh]
-
-
-def without_timing(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
 @pytest.fixture(scope="module")

@@ -14,22 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import small_run
+from conftest import read_rows, small_run, without_timing
 
 from rf2.cli_support import run_job
 from rf2.run_folder import RunFolder
-
-TIMING = ("wall_time_s", "round_wall_s")
-
-
-def rows_of(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.jsonl", encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh]
-
-
-def strip_timing(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
-
 
 # -- client faults ------------------------------------------------------------------------
 
@@ -40,7 +28,7 @@ def test_faulty_clients_are_excluded_and_counted(tmp_path: Path, kind: str, reas
     faulty = list(range(0, 200, 2))  # every other user, in round 2 only
     cfg = small_run(num_rounds=3, fault_injection=[{"kind": kind, "users": faulty, "rounds": [2]}])
     run_job(cfg, tmp_path / "run")
-    rows = rows_of(tmp_path / "run")
+    rows = read_rows(tmp_path / "run")
     r2 = rows[2]
     assert r2[f"fault/{reason}"] > 0
     assert r2[f"fault/{reason}"] + r2["num_clients_trained"] == r2["tier/all/completed"]
@@ -54,7 +42,7 @@ def test_round_with_too_few_usable_replies_is_skipped(tmp_path: Path) -> None:
     cfg = small_run(num_rounds=3, fault_injection=[{"kind": "nan", "users": list(range(200)),
                                                     "rounds": [2]}])
     run_job(cfg, tmp_path / "run")
-    rows = rows_of(tmp_path / "run")
+    rows = read_rows(tmp_path / "run")
     assert rows[2]["skipped"] == 1 and "min_completed" in rows[2]["skipped_reason"]
     assert rows[2]["fault/non_finite"] == 20
     # Skipping kept the model: round 2's evaluation equals round 1's.
@@ -78,7 +66,7 @@ def test_ray_client_raising_or_hanging_is_surfaced_within_bounded_time(tmp_path:
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert time.monotonic() - started < 240
-    rows = rows_of(tmp_path / "run")
+    rows = read_rows(tmp_path / "run")
     assert rows[1]["fault/client_error"] > 0 and rows[1]["fault/timeout"] == 0
     assert rows[2]["fault/timeout"] > 0
     assert rows[2]["round_wall_s"] < 60
@@ -120,9 +108,9 @@ def test_sigkill_mid_round_then_resume_gives_the_uninterrupted_result(tmp_path: 
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert reference.wait(timeout=300) == 0, reference.stderr.read() if reference.stderr else ""
-    got, want = rows_of(tmp_path / "victim"), rows_of(tmp_path / "reference")
+    got, want = read_rows(tmp_path / "victim"), read_rows(tmp_path / "reference")
     assert [r["round"] for r in got] == list(range(7))
-    assert strip_timing(got) == strip_timing(want)
+    assert without_timing(got) == without_timing(want)
 
 
 def test_torn_last_line_is_dropped(tmp_path: Path) -> None:
