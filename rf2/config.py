@@ -63,10 +63,13 @@ class IndexConfig:
     levels: int = 2
     nodes_per_level: list[int] = field(default_factory=lambda: [16, 16])
     init: Literal["kmeans", "random"] = "kmeans"
-    # Soft-assignment temperature alpha = min + (max - min) * progress ** alpha_power.
+    # Soft-assignment temperature alpha = min + (max - min) * progress ** alpha_power,
+    # progress = min(1, step / anneal_steps); anneal_steps = 0: step / total steps of the
+    # run (num_rounds). An absolute length keeps a resumed, extended run identical.
     min_alpha: float = 1.0
     max_alpha: float = 20.0
     alpha_power: float = 1.0
+    anneal_steps: int = 100
     index_loss_weight: float = 1.0
     warmup_steps: int = 20
     balance_weight: float = 0.01
@@ -96,6 +99,8 @@ class IndexConfig:
         for name in ("index_loss_weight", "balance_weight", "reconstruction_weight"):
             check(getattr(self, name) >= 0, f"{path}.{name}", getattr(self, name), "a number >= 0")
         check(self.warmup_steps >= 0, f"{path}.warmup_steps", self.warmup_steps, "an integer >= 0")
+        check(self.anneal_steps >= 0, f"{path}.anneal_steps", self.anneal_steps,
+              "an integer >= 0 (0 = the whole run)")
         check(self.balance_sample >= 1, f"{path}.balance_sample", self.balance_sample,
               "an integer >= 1")
         check(1 <= self.ttt_depth <= self.levels, f"{path}.ttt_depth", self.ttt_depth,

@@ -16,6 +16,7 @@ TensorBoard is a :class:`~rf2.errors.ConfigError` (one line, exit status 2).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any, Protocol
 
 from rf2.errors import ConfigError
 
-__all__ = ["LOG_DIR", "PREFIXES", "TensorBoardLogger", "scalars_of"]
+__all__ = ["LOG_DIR", "PREFIXES", "TensorBoardLogger", "check_available", "scalars_of"]
 
 LOG_DIR = "tensorboard"
 # Prefixed keys mirrored besides the slash-free (overall) ones.
@@ -40,13 +41,28 @@ class ScalarWriter(Protocol):
     def close(self) -> Any: ...
 
 
+def _missing() -> ConfigError:
+    return ConfigError("tensorboard", True,
+                       "install the 'tensorboard' package (pip install rf2[tensorboard])")
+
+
+def check_available() -> None:
+    """Raise :class:`ConfigError` unless ``tensorboard`` can be imported (cheap: no torch
+    import), so a config asking for it can fail before any compute."""
+    try:
+        found = importlib.util.find_spec("tensorboard") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules["tensorboard"] is None
+        found = False
+    if not found:
+        raise _missing()
+
+
 def _summary_writer(log_dir: str) -> ScalarWriter:
     try:
         import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise ConfigError("tensorboard", True,
-                          "install the 'tensorboard' package (pip install rf2[tensorboard])") from None
+        raise _missing() from None
     return SummaryWriter(log_dir=log_dir)
 
 

@@ -109,7 +109,7 @@ def test_every_loss_term_decreases_on_a_toy_problem() -> None:
     # is not outrun by the item embeddings growing under the item loss.
     model = _model(seed=2, init="random", balance_weight=1.0, reconstruction_weight=5.0,
                    max_alpha=5.0)
-    model.set_training_progress(1, 1)  # fixed temperature: the terms are comparable
+    model.finish_schedules()  # fixed temperature: the terms are comparable
     hist, tgt = _toy_task()
 
     def terms() -> dict[str, float]:
@@ -133,15 +133,27 @@ def test_every_loss_term_decreases_on_a_toy_problem() -> None:
 
 def test_schedules_warm_up_and_anneal() -> None:
     model = _model(warmup_steps=10, min_alpha=1.0, max_alpha=21.0, alpha_power=2.0,
-                   index_loss_weight=0.5)
-    model.set_training_progress(5, 20)
+                   index_loss_weight=0.5, anneal_steps=20)
+    model.set_training_progress(5, 1000)  # absolute steps: the run's length is ignored
     assert model.index_weight() == pytest.approx(0.25)
     assert model.alpha() == pytest.approx(1.0 + 20.0 * 0.25**2)
-    model.set_training_progress(20, 20)
+    model.set_training_progress(40, 1000)
     assert model.index_weight() == pytest.approx(0.5) and model.alpha() == pytest.approx(21.0)
+    whole_run = _model(min_alpha=0.0, max_alpha=8.0, anneal_steps=0)
+    whole_run.set_training_progress(3, 12)
+    assert whole_run.alpha() == pytest.approx(2.0)
     model.set_training_progress(0, 20)  # before warm-up the loss is the two-tower's
     hist, tgt = _toy_task()
     assert torch.allclose(model.loss(hist, tgt), model.item_loss(model.user_embedding(hist), tgt))
+
+
+def test_width_rules_narrow_node_tables_along_d_only() -> None:
+    model = _model(nodes_per_level=[8, 3])  # K_0 == D == 8: a square table, not a layer
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    rules = HierIndexModel.width_rules(shapes)
+    assert rules["node_vecs.0"] == (1,) and rules["node_vecs.1"] == (1,)
+    assert rules["node_bias.0"] == () and rules["bias"] == ()
+    assert rules["item_table"] == (1,) and rules["history_table"] == (1,)
 
 
 def test_kmeans_init_quantises_better_than_random() -> None:
@@ -164,7 +176,7 @@ def test_federated_aggregation_keeps_codes_consistent(dataset: FederatedDataset)
     for user in (0, 1, 2):
         client = build_model(cfg, dataset, 0)
         load_numpy_into(client, global_arrays)
-        client.set_training_progress(1, 2)  # type: ignore[operator]
+        client.set_training_progress(1, 100)  # type: ignore[operator]
         hist, tgt = user_examples(dataset, user)
         train_locally(client, hist, tgt, lr=5.0, local_epochs=1, batch_size=0)
         updates.append(state_to_numpy(client))
@@ -209,7 +221,7 @@ def test_evaluator_logs_index_metrics_and_full_beam_is_brute_force(
 
 
 def test_two_tower_evaluation_has_no_index_keys(dataset: FederatedDataset) -> None:
-    model = build_model(ModelConfig(dim=8), dataset, 0)
+    model = build_model(ModelConfig(name="two_tower", dim=8), dataset, 0)
     row = Evaluator(dataset, [5], batch_size=16).evaluate_model(model)
     assert "recall@5" in row and "index/recall@5" not in row and "exactness@5" not in row
 

@@ -25,7 +25,7 @@ from rf2.cli_support import precheck_overrides
 from rf2.config import load_run_config
 from rf2.errors import ConfigError
 from rf2.results import find_runs
-from rf2.tensorboard_log import TensorBoardLogger, scalars_of
+from rf2.tensorboard_log import TensorBoardLogger, check_available, scalars_of
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "fairness_gap.ipynb"
@@ -147,11 +147,15 @@ def test_tensorboard_missing_is_a_config_error(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard -> ImportError
     with pytest.raises(ConfigError, match=r"pip install rf2\[tensorboard\]"):
+        check_available()
+    with pytest.raises(ConfigError, match=r"^config error: tensorboard=True is not allowed"):
         TensorBoardLogger(tmp_path)
+    assert not (tmp_path / "tensorboard").exists()
 
 
 def test_tensorboard_real_events_file(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
+    check_available()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     with TensorBoardLogger(tmp_path) as tb:

@@ -30,8 +30,10 @@ Training (``loss``) = item softmax + w(t) * (sum_l CE_l + lambda_rec * rec + lam
   path prefix (joint over levels while small enough, else per level). It is over the
   catalogue, not the batch: a federated batch is one user's items, which *should*
   concentrate in a few nodes;
-- alpha = min_alpha + (max_alpha - min_alpha) * t^p, t = training progress (soft to
-  hard); w(t) = index_loss_weight * min(1, step / warmup_steps).
+- alpha = min_alpha + (max_alpha - min_alpha) * t^p, t = min(1, step / anneal_steps)
+  (soft to hard); w(t) = index_loss_weight * min(1, step / warmup_steps). Both count
+  absolute steps, not a share of num_rounds, so extending a run on resume replays the
+  same schedule.
 
 Progress comes from ``set_training_progress(step, total)``: the server round in
 federated training (the client calls it), the optimizer step in central training.
@@ -165,7 +167,7 @@ class HierIndexModel(TwoTower):
         self.register_buffer(
             "codes", torch.zeros(num_items, icfg.levels, dtype=torch.int64), persistent=False
         )
-        self._step, self._total = 1.0, 1.0  # "fully trained" until told otherwise
+        self._step, self._total = math.inf, 1.0  # schedules finished until told otherwise
         self.init_index(icfg.init, seed)
 
     # -- parameters and initialisation ----------------------------------------------
@@ -232,9 +234,14 @@ class HierIndexModel(TwoTower):
         """Drive the temperature and the warm-up (server round / num_rounds in FL)."""
         self._step, self._total = float(step), float(max(total_steps, 1))
 
+    def finish_schedules(self) -> None:
+        """Hard temperature and full index-loss weight (serving, fine-tuning)."""
+        self._step, self._total = math.inf, 1.0
+
     def alpha(self) -> float:
         icfg = self.cfg.index
-        t = min(1.0, max(0.0, self._step / self._total))
+        length = icfg.anneal_steps if icfg.anneal_steps > 0 else self._total
+        t = min(1.0, max(0.0, self._step / length))
         return icfg.min_alpha + (icfg.max_alpha - icfg.min_alpha) * t**icfg.alpha_power
 
     def index_weight(self) -> float:
@@ -329,3 +336,20 @@ class HierIndexModel(TwoTower):
 
     def num_paths(self) -> int:
         return math.prod(self.cfg.index.nodes_per_level)
+
+    @staticmethod
+    def width_rules(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """HeteroFL width axes of this model's state: node tables narrow along D only.
+
+        A name-blind guess treats a K x D node table with K == D as a square hidden
+        layer and narrows both axes, which breaks a narrower client's model.
+        """
+        rules: dict[str, tuple[int, ...]] = {}
+        for name, shape in shapes.items():
+            if name.startswith("node_bias.") or name == "bias":
+                rules[name] = ()
+            elif len(shape) == 2:  # history/item/genre tables and node_vecs.*: (rows, D)
+                rules[name] = (1,)
+            else:
+                rules[name] = ()
+        return rules

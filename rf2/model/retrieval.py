@@ -278,8 +278,9 @@ class FaissIVFRetriever:
 
     ``kind="flat"``: ``IndexIVFFlat`` (exact scores inside the probed lists).
     ``kind="rq"``: ``IndexIVFResidualQuantizer`` with ``rq_m`` x ``rq_nbits`` codes per
-    vector; with ``refine`` > 0 the best ``refine * k`` are re-scored exactly
-    (``IndexRefineFlat``), which is what makes its recall comparable to exact methods.
+    vector (encoded with a beam of ``rq_beam``); with ``refine`` > 0 the best
+    ``refine * k`` are re-scored exactly (``IndexRefineFlat``), which is what makes its
+    recall comparable to exact methods.
     ``items_scored`` counts the list entries scanned (plus the re-scored ones).
     """
 
@@ -291,6 +292,7 @@ class FaissIVFRetriever:
         kind: str = "flat",
         rq_m: int = 4,
         rq_nbits: int = 8,
+        rq_beam: int = 5,
         refine: int = 0,
         train_size: int = 100_000,
         seed: int = 0,
@@ -305,6 +307,7 @@ class FaissIVFRetriever:
             ivf = faiss.IndexIVFFlat(quantizer, d, nlist, metric)
         elif kind == "rq":
             ivf = faiss.IndexIVFResidualQuantizer(quantizer, d, nlist, rq_m, rq_nbits, metric)
+            ivf.rq.max_beam_size = rq_beam  # encoding beam (FAISS default 5)
         else:
             raise ValueError(f"kind must be 'flat' or 'rq', got {kind!r}")
         ivf.cp.seed = seed
