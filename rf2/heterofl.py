@@ -69,10 +69,25 @@ def default_rules(shapes: Shapes, dim: int) -> dict[str, tuple[int, ...]]:
     return rules
 
 
+# The hierarchical index's node tables (K_l, D) narrow along D only, like embeddings;
+# their per-node biases (K_l,) keep their shape (a name-blind guess would take a K x D
+# table with K == D for a square hidden layer).
+INDEX_PREFIX_RULES: dict[str, tuple[int, ...]] = {"node_vecs.": (1,), "node_bias.": ()}
+
+
 def rules_for(shapes: Shapes, dim: int) -> dict[str, tuple[int, ...]]:
-    """TWO_TOWER_RULES when ``shapes`` is a two-tower state, else :func:`default_rules`."""
-    if set(shapes) <= set(TWO_TOWER_RULES):
-        return {name: TWO_TOWER_RULES[name] for name in shapes}
+    """Known rf2 model states (two-tower, + hierarchical index) by name, else
+    :func:`default_rules`."""
+    rules: dict[str, tuple[int, ...]] = {}
+    for name in shapes:
+        if name in TWO_TOWER_RULES:
+            rules[name] = TWO_TOWER_RULES[name]
+        else:
+            prefix = next((p for p in INDEX_PREFIX_RULES if name.startswith(p)), None)
+            if prefix is not None:
+                rules[name] = INDEX_PREFIX_RULES[prefix]
+    if len(rules) == len(shapes):
+        return rules
     return default_rules(shapes, dim)
 
 

@@ -25,6 +25,7 @@ from rf2.devices import DeviceProfile, load_profile
 from rf2.evaluation import Evaluator
 from rf2.model import build_model
 from rf2.model.examples import num_training_examples
+from rf2.model.ttt import ttt_if_enabled
 from rf2.params import load_numpy_into, state_to_numpy
 from rf2.population import Population, assign_tiers, population_summary
 from rf2.run_folder import RunFolder
@@ -120,5 +121,11 @@ def execute(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Pat
         launch(server.main, make_client_app(spec), num_slots, cfg.simulation)
     load_numpy_into(prep.model, server.state.arrays)
     torch.save(prep.model.state_dict(), folder.path / "model.pt")
+    # Test-time training (model.index.ttt): a fine-tune of the final global model on
+    # (user, node-on-path) pairs; its metric change goes to ttt.json, model.pt stays
+    # the federated result.
+    ttt = ttt_if_enabled(prep.model, prep.dataset, evaluator.evaluate_model, cfg.model, cfg.seed)
+    if ttt is not None:
+        folder.write_json("ttt.json", ttt)
     folder.mark_done()
     return folder.path

@@ -158,3 +158,23 @@ def test_inconsistent_row_reports_are_rejected() -> None:
     glob = {"t": np.zeros((3, 2))}
     with pytest.raises(ValueError, match="same parameters"):
         aggregate_rows(glob, [glob, glob], [{"t": np.array([0])}, {}], [1.0, 1.0])
+
+
+def test_hier_index_node_tables_narrow_along_the_embedding_axis_only() -> None:
+    """A 16 x 16 node table is not a hidden layer: a width-r client is exactly a
+    hierarchical-index model of dim ceil(r D)."""
+    from rf2.config import DatasetConfig, IndexConfig, ModelConfig
+    from rf2.data import load_dataset
+    from rf2.heterofl import extract, kept, rules_for, slice_spec
+    from rf2.model import build_model
+
+    ds = load_dataset(DatasetConfig(num_users=50, num_items=60, num_groups=3), seed=1)
+    cfg = ModelConfig(name="hier_index", dim=16, index=IndexConfig(nodes_per_level=[16, 4]))
+    full = build_model(cfg, ds, seed=1)
+    shapes = {k: tuple(v.shape) for k, v in full.state_dict().items()}
+    spec = slice_spec(shapes, 0.5, rules_for(shapes, 16))
+    sub = extract({k: v.numpy() for k, v in full.state_dict().items()}, spec)
+    narrow = build_model(ModelConfig(name="hier_index", dim=kept(16, 0.5),
+                                     index=IndexConfig(nodes_per_level=[16, 4])), ds, seed=1)
+    assert {k: v.shape for k, v in sub.items()} == {
+        k: tuple(v.shape) for k, v in narrow.state_dict().items()}

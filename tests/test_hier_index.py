@@ -274,3 +274,21 @@ def test_federated_run_logs_index_metrics(tmp_path: Path) -> None:
                 "items_scored_frac"):
         assert all(np.isfinite(r[key]) for r in rows), key
     assert 0 < rows[-1]["items_scored_frac"] <= 1
+
+
+def test_ttt_switch_writes_its_effect(tmp_path) -> None:  # noqa: ANN001
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import small_run
+
+    from rf2.cli_support import run_job
+
+    run_job(small_run(num_rounds=2, **{"model.name": "hier_index", "model.index.ttt": True}),
+            tmp_path / "run")
+    ttt = json.loads((tmp_path / "run" / "ttt.json").read_text())
+    assert ttt["ttt/pairs"] > 0 and ttt["ttt/depth"] == 2
+    delta = ttt["ttt/after/index/recall@20"] - ttt["ttt/before/index/recall@20"]
+    assert abs(ttt["ttt/delta/index/recall@20"] - delta) < 1e-12
