@@ -112,7 +112,7 @@ class IndexConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["two_tower", "hier_index"] = "two_tower"
+    name: Literal["two_tower", "hier_index"] = "hier_index"
     dim: int = 64
     use_genres: bool = True
     item_bias: bool = True

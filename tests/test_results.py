@@ -116,7 +116,7 @@ def test_load_long_format(multirun: Path) -> None:
     assert run0["seed"].iloc[0] == 1 and run0["num_rounds"].iloc[0] == 3
     assert run0["strategy"].iloc[0] == "fedavg" and run0["server_optimizer"].iloc[0] == "adagrad"
     assert run0["dataset"].iloc[0] == "synthetic" and run0["devices"].iloc[0] == "uniform"
-    assert run0["model"].iloc[0] == "two_tower" and run0["clients_per_round"].iloc[0] == 18
+    assert run0["model"].iloc[0] == RunConfig().model.name and run0["clients_per_round"].iloc[0] == 18
     pop = df[df["metric"] == "popularity/recall@20"]
     assert len(pop) == 8 and (pop["round"] == 0).all()
     value = run0[(run0["round"] == 3) & (run0["metric"] == "tier/high/recall@20")]["value"]

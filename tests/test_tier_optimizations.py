@@ -41,7 +41,8 @@ def test_quantize_and_prune_cut_the_low_tiers_upload(tmp_path: Path) -> None:
         return totals(rows, f"tier/{tier}/bytes_up") / totals(rows, f"tier/{tier}/trained")
 
     full = per_client(plain, "low")
-    assert per_client(quant, "low") == pytest.approx(full / 4, rel=0.01)
+    # 8 bits per element plus an 8-byte (min, step) header per tensor.
+    assert per_client(quant, "low") == pytest.approx(full / 4, rel=0.03)
     assert per_client(prune, "low") < 0.2 * full
     # Untouched tiers keep the full upload.
     assert per_client(quant, "high") == pytest.approx(per_client(plain, "high"))

@@ -74,7 +74,7 @@ def test_eval_histories_last_train_clicks() -> None:
 
 def test_shapes_and_score_formula() -> None:
     ds = _dataset()
-    model = build_model(ModelConfig(dim=8), ds, seed=0)
+    model = build_model(ModelConfig(name="two_tower", dim=8), ds, seed=0)
     with torch.no_grad():
         model.bias.normal_()
     hist = torch.as_tensor(eval_histories(ds, np.arange(NUM_USERS)))  # (5, 3)
@@ -88,12 +88,12 @@ def test_shapes_and_score_formula() -> None:
     _close(s, expected)
     loss = model.loss(hist, torch.arange(NUM_USERS))
     assert loss.shape == () and torch.isfinite(loss)
-    no_bias = build_model(ModelConfig(dim=8, item_bias=False), ds, seed=0)
+    no_bias = build_model(ModelConfig(name="two_tower", dim=8, item_bias=False), ds, seed=0)
     assert torch.equal(no_bias.item_bias_vector(), torch.zeros(NUM_ITEMS))
 
 
 def test_pad_does_not_change_mean() -> None:
-    model = build_model(ModelConfig(dim=8), _dataset(history_len=5), seed=1)
+    model = build_model(ModelConfig(name="two_tower", dim=8), _dataset(history_len=5), seed=1)
     short = model.user_embedding(torch.tensor([[4, 7]]))
     padded = model.user_embedding(torch.tensor([[PAD, PAD, PAD, 4, 7]]))
     _close(padded, short)
@@ -105,7 +105,7 @@ def test_pad_does_not_change_mean() -> None:
 
 def test_genres_are_a_mean_and_not_state() -> None:
     ds = _dataset()
-    model = build_model(ModelConfig(dim=8), ds, seed=0)
+    model = build_model(ModelConfig(name="two_tower", dim=8), ds, seed=0)
     keys = set(model.state_dict())
     assert keys == {"history_table", "item_table", "genre_table", "bias"}
     assert "item_genres" in dict(model.named_buffers())  # present, but not aggregated
@@ -116,10 +116,12 @@ def test_genres_are_a_mean_and_not_state() -> None:
     _close(v[1], e[1] + (g[0] + g[1]) / 2)  # two genres -> their mean
     _close(v[6], e[6] + g[2])
     # Genres off, or absent from the data: no genre table at all.
-    assert "genre_table" not in build_model(ModelConfig(use_genres=False), ds, 0).state_dict()
-    assert "genre_table" not in build_model(ModelConfig(), _dataset(genres=False), 0).state_dict()
+    plain = ModelConfig(name="two_tower")
+    assert "genre_table" not in build_model(
+        ModelConfig(name="two_tower", use_genres=False), ds, 0).state_dict()
+    assert "genre_table" not in build_model(plain, _dataset(genres=False), 0).state_dict()
     # A fresh model loads the state strictly (what a client does with the global weights).
-    fresh = build_model(ModelConfig(dim=8), ds, seed=5)
+    fresh = build_model(ModelConfig(name="two_tower", dim=8), ds, seed=5)
     fresh.load_state_dict(model.state_dict(), strict=True)
     _close(fresh.item_embeddings(), model.item_embeddings())
 
@@ -127,8 +129,8 @@ def test_genres_are_a_mean_and_not_state() -> None:
 def test_init_is_deterministic_per_seed() -> None:
     ds = _dataset()
     rng_before = torch.random.get_rng_state()
-    a, b = (build_model(ModelConfig(dim=8), ds, seed=7) for _ in range(2))
-    c = build_model(ModelConfig(dim=8), ds, seed=8)
+    a, b = (build_model(ModelConfig(name="two_tower", dim=8), ds, seed=7) for _ in range(2))
+    c = build_model(ModelConfig(name="two_tower", dim=8), ds, seed=8)
     assert torch.equal(torch.random.get_rng_state(), rng_before)  # global RNG untouched
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k])
@@ -141,7 +143,7 @@ def test_init_is_deterministic_per_seed() -> None:
 def test_sgd_learns_toy_task(loss: str) -> None:
     n = 20
     hist, tgt = _toy_task(n)
-    cfg = ModelConfig(dim=16, loss=loss, num_negatives=8, use_genres=False)
+    cfg = ModelConfig(name="two_tower", dim=16, loss=loss, num_negatives=8, use_genres=False)
     model = TwoTower(n, cfg, history_len=2, seed=0)
     first = model.loss(hist, tgt).item()
     for _ in range(150):  # plain SGD, lr 1.0 (torch.optim would import dynamo: ~2 s)
@@ -163,13 +165,13 @@ def test_sampled_softmax_estimates_full_loss() -> None:
     """logQ correction: with many uniform negatives the sampled loss ~ the full loss."""
     n = 50
     hist, tgt = _toy_task(n)
-    full = TwoTower(n, ModelConfig(dim=8, init_scale=1.0), history_len=2, seed=3)
-    cfg = ModelConfig(dim=8, init_scale=1.0, loss="sampled_softmax", num_negatives=50_000)
+    full = TwoTower(n, ModelConfig(name="two_tower", dim=8, init_scale=1.0), history_len=2, seed=3)
+    cfg = ModelConfig(name="two_tower", dim=8, init_scale=1.0, loss="sampled_softmax", num_negatives=50_000)
     sampled = TwoTower(n, cfg, history_len=2, seed=3)
     exact = full.loss(hist, tgt).item()
     assert exact > 1.0  # random init: far from the trivial regime
     assert sampled.loss(hist, tgt).item() == pytest.approx(exact, abs=0.03)
-    few = ModelConfig(dim=8, init_scale=1.0, loss="sampled_softmax", num_negatives=5)
+    few = ModelConfig(name="two_tower", dim=8, init_scale=1.0, loss="sampled_softmax", num_negatives=5)
     m = TwoTower(n, few, history_len=2, seed=3)
     m.seed_sampler(11)
     x = m.loss(hist, tgt)
