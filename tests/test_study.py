@@ -65,6 +65,7 @@ def test_experiment_composes_and_validates(experiment: str, dataset: str, seeds:
     cfg = load_run_config(data)
     assert cfg.dataset.name == dataset
     assert cfg.devices.profile == "rf2-3tier"
+    assert cfg.model.name == "two_tower"  # pinned: the study's numbers are the two-tower's
     assert cfg.simulation.backend == "inprocess"
     assert cfg.round.deadline_quantile is None and cfg.round.deadline_s is None
     # every swept choice exists in its group
