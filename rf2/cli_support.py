@@ -57,10 +57,13 @@ def precheck_overrides(argv: list[str]) -> list[str]:
     """
     out = []
     for arg in argv:
-        if arg.startswith("-") or "=" not in arg or arg.startswith(("+", "~")):
+        if arg.startswith("-") or "=" not in arg or arg.startswith("~"):
             out.append(arg)
             continue
-        key, _, value = arg.partition("=")
+        key, _, value = arg.lstrip("+").partition("=")
+        if arg.startswith("+") and key not in GROUPS:
+            out.append(arg)  # Hydra's own append syntax for a new key
+            continue
         if key in GROUPS:
             allowed = group_options(key)
             sweep = "," in value and "(" not in value

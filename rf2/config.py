@@ -310,6 +310,8 @@ class RunConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     fault_injection: list[FaultInjection] = field(default_factory=list)
+    # Also write per-round scalars as TensorBoard events (needs the `tensorboard` extra).
+    tensorboard: bool = False
 
     def validate(self, path: str = "") -> None:
         check(self.num_rounds >= 0, "num_rounds", self.num_rounds, "an integer >= 0")
@@ -317,6 +319,10 @@ class RunConfig:
               "an integer >= 1")
         check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every,
               "an integer >= 0")
+        if self.tensorboard:
+            from rf2.tensorboard_log import check_available
+
+            check_available()
 
 
 def load_run_config(data: dict[str, Any]) -> RunConfig:

@@ -140,12 +140,17 @@ def _popularity_dirichlet(dataset: FederatedDataset, shares: np.ndarray, alpha: 
     Dirichlet(alpha * 1) proportions sorted descending; the largest part goes to the tier
     currently least filled relative to its target (share * num_users), the next largest
     to the next, and so on. Users without train clicks form one pseudo-item at the end.
-    Unlike RF²'s code, test-period clicks are never looked at (no test leakage).
+    Unlike RF²'s code, test-period clicks are never looked at (no test leakage), and a
+    tier never takes more than its quota (its share of the population): when a head
+    item's clickers outnumber the room left in the tier they would go to, the excess
+    spills to the tiers with room, least filled first. RF²'s code has no cap, so on data
+    whose top item is clicked by most users one tier would swallow the population.
     """
     n, num_tiers = dataset.num_users, len(shares)
     active = np.flatnonzero(shares > 0)
     target = shares * n
-    filled = np.zeros(num_tiers)
+    quota = target_counts(shares, n)  # (T,) exact head-counts summing to n
+    filled = np.zeros(num_tiers, dtype=np.int64)
     out = np.full(n, -1, dtype=np.int64)
     clicker = np.repeat(np.arange(n, dtype=np.int64), dataset.train_counts)  # (N,)
     by_item = np.argsort(dataset.train_items, kind="stable")
@@ -164,11 +169,19 @@ def _popularity_dirichlet(dataset: FederatedDataset, shares: np.ndarray, alpha: 
         sizes = target_counts(props / props.sum(), users.size)
         fill = filled[active] / target[active]
         tiers = active[np.lexsort((active, fill))]  # least filled first, ties: low tier
-        start = 0
+        take = np.zeros(num_tiers, dtype=np.int64)
         for tier, size in zip(tiers.tolist(), sizes.tolist(), strict=True):
-            out[users[start:start + size]] = tier
-            filled[tier] += size
-            start += size
+            take[tier] = min(size, quota[tier] - filled[tier])
+        spill = users.size - int(take.sum())
+        for tier in tiers.tolist():  # the excess goes where there is room
+            extra = min(spill, quota[tier] - filled[tier] - take[tier])
+            take[tier] += extra
+            spill -= extra
+        start = 0
+        for tier in tiers.tolist():
+            out[users[start:start + take[tier]]] = tier
+            filled[tier] += take[tier]
+            start += take[tier]
         if filled.sum() >= n:
             break
     return out

@@ -33,6 +33,7 @@ from rf2.run_folder import RunFolder
 from rf2.selection import ClientSelector
 from rf2.strategies.merge import aggregate_precomputed
 from rf2.strategies.state import load_strategy_state, strategy_state
+from rf2.tensorboard_log import TensorBoardLogger
 from rf2.tier_settings import TierSettings
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class FederatedServer:
         self.num_items = int(evaluator.dataset.num_items)
         self.num_slots = 1  # client slots (SuperNodes) the launcher provides
         self.progress = ProgressPrinter(enabled=cfg.progress, total_rounds=cfg.num_rounds)
+        self.tensorboard = TensorBoardLogger(folder.path) if cfg.tensorboard else None
 
     # -- the ServerApp main ------------------------------------------------------------
     def main(self, grid: Grid, context: Context) -> None:  # noqa: ARG002 - Flower signature
@@ -96,6 +98,8 @@ class FederatedServer:
             if (every and rnd % every == 0) or rnd == self.cfg.num_rounds:
                 self.state.wall_offset_s = time.perf_counter() - started
                 self.checkpoint()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def _wait_for_slots(self, grid: Grid, timeout_s: float = 300.0) -> list[int]:
         """Flower's simulation engine registers its SuperNodes after the ServerApp starts."""
@@ -118,6 +122,8 @@ class FederatedServer:
         row["round_wall_s"] = now - round_started
         row["sim_time_s"] = self.state.clock.now_s
         self.folder.append_metrics(row)
+        if self.tensorboard is not None:
+            self.tensorboard.log_row(row)
         self.progress.round_done(int(row["round"]), row.get("recall@20"), row["wall_time_s"],
                                  trained)
 

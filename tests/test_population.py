@@ -194,3 +194,22 @@ def test_zero_share_tier_gets_nobody(ds: FederatedDataset) -> None:
     for mode in ("independent", "popularity-dirichlet", "activity", "rf2-sorted"):
         pop = assign_tiers(ds, prof, _cfg(mode), seed=0)
         assert (pop.tier_of_user != 0).all(), mode
+
+
+def test_popularity_dirichlet_caps_tiers_when_one_item_dominates(three: DeviceProfile) -> None:
+    """RF²'s walk would put all 80% clickers of the head item into one tier; rf2 keeps
+    every tier at its quota and spills the excess."""
+    rng = np.random.default_rng(0)
+    n, items = 300, 50
+    seqs = []
+    for u in range(n):
+        own = rng.choice(np.arange(1, items), size=5, replace=False)
+        seqs.append(np.concatenate([[0], own]) if u < 240 else own)  # item 0: 80% of users
+    counts = np.array([len(s) for s in seqs])
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    ds = FederatedDataset(name="head", num_users=n, num_items=items, train_indptr=indptr,
+                          train_items=np.concatenate(seqs).astype(np.int64),
+                          test_indptr=np.zeros(n + 1, dtype=np.int64),
+                          test_items=np.zeros(0, dtype=np.int64), history_len=10)
+    pop = assign_tiers(ds, three, _cfg("popularity-dirichlet"), seed=3)
+    assert np.bincount(pop.tier_of_user, minlength=3).tolist() == [100, 100, 100]
