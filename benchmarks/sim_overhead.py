@@ -105,10 +105,12 @@ def measure_one(backend: str, clients: int, users: int) -> dict:
     from rf2.cli_support import quiet_frameworks, run_job
 
     quiet_frameworks(False)
-    cfg_map = {
+    cfg_map: dict = {
         "seed": 1, "num_rounds": ROUNDS, "clients_per_round": clients, "progress": False,
         "checkpoint_every": 0,
         "dataset": {"name": "synthetic", "num_users": users, "num_items": 1000},
+        # The light two-tower client is the strict case for transport overhead.
+        "model": {"name": "two_tower"},
         "eval": {"every": 10_000},
         "simulation": {"backend": backend},
     }

@@ -70,6 +70,7 @@ class Evaluator:
             def score(sl: slice) -> torch.Tensor:
                 user = model.user_embedding(self.histories[sl])  # (B, D)
                 scores = model.score_all(user)  # (B, I)
+                served.setdefault("loss", []).append(self._test_loss(scores, sl))
                 if retriever is not None:
                     queries = model.query_vectors(user)  # (B, Dq)
                     for key, values in self._served(retriever, queries, scores, sl).items():
@@ -79,6 +80,13 @@ class Evaluator:
             per_user = self._per_user(score)
         per_user.update({k: np.concatenate(v) for k, v in served.items()})
         return self.summarise(per_user)
+
+    def _test_loss(self, scores: torch.Tensor, sl: slice) -> np.ndarray:
+        """(B,) per user: mean softmax cross-entropy of its held-out items over all items
+        (the model's training loss, on the test clicks)."""
+        log_probs = torch.log_softmax(scores, dim=1)  # (B, I)
+        return np.array([-float(log_probs[b, torch.from_numpy(t)].mean())
+                         for b, t in enumerate(self.targets[sl])], dtype=np.float64)
 
     def _served(
         self, retriever: Retriever, queries: torch.Tensor, scores: torch.Tensor, sl: slice

@@ -29,7 +29,8 @@ def test_run_folder_has_the_documented_files_and_keys(inprocess_run: Path) -> No
     rows = read_rows(inprocess_run)
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
     for key in ("recall@20", "ndcg@20", "num_clients_trained", "wall_time_s", "sim_time_s",
-                "tier/all/recall@20", "tier/all/completed", "fair/recall@20/jain"):
+                "tier/all/recall@20", "tier/all/completed", "fair/recall@20/jain",
+                "loss", "tier/all/loss", "activity/q1/recall@20"):
         assert key in rows[-1], key
     assert "popularity/recall@20" in rows[0]
     assert rows[0]["num_clients_trained"] == 0
