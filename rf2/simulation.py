@@ -134,6 +134,8 @@ def _init_ray(ray: object, sim: SimulationConfig) -> None:
     process's environment instead, including one OpenMP/torch thread per worker.
     """
     threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # Opt in to Ray's future behaviour for CPU-only actors (silences its FutureWarning).
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     if sim.ray_address:
         # A remote cluster does not inherit our environment: ship it as a runtime_env.
         ray.init(address=sim.ray_address, runtime_env={"env_vars": threads},  # type: ignore[attr-defined]
