@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,7 +48,6 @@ class ServerState:
     selector: ClientSelector
     clock: SimClock
     wall_offset_s: float = 0.0  # wall time spent before a resume
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class FederatedServer:
