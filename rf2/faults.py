@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-FAULT_KINDS = ("raise", "nan", "shape", "hang")
 FAULT_REASONS = ("client_error", "non_finite", "wrong_shape", "timeout")
 
 

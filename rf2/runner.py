@@ -111,12 +111,11 @@ def execute(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Pat
                           prep.population.tier_of_user, prep.population.tier_names)
     shapes = {k: tuple(v.shape) for k, v in state.arrays.items()}
     tiers = TierSettings(cfg.optimization, prep.population, shapes, cfg.model.dim)
-    server = FederatedServer(cfg, prep.population, prep.num_examples, prep.model,
-                             prep.strategy, evaluator, folder, state, tiers)
-    spec = client_spec_from(cfg.dataset, cfg.model, cfg.seed)
     # Messages go only to clients that will finish, at most K per round.
     num_slots = max(1, min(cfg.clients_per_round, len(selector.eligible)))
-    server.num_slots = num_slots
+    server = FederatedServer(cfg, prep.population, prep.num_examples, prep.model,
+                             prep.strategy, evaluator, folder, state, tiers, num_slots)
+    spec = client_spec_from(cfg.dataset, cfg.model, cfg.seed)
     if state.round < cfg.num_rounds or not folder.read_metrics():
         launch(server.main, make_client_app(spec), num_slots, cfg.simulation)
     load_numpy_into(prep.model, server.state.arrays)

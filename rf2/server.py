@@ -39,6 +39,15 @@ from rf2.tier_settings import TierSettings
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class UsableReply:
+    """A client reply that passed screening, with its arrays decoded once."""
+
+    user: int
+    message: Message
+    arrays: dict[str, np.ndarray]
+
+
 @dataclass
 class ServerState:
     """Everything that changes round to round and must survive a resume."""
@@ -62,6 +71,7 @@ class FederatedServer:
         folder: RunFolder,
         state: ServerState,
         tiers: TierSettings,
+        num_slots: int,
     ) -> None:
         self.cfg = cfg
         self.population = population
@@ -73,7 +83,7 @@ class FederatedServer:
         self.state = state
         self.tiers = tiers
         self.num_items = int(evaluator.dataset.num_items)
-        self.num_slots = 1  # client slots (SuperNodes) the launcher provides
+        self.num_slots = num_slots  # client slots (SuperNodes) the launcher provides
         self.progress = ProgressPrinter(enabled=cfg.progress, total_rounds=cfg.num_rounds)
         self.tensorboard = TensorBoardLogger(folder.path) if cfg.tensorboard else None
 
@@ -146,7 +156,7 @@ class FederatedServer:
         replies, missing = self._dispatch(grid, slots, completed, rnd)
         valid, faults = self._screen(replies, missing)
         row.update({f"fault/{reason}": int(faults[reason]) for reason in FAULT_REASONS})
-        trained_users = [int(u) for u, _ in valid]
+        trained_users = [r.user for r in valid]
         row["num_clients_trained"] = len(trained_users)
         row["num_examples"] = int(sum(self.num_examples[u] for u in trained_users))
         row.update(self._traffic(valid))
@@ -195,17 +205,17 @@ class FederatedServer:
         missing = [u for u in round_grid.sent_users if u not in answered]
         return pairs, missing
 
-    def _aggregate(self, rnd: int, valid: list[tuple[int, Message]]) -> tuple[Any, Any]:
+    def _aggregate(self, rnd: int, valid: list[UsableReply]) -> tuple[Any, Any]:
         """The strategy's aggregation; HeteroFL and per-row averaging compute the mean
         themselves and hand it to the strategy (so server optimizers and q-FFL apply)."""
-        replies = [m for _, m in valid]
+        replies = [r.message for r in valid]
         if not self.tiers.custom_aggregation:
             return self.strategy.aggregate_train(rnd, replies)
         g = self.state.arrays
-        clients = [record_to_numpy(m.content["arrays"]) for m in replies]
+        clients = [r.arrays for r in valid]
         weights = [float(m.content["metrics"]["num-examples"]) for m in replies]
         if self.tiers.heterofl:
-            specs = [self.tiers.spec_of(u) or full_spec(g) for u, _ in valid]
+            specs = [self.tiers.spec_of(r.user) or full_spec(g) for r in valid]
             return aggregate_precomputed(
                 self.strategy, rnd, replies,
                 mean=lambda: aggregate_heterofl(g, clients, specs, weights),
@@ -234,7 +244,7 @@ class FederatedServer:
 
     def _screen(
         self, replies: list[tuple[int, Message]], missing: list[int]
-    ) -> tuple[list[tuple[int, Message]], Counter[str]]:
+    ) -> tuple[list[UsableReply], Counter[str]]:
         faults: Counter[str] = Counter()
         faults["timeout"] += len(missing)
         valid = []
@@ -245,26 +255,28 @@ class FederatedServer:
                             reply.metadata.group_id or "?", reply.error.reason)
                 continue
             reference = self.tiers.reference_arrays(user, self.state.arrays)
-            reason = screen_reply(record_to_numpy(reply.content["arrays"]), reference)
+            arrays = record_to_numpy(reply.content["arrays"])
+            reason = screen_reply(arrays, reference)
             if reason is not None:
                 faults[reason] += 1
                 continue
-            valid.append((user, reply))
+            valid.append(UsableReply(user, reply, arrays))
         return valid, faults
 
-    def _traffic(self, valid: list[tuple[int, Message]]) -> dict[str, float]:
+    def _traffic(self, valid: list[UsableReply]) -> dict[str, float]:
         """Per tier: clients trained, examples, share of examples, bytes down and up."""
         names = self.population.tier_names
         out: dict[str, float] = {}
         for name in names:
             for what in ("trained", "examples", "bytes_down", "bytes_up"):
                 out[f"tier/{name}/{what}"] = 0
-        for user, reply in valid:
-            t = names[self.tiers.tier_of(user)]
+        for r in valid:
+            tier = self.tiers.tier_of(r.user)
+            t = names[tier]
             out[f"tier/{t}/trained"] += 1
-            out[f"tier/{t}/examples"] += int(self.num_examples[user])
-            out[f"tier/{t}/bytes_down"] += int(self.tiers.bytes_down[self.tiers.tier_of(user)])
-            out[f"tier/{t}/bytes_up"] += int(reply.content["metrics"]["bytes-up"])
+            out[f"tier/{t}/examples"] += int(self.num_examples[r.user])
+            out[f"tier/{t}/bytes_down"] += int(self.tiers.bytes_down[tier])
+            out[f"tier/{t}/bytes_up"] += int(r.message.content["metrics"]["bytes-up"])
         total = sum(out[f"tier/{n}/examples"] for n in names) or 1
         for name in names:
             out[f"tier/{name}/examples_share"] = out[f"tier/{name}/examples"] / total

@@ -18,9 +18,9 @@ import time
 from collections.abc import Callable, Iterable
 from uuid import uuid4
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -89,9 +89,6 @@ class InProcessGrid(Grid):
             try:
                 reply = self._client_app(msg, context)
             except Exception as ex:  # noqa: BLE001 - reported as an error reply, like Flower
-                from flwr.app import Error
-                from flwr.common.constant import ErrorCode
-
                 reason = f"{type(ex)}:<'{ex}'>"
                 reply = Message(
                     Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),

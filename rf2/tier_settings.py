@@ -11,12 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from rf2.compression import update_bytes
+from rf2.compression import FLOAT_BYTES, update_bytes
 from rf2.config import OptimizationConfig
 from rf2.heterofl import Spec, extract, rules_for, slice_spec, sub_shapes
 from rf2.population import Population
-
-FLOAT_BYTES = 4
 
 
 class TierSettings:
