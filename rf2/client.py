@@ -1,4 +1,4 @@
-"""Flower ClientApp: one message = one user's local training.
+"""Flower ClientApp: one message = the local training of a batch of users (``rf2.user_batch``).
 
 A Flower SuperNode here is a transport slot, not a user: the server names the user
 (``partition-id``) in each message. Mapping one SuperNode per user would make Flower's
@@ -39,6 +39,7 @@ from rf2.params import (
 )
 from rf2.row_averaging import touched_items
 from rf2.typed import from_dict, to_dict
+from rf2.user_batch import pack_results, user_configs
 
 
 @dataclass(frozen=True)
@@ -98,12 +99,27 @@ def client_spec_from(dataset_cfg: DatasetConfig, model_cfg: ModelConfig, seed: i
 
 
 def handle_train(msg: Message, spec: ClientSpec) -> Message:
-    """Train one user on the global model in ``msg``; reply with weights and metrics."""
-    config = msg.content["config"]
+    """Train each user of the batch in ``msg`` on the global model; one reply for all.
+
+    A user whose training raises gets an error entry; the others still reply.
+    """
+    state = worker_state(spec)
+    received = record_to_numpy(msg.content["arrays"])  # the global model, decoded once
+    results: list[dict[str, Any] | BaseException] = []
+    for config in user_configs(msg):
+        try:
+            results.append(train_user(state, received, config))
+        except Exception as ex:  # noqa: BLE001 - reported per user, as Flower reports a client
+            results.append(ex)
+    return Message(content=pack_results(results), reply_to=msg)
+
+
+def train_user(
+    state: _WorkerState, received: dict[str, np.ndarray], config: dict[str, Any]
+) -> dict[str, Any]:
+    """One user's local training from the global model; its reply records."""
     user = int(config["partition-id"])
     server_round = int(config["server-round"])
-    state = worker_state(spec)
-    received = record_to_numpy(msg.content["arrays"])  # the global model
     width = float(config.get("width", 1.0))
     if width < 1.0:
         # HeteroFL: this client holds the top-left slice of every width-scaled tensor.
@@ -156,7 +172,7 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
         # Per-row embedding averaging needs the rows this client's data touched.
         touched = touched_items(histories, targets)
         records["rf2"] = ConfigRecord({"touched-items": [int(i) for i in touched]})
-    return Message(content=RecordDict(records), reply_to=msg)
+    return records
 
 
 def make_client_app(spec: ClientSpec) -> ClientApp:

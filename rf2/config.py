@@ -245,6 +245,9 @@ class SimulationConfig:
     ray_temp_dir: str | None = None
     # Seconds to wait for one round's replies before counting the missing ones as faults.
     round_timeout_s: float = 600.0
+    # Users carried by one Flower message (each still trains and replies on its own;
+    # rf2.user_batch). 0 = auto: about 4 messages per client worker per round.
+    users_per_message: int = 0
 
     def validate(self, path: str = "simulation") -> None:
         check(self.num_cpus_per_client > 0, f"{path}.num_cpus_per_client",
@@ -253,6 +256,8 @@ class SimulationConfig:
               self.num_gpus_per_client, "a number >= 0")
         check(self.round_timeout_s > 0, f"{path}.round_timeout_s", self.round_timeout_s,
               "a number > 0")
+        check(self.users_per_message >= 0, f"{path}.users_per_message", self.users_per_message,
+              "an integer >= 0 (0 = auto)")
 
 
 @dataclass

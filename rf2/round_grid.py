@@ -3,11 +3,12 @@
 Flower's strategies sample nodes themselves with ``random.sample`` over node ids drawn
 from ``os.urandom`` (not reproducible, flower issue 3328). rf2 selects clients itself,
 seeded and by partition id, and hands the strategy a grid whose ``get_node_ids()`` is
-exactly that selection, so the strategy's own ``configure_train`` (FedProx's mu
-injection, FedOpt's snapshot of the current arrays, ...) runs unchanged. On the way
-out each message gets its user's per-client config (partition id, tier settings); on
-the way back replies are returned in partition-id order, so aggregation is identical
-whatever order clients finish in.
+exactly the slots this round uses, so the strategy's own ``configure_train``
+(FedProx's mu injection, FedOpt's snapshot of the current arrays, ...) runs unchanged.
+On the way out each message is addressed to its batch of users (``rf2.user_batch``:
+partition ids, tier settings); on the way back each batch reply is unpacked into one
+reply per user, returned in partition-id order, so aggregation is identical whatever
+order clients finish in and however users are batched.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+
+from rf2.user_batch import batch_instruction, unpack_reply
 
 
 class RoundGrid(Grid):
@@ -27,11 +30,15 @@ class RoundGrid(Grid):
         slots: list[int],
         users: list[int],
         per_client: Mapping[int, Mapping[str, Any]] | None = None,
+        users_per_message: int = 1,
     ) -> None:
-        if len(users) > len(slots):
-            raise ValueError(f"{len(users)} clients selected but only {len(slots)} slots")
+        num_messages = -(-len(users) // max(1, users_per_message))
+        if num_messages > len(slots):
+            raise ValueError(f"{len(users)} clients selected at {users_per_message} per message "
+                             f"but only {len(slots)} slots")
         self._base = base
-        self.node_to_user = dict(zip(slots, users, strict=False))
+        # Interleaved batches: equal sizes, and heavy users spread over the messages.
+        self.node_to_users = {slots[j]: list(users[j::num_messages]) for j in range(num_messages)}
         self._per_client = per_client or {}
         self.sent_users: list[int] = []
 
@@ -49,24 +56,12 @@ class RoundGrid(Grid):
         return self._base.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
-        return sorted(self.node_to_user)
+        return sorted(self.node_to_users)
 
     def _personalise(self, msg: Message) -> Message:
-        user = self.node_to_user[msg.metadata.dst_node_id]
-        content = msg.content
-        config = ConfigRecord(dict(content["config"]))
-        config["partition-id"] = user
-        for key, value in self._per_client.get(user, {}).items():
-            config[key] = value
-        records = {k: v for k, v in content.items() if k != "config"}
-        records["config"] = config
-        self.sent_users.append(user)
-        return Message(
-            RecordDict(records),
-            msg.metadata.dst_node_id,
-            msg.metadata.message_type,
-            group_id=msg.metadata.group_id or str(config.get("server-round", "")),
-        )
+        users = self.node_to_users[msg.metadata.dst_node_id]
+        self.sent_users.extend(users)
+        return batch_instruction(msg, users, self._per_client)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._base.push_messages([self._personalise(m) for m in messages])
@@ -77,10 +72,18 @@ class RoundGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        replies = list(
-            self._base.send_and_receive([self._personalise(m) for m in messages], timeout=timeout)
-        )
-        return sorted(replies, key=lambda r: self.node_to_user.get(r.metadata.src_node_id, -1))
+        return [reply for _, reply in self.exchange(messages, timeout=timeout)]
 
-    def user_of(self, reply: Message) -> int:
-        return self.node_to_user[reply.metadata.src_node_id]
+    def exchange(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[tuple[int, Message]]:
+        """Send the strategy's instructions; return ``(user, reply)`` per user that
+        answered, in partition-id order (so aggregation does not depend on which client
+        finished first)."""
+        replies = self._base.send_and_receive([self._personalise(m) for m in messages],
+                                              timeout=timeout)
+        pairs: list[tuple[int, Message]] = []
+        for reply in replies:
+            users = self.node_to_users[reply.metadata.src_node_id]
+            pairs.extend(zip(users, unpack_reply(reply, len(users)), strict=True))
+        return sorted(pairs, key=lambda p: p[0])

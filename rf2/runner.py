@@ -31,7 +31,7 @@ from rf2.population import Population, assign_tiers, population_summary
 from rf2.run_folder import RunFolder
 from rf2.selection import ClientSelector
 from rf2.server import FederatedServer, ServerState, restore_state
-from rf2.simulation import launch
+from rf2.simulation import launch, users_per_message
 from rf2.strategies import build_strategy
 from rf2.tier_settings import TierSettings
 from rf2.typed import check, to_dict
@@ -111,10 +111,13 @@ def execute(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Pat
                           prep.population.tier_of_user, prep.population.tier_names)
     shapes = {k: tuple(v.shape) for k, v in state.arrays.items()}
     tiers = TierSettings(cfg.optimization, prep.population, shapes, cfg.model.dim)
-    # Messages go only to clients that will finish, at most K per round.
-    num_slots = max(1, min(cfg.clients_per_round, len(selector.eligible)))
+    # Messages go only to clients that will finish, at most K per round, batched.
+    per_message = users_per_message(cfg.simulation, cfg.clients_per_round)
+    max_clients = max(1, min(cfg.clients_per_round, len(selector.eligible)))
+    num_slots = -(-max_clients // per_message)
     server = FederatedServer(cfg, prep.population, prep.num_examples, prep.model,
-                             prep.strategy, evaluator, folder, state, tiers, num_slots)
+                             prep.strategy, evaluator, folder, state, tiers, num_slots,
+                             per_message)
     spec = client_spec_from(cfg.dataset, cfg.model, cfg.seed)
     if state.round < cfg.num_rounds or not folder.read_metrics():
         launch(server.main, make_client_app(spec), num_slots, cfg.simulation)

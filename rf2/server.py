@@ -72,6 +72,7 @@ class FederatedServer:
         state: ServerState,
         tiers: TierSettings,
         num_slots: int,
+        users_per_message: int = 1,
     ) -> None:
         self.cfg = cfg
         self.population = population
@@ -84,6 +85,7 @@ class FederatedServer:
         self.tiers = tiers
         self.num_items = int(evaluator.dataset.num_items)
         self.num_slots = num_slots  # client slots (SuperNodes) the launcher provides
+        self.users_per_message = users_per_message  # users batched in one message
         self.progress = ProgressPrinter(enabled=cfg.progress, total_rounds=cfg.num_rounds)
         self.tensorboard = TensorBoardLogger(folder.path) if cfg.tensorboard else None
 
@@ -184,7 +186,8 @@ class FederatedServer:
     ) -> tuple[list[tuple[int, Message]], list[int]]:
         if not users:
             return [], []
-        round_grid = RoundGrid(grid, slots, users, self.per_client_config_for(users, rnd))
+        round_grid = RoundGrid(grid, slots, users, self.per_client_config_for(users, rnd),
+                               self.users_per_message)
         config = ConfigRecord(
             {
                 "lr": float(self.cfg.client.lr),
@@ -197,10 +200,7 @@ class FederatedServer:
         messages = self.strategy.configure_train(
             rnd, numpy_to_record(self.state.arrays), config, round_grid
         )
-        replies = round_grid.send_and_receive(
-            list(messages), timeout=self.cfg.simulation.round_timeout_s
-        )
-        pairs = [(round_grid.user_of(r), r) for r in replies]
+        pairs = round_grid.exchange(list(messages), timeout=self.cfg.simulation.round_timeout_s)
         answered = {u for u, _ in pairs}
         missing = [u for u in round_grid.sent_users if u not in answered]
         return pairs, missing

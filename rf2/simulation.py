@@ -108,6 +108,24 @@ class InProcessGrid(Grid):
         return list(self.pull_messages(list(self.push_messages(messages))))
 
 
+def users_per_message(sim: SimulationConfig, clients_per_round: int) -> int:
+    """``sim.users_per_message``, or for 0 (auto) about 4 messages per client worker.
+
+    Workers: 1 in-process; on local Ray the actors that fit (CPUs / CPUs per client);
+    on a cluster (``ray_address``) unknown before it is joined, so one user per message,
+    as a cluster has actors to spare.
+    """
+    if sim.users_per_message > 0:
+        return sim.users_per_message
+    if sim.backend == "inprocess":
+        workers = 1
+    elif sim.ray_address:
+        return 1
+    else:
+        workers = max(1, int((os.cpu_count() or 1) // sim.num_cpus_per_client))
+    return max(1, -(-clients_per_round // (4 * workers)))
+
+
 def launch(
     server_main: ServerMain,
     client_app: ClientApp,
@@ -162,11 +180,14 @@ def _launch_ray(
     import ray
     from flwr.simulation import run_simulation
 
+    from rf2.prompt_delivery import PromptGrid, PushedNodes, prompt_delivery
+
     server_app = ServerApp()
+    pushed = PushedNodes()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        server_main(grid, context)
+        server_main(PromptGrid(grid, pushed), context)
 
     _init_ray(ray, sim)
     backend_config = {
@@ -177,13 +198,14 @@ def _launch_ray(
     }
     started = time.perf_counter()
     try:
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=num_supernodes,
-            backend_name="ray",
-            backend_config=backend_config,
-        )
+        with prompt_delivery(pushed):
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=num_supernodes,
+                backend_name="ray",
+                backend_config=backend_config,
+            )
     finally:
         if ray.is_initialized():
             ray.shutdown()

@@ -1,0 +1,152 @@
+"""Deliver pushed messages to Flower's simulation engine when they are pushed.
+
+Flower 1.42's simulation engine (``flwr.server.superlink.fleet.vce.vce_api``) moves
+messages from the LinkState to its worker queue with ``add_messages_to_queue``: every
+0.1 s it calls ``state.get_message_ins(node_id, limit=1)`` for *every* registered node,
+and each such call scans every stored message (delivered ones stay stored until their
+reply is pulled). With 100 slots and 100 messages in flight that is 10,000 message
+checks per sweep, ten sweeps a second, for the whole round: measured here as the
+largest single cost in the driver process, on a 2-core machine that the two client
+actors share with it. The ServerApp side then polls for replies every 0.1 s
+(``InMemoryGrid.pull_interval``), so each round also idles ~0.1 s on the two sleeps.
+
+:func:`prompt_delivery` swaps the extractor for one that asks the LinkState (through
+its public ``get_message_ins``) only for the nodes rf2 has just pushed to, woken by the
+push itself, and :class:`PromptGrid` pushes through the engine's grid, signals the
+extractor, and pulls replies at a short interval. Messages, ids, TTLs, error replies
+and the LinkState are Flower's own; only who-polls-when changes. The swap is undone
+when the simulation returns, and :func:`check_engine_hooks` makes a Flower upgrade
+that renames the hooked function fail loudly instead of silently running slow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from queue import Queue
+from typing import Any
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+# How often the ServerApp checks for replies (Flower's default: 0.1 s).
+REPLY_POLL_S = 0.003
+# The extractor also wakes this often without a push, to notice the stop event.
+IDLE_WAKE_S = 0.1
+
+
+class PushedNodes:
+    """Node ids the server has pushed messages to that the engine has not fetched yet."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._nodes: set[int] = set()
+
+    def add(self, node_ids: Iterable[int]) -> None:
+        with self._cond:
+            self._nodes.update(node_ids)
+            self._cond.notify_all()
+
+    def take(self, timeout: float) -> set[int]:
+        """Wait up to ``timeout`` for pushes; return (and forget) the pushed node ids."""
+        with self._cond:
+            if not self._nodes:
+                self._cond.wait(timeout)
+            nodes, self._nodes = self._nodes, set()
+            return nodes
+
+
+class PromptGrid(Grid):
+    """The engine's grid, signalling :class:`PushedNodes` on push and polling replies fast."""
+
+    def __init__(self, base: Grid, pushed: PushedNodes, poll_s: float = REPLY_POLL_S) -> None:
+        self._base = base
+        self._pushed = pushed
+        self._poll_s = poll_s
+
+    def set_run(self, run: Run) -> None:
+        self._base.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._base.run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return self._base.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._base.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        ids = list(self._base.push_messages(messages))
+        self._pushed.add(m.metadata.dst_node_id for m in messages)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._base.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        # Same contract as InMemoryGrid.send_and_receive: replies received before the
+        # timeout (None = wait for all).
+        pending = set(self.push_messages(messages))
+        end = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending and (end is None or time.monotonic() < end):
+            got = list(self.pull_messages(pending))
+            replies.extend(got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if pending:
+                time.sleep(self._poll_s)
+        return replies
+
+
+def _make_extractor(pushed: PushedNodes) -> Any:  # noqa: ANN401 - Flower's thread target
+    def add_messages_to_queue(
+        state: Any, queue: Queue[Message], nodes_mapping: dict[int, int],  # noqa: ANN401
+        f_stop: threading.Event,
+    ) -> None:
+        while not f_stop.is_set():
+            for node_id in sorted(pushed.take(IDLE_WAKE_S)):
+                if node_id not in nodes_mapping:
+                    continue
+                for msg in state.get_message_ins(node_id=node_id, limit=None):
+                    queue.put(msg)
+
+    return add_messages_to_queue
+
+
+def check_engine_hooks() -> None:
+    """Raise if Flower's engine no longer has the function this module replaces."""
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    hook = getattr(vce_api, "add_messages_to_queue", None)
+    if not callable(hook) or hook.__code__.co_varnames[:4] != (
+        "state", "queue", "nodes_mapping", "f_stop"
+    ):
+        raise RuntimeError(
+            "flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue changed; "
+            "rf2.prompt_delivery supports flwr 1.42.x"
+        )
+
+
+@contextlib.contextmanager
+def prompt_delivery(pushed: PushedNodes) -> Iterator[None]:
+    """Use the push-driven extractor for the simulation run inside this block."""
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    check_engine_hooks()
+    original = vce_api.add_messages_to_queue
+    vce_api.add_messages_to_queue = _make_extractor(pushed)
+    try:
+        yield
+    finally:
+        vce_api.add_messages_to_queue = original

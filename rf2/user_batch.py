@@ -1,0 +1,102 @@
+"""Several users per Flower message: the wire format on both sides.
+
+Every user is still one client: trained on its own from the same global model, with its
+own seed, and replying its own arrays and metrics, which the server unpacks into one
+reply Message per user before screening and aggregation. Only the transport is shared:
+each Flower message (and so each Ray task) carries a batch of users, because Flower's
+simulation engine costs ~10 ms of driver, raylet and actor CPU per message on this
+machine, which at one user per message is several times the user's own training
+(benchmarks/sim_overhead.py).
+
+Instruction (server -> client): the strategy's ``arrays`` and ``config`` records, plus
+one ``ConfigRecord`` per user under ``user/<i>`` holding ``partition-id`` and the
+user's own settings (tier width, compression, injected faults), and ``num-users`` in
+``config``.
+
+Reply (client -> server): per user ``i``, either ``arrays/<i>`` + ``metrics/<i>``
+(+ ``rf2/<i>``) or ``error/<i>`` with the exception's reason. A client that raises
+outside a user's training (or a whole batch that times out) fails all its users.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from flwr.app import ConfigRecord, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+
+USER_KEY = "user/{}"
+REPLY_KEYS = ("arrays", "metrics", "rf2")
+ERROR_KEY = "error/{}"
+
+
+def batch_instruction(
+    msg: Message, users: Sequence[int], per_user: Mapping[int, Mapping[str, Any]]
+) -> Message:
+    """A copy of the strategy's instruction ``msg`` addressed to ``users``."""
+    content = msg.content
+    records: dict[str, Any] = {k: v for k, v in content.items() if k != "config"}
+    config = ConfigRecord(dict(content["config"]))
+    config["num-users"] = len(users)
+    records["config"] = config
+    for i, user in enumerate(users):
+        records[USER_KEY.format(i)] = ConfigRecord({"partition-id": int(user), **per_user.get(user, {})})
+    return Message(
+        RecordDict(records),
+        msg.metadata.dst_node_id,
+        msg.metadata.message_type,
+        group_id=msg.metadata.group_id or str(config.get("server-round", "")),
+    )
+
+
+def user_configs(msg: Message) -> list[dict[str, Any]]:
+    """Client side: the shared config merged with each user's own, in batch order."""
+    shared = dict(msg.content["config"])
+    n = int(shared.pop("num-users", 0))
+    return [{**shared, **dict(msg.content[USER_KEY.format(i)])} for i in range(n)]
+
+
+def error_reason(ex: BaseException) -> str:
+    """Flower's own wording for a raising ClientApp."""
+    return f"{type(ex)}:<'{ex}'>"
+
+
+def pack_results(results: Sequence[dict[str, Any] | BaseException]) -> RecordDict:
+    """Client side: each user's reply records (or the exception it raised) in one RecordDict."""
+    records: dict[str, Any] = {}
+    for i, result in enumerate(results):
+        if isinstance(result, BaseException):
+            records[ERROR_KEY.format(i)] = ConfigRecord({"reason": error_reason(result)})
+            continue
+        for key, record in result.items():
+            records[f"{key}/{i}"] = record
+    return RecordDict(records)
+
+
+def unpack_reply(reply: Message, num_users: int) -> list[Message]:
+    """Server side: one reply Message per user of the batch, in batch order.
+
+    Each carries the batch reply's metadata (so Flower's reply checks hold), and either
+    the user's own records under their usual names or the user's error.
+    """
+    if reply.has_error():
+        return [Message(error=reply.error, metadata=copy.copy(reply.metadata))
+                for _ in range(num_users)]
+    content = reply.content
+    out = []
+    for i in range(num_users):
+        error_key = ERROR_KEY.format(i)
+        if error_key in content:
+            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                          reason=str(content[error_key]["reason"]))
+            out.append(Message(error=error, metadata=copy.copy(reply.metadata)))
+            continue
+        records = {key: content[f"{key}/{i}"] for key in REPLY_KEYS if f"{key}/{i}" in content}
+        if "arrays" not in records or "metrics" not in records:
+            error = Error(code=ErrorCode.UNKNOWN, reason=f"reply has no records for user {i}")
+            out.append(Message(error=error, metadata=copy.copy(reply.metadata)))
+            continue
+        out.append(Message(content=RecordDict(records), metadata=copy.copy(reply.metadata)))
+    return out
