@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from functools import lru_cache
 
@@ -71,7 +72,7 @@ def array_to_numpy(array: Array) -> np.ndarray:
     """
     data = array.data
     dtype = np.dtype(array.dtype)
-    nbytes = int(np.prod(array.shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(array.shape) * dtype.itemsize
     head = bytes(data[: min(len(data) - nbytes, 256)])
     if array.stype != "numpy.ndarray" or b"'fortran_order': False" not in head:
         return Array.numpy(array)
