@@ -71,7 +71,8 @@ def test_a_reply_missing_a_users_records_is_an_error_not_a_crash(instruction: Me
 def test_auto_batch_size_gives_about_four_messages_per_worker() -> None:
     assert users_per_message(SimulationConfig(backend="inprocess"), 100) == 25
     assert users_per_message(SimulationConfig(backend="inprocess", users_per_message=3), 100) == 3
-    assert users_per_message(SimulationConfig(backend="ray", ray_address="auto"), 100) == 1
+    assert users_per_message(SimulationConfig(backend="ray", ray_address="auto"), 100) == 4
+    assert users_per_message(SimulationConfig(backend="ray", ray_address="auto"), 10) == 1
     local = users_per_message(SimulationConfig(backend="ray", num_cpus_per_client=0.5), 1000)
     import os
 
