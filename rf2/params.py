@@ -6,6 +6,7 @@ import io
 import math
 import warnings
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,29 +30,46 @@ def _npy_header(dtype_str: str, shape: tuple[int, ...]) -> bytes:
 
 
 class FastArray(Array):
-    """A Flower ``Array`` whose ``numpy()`` skips ``np.load``'s header parsing.
+    """A Flower ``Array`` that keeps the numpy array it was made from.
 
-    Same bytes, same metadata, same pickling (Ray ships it as this class); only the
-    decoding differs: Flower's strategies call ``numpy()`` on every reply array when
-    aggregating, and ``np.load`` made that the server's largest cost per client.
-    Returns a writable copy, as ``np.load`` does.
+    ``data`` (the ``.npy`` bytes Flower's format defines) is built only when something
+    reads it: Flower's object store or a transport that needs bytes. In-process, a
+    client's reply and the server's global model are never serialised at all, and
+    ``numpy()`` / :func:`array_to_numpy` hand back the array itself; over Ray the array
+    pickles as an ndarray (out-of-band buffers), not as a bytes copy. Same dtype, shape,
+    stype and bytes as ``Array(ndarray)`` (tested).
     """
 
+    @classmethod
+    def wrap(cls, value: np.ndarray) -> FastArray:
+        value = np.require(value, requirements="C")
+        value.flags.writeable = False  # shared by reference from here on
+        array = cls.__new__(cls)
+        # Straight into __dict__: Array's __setattr__ would drop caches we do not have.
+        array.__dict__.update(dtype=str(value.dtype), shape=tuple(int(d) for d in value.shape),
+                              stype="numpy.ndarray", _source=value)
+        return array
+
+    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - only ever bytes here
+        # Called only for attributes not in __dict__: build ``data`` on first use.
+        source = self.__dict__.get("_source")
+        if name != "data" or source is None:
+            raise AttributeError(name)
+        data = _npy_header(source.dtype.str, tuple(source.shape)) + source.tobytes()
+        self.__dict__["data"] = data
+        return data
+
     def numpy(self) -> np.ndarray:
+        # A writable copy, as np.load returns.
         return np.array(array_to_numpy(self), copy=True)
 
 
 def numpy_to_array(value: np.ndarray) -> Array:
-    """``Array(value)`` without ``np.save``: a cached header plus the raw bytes.
+    """``Array(value)`` without ``np.save``; the bytes are made only if ever needed.
 
-    Byte-identical to Flower's own serialisation for C-ordered arrays (tested), at a
-    fraction of the cost; this runs for every client reply.
+    ``value`` must not be modified afterwards (it is marked read-only).
     """
-    value = np.require(value, requirements="C")
-    shape = tuple(int(d) for d in value.shape)
-    header = _npy_header(value.dtype.str, shape)
-    return FastArray(dtype=str(value.dtype), shape=shape, stype="numpy.ndarray",
-                     data=header + value.tobytes())
+    return FastArray.wrap(value)
 
 
 def numpy_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -70,6 +88,9 @@ def array_to_numpy(array: Array) -> np.ndarray:
     step here). The payload of a C-ordered array is the last ``nbytes`` of the data, so
     dtype and shape from the Array's own metadata suffice.
     """
+    source = array.__dict__.get("_source")
+    if source is not None:
+        return source
     data = array.data
     dtype = np.dtype(array.dtype)
     nbytes = math.prod(array.shape) * dtype.itemsize
