@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-ROUNDS = 6
+ROUNDS = 12  # steady state: the median of rounds 2..ROUNDS-1
 
 
 def _tree_rss(proc) -> int:  # noqa: ANN001 - psutil.Process
