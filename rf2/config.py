@@ -246,8 +246,8 @@ class SimulationConfig:
     # Seconds to wait for one round's replies before counting the missing ones as faults.
     round_timeout_s: float = 600.0
     # Users carried by one Flower message (each still trains and replies on its own;
-    # rf2.user_batch). 0 = auto: about 4 messages per client worker per round (32 per
-    # round on a cluster given by ray_address).
+    # rf2.user_batch). 0 = auto: ~5 users per message, 1 to 4 messages per client worker
+    # (rf2.simulation.users_per_message).
     users_per_message: int = 0
 
     def validate(self, path: str = "simulation") -> None:

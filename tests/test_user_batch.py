@@ -68,15 +68,17 @@ def test_a_reply_missing_a_users_records_is_an_error_not_a_crash(instruction: Me
     assert only.has_error() and "user 0" in only.error.reason
 
 
-def test_auto_batch_size_gives_about_four_messages_per_worker() -> None:
-    assert users_per_message(SimulationConfig(backend="inprocess"), 100) == 25
+def test_auto_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    ray, inproc = SimulationConfig(backend="ray"), SimulationConfig(backend="inprocess")
+    cluster = SimulationConfig(backend="ray", ray_address="auto")
+    assert users_per_message(ray, 100) == 13  # 8 messages: 4 per actor
+    assert users_per_message(ray, 10) == 5  # 2 messages: one per actor, >= 5 users each
+    assert users_per_message(ray, 1) == 1
+    assert users_per_message(SimulationConfig(backend="ray", num_cpus_per_client=0.5), 1000) == 63
+    assert users_per_message(inproc, 100) == 25 and users_per_message(inproc, 3) == 3
+    assert users_per_message(cluster, 100) == 5 and users_per_message(cluster, 1000) == 32
     assert users_per_message(SimulationConfig(backend="inprocess", users_per_message=3), 100) == 3
-    assert users_per_message(SimulationConfig(backend="ray", ray_address="auto"), 100) == 4
-    assert users_per_message(SimulationConfig(backend="ray", ray_address="auto"), 10) == 1
-    local = users_per_message(SimulationConfig(backend="ray", num_cpus_per_client=0.5), 1000)
-    import os
-
-    assert local == -(-1000 // (4 * int((os.cpu_count() or 1) // 0.5)))
     with pytest.raises(ConfigError, match="simulation.users_per_message"):
         load_run_config(small_run(**{"simulation.users_per_message": -1}))
 
