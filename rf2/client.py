@@ -77,8 +77,12 @@ class _WorkerState:
 _WORKER_CACHE: dict[str, _WorkerState] = {}
 
 
-def worker_state(spec: ClientSpec) -> _WorkerState:
-    """Load the dataset and build a model skeleton once per process and spec."""
+def worker_state(spec: ClientSpec, dataset: FederatedDataset | None = None) -> _WorkerState:
+    """Load the dataset and build a model skeleton once per process and spec.
+
+    ``dataset``: the one this process already loaded for ``spec`` (the in-process
+    backend shares the server's copy instead of generating or reading it again).
+    """
     state = _WORKER_CACHE.get(spec.key)
     if state is None:
         # One torch thread per client worker: with 2 threads on a busy 2-core machine
@@ -86,7 +90,8 @@ def worker_state(spec: ClientSpec) -> _WorkerState:
         torch.set_num_threads(spec.torch_threads)
         dataset_cfg = from_dict(DatasetConfig, spec.dataset, "dataset")
         model_cfg = from_dict(ModelConfig, spec.model, "model")
-        dataset = load_dataset(dataset_cfg, spec.seed)
+        if dataset is None:
+            dataset = load_dataset(dataset_cfg, spec.seed)
         model = build_model(model_cfg, dataset, spec.seed)
         state = _WorkerState(dataset=dataset, model=model, model_cfg=model_cfg, seed=spec.seed)
         _WORKER_CACHE.clear()  # one run per worker at a time; free the previous one

@@ -84,9 +84,12 @@ class Evaluator:
     def _test_loss(self, scores: torch.Tensor, sl: slice) -> np.ndarray:
         """(B,) per user: mean softmax cross-entropy of its held-out items over all items
         (the model's training loss, on the test clicks)."""
-        log_probs = torch.log_softmax(scores, dim=1)  # (B, I)
-        return np.array([-float(log_probs[b, torch.from_numpy(t)].mean())
-                         for b, t in enumerate(self.targets[sl])], dtype=np.float64)
+        log_probs = torch.log_softmax(scores, dim=1).numpy()  # (B, I)
+        targets = self.targets[sl]
+        lengths = np.array([len(t) for t in targets], dtype=np.int64)  # >= 1: test users only
+        rows = np.repeat(np.arange(len(targets)), lengths)
+        picked = log_probs[rows, np.concatenate(targets)].astype(np.float64)
+        return -np.bincount(rows, weights=picked, minlength=len(targets)) / lengths
 
     def _served(
         self, retriever: Retriever, queries: torch.Tensor, scores: torch.Tensor, sl: slice

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from flwr.serverapp.strategy import Strategy
 
-from rf2.client import client_spec_from, make_client_app
+from rf2.client import client_spec_from, make_client_app, worker_state
 from rf2.clock import SimClock
 from rf2.config import RunConfig
 from rf2.data import load_dataset
@@ -119,6 +119,8 @@ def execute(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Pat
                              prep.strategy, evaluator, folder, state, tiers, num_slots,
                              per_message)
     spec = client_spec_from(cfg.dataset, cfg.model, cfg.seed)
+    if cfg.simulation.backend == "inprocess":
+        worker_state(spec, prep.dataset)  # clients run here: share the loaded dataset
     if state.round < cfg.num_rounds or not folder.read_metrics():
         launch(server.main, make_client_app(spec), num_slots, cfg.simulation)
     load_numpy_into(prep.model, server.state.arrays)
