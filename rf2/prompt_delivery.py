@@ -28,9 +28,10 @@ from collections.abc import Iterable, Iterator
 from queue import Queue
 from typing import Any
 
-from flwr.app import Message, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
+
+from rf2.grid_view import GridView
 
 # How often the ServerApp checks for replies (Flower's default: 0.1 s).
 REPLY_POLL_S = 0.003
@@ -59,38 +60,19 @@ class PushedNodes:
             return nodes
 
 
-class PromptGrid(Grid):
+class PromptGrid(GridView):
     """The engine's grid, signalling :class:`PushedNodes` on push and polling replies fast."""
 
     def __init__(self, base: Grid, pushed: PushedNodes, poll_s: float = REPLY_POLL_S) -> None:
-        self._base = base
+        super().__init__(base)
         self._pushed = pushed
         self._poll_s = poll_s
-
-    def set_run(self, run: Run) -> None:
-        self._base.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self._base.run
-
-    def create_message(
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self._base.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._base.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
         ids = list(self._base.push_messages(messages))
         self._pushed.add(m.metadata.dst_node_id for m in messages)
         return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._base.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

@@ -16,14 +16,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from flwr.app import Message, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
+from rf2.grid_view import GridView
 from rf2.user_batch import batch_instruction, unpack_reply
 
 
-class RoundGrid(Grid):
+class RoundGrid(GridView):
     def __init__(
         self,
         base: Grid,
@@ -36,24 +36,11 @@ class RoundGrid(Grid):
         if num_messages > len(slots):
             raise ValueError(f"{len(users)} clients selected at {users_per_message} per message "
                              f"but only {len(slots)} slots")
-        self._base = base
+        super().__init__(base)
         # Interleaved batches: equal sizes, and heavy users spread over the messages.
         self.node_to_users = {slots[j]: list(users[j::num_messages]) for j in range(num_messages)}
         self._per_client = per_client or {}
         self.sent_users: list[int] = []
-
-    def set_run(self, run: Run) -> None:
-        self._base.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self._base.run
-
-    def create_message(
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self._base.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
         return sorted(self.node_to_users)
@@ -65,9 +52,6 @@ class RoundGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._base.push_messages([self._personalise(m) for m in messages])
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._base.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
