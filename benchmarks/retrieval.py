@@ -173,7 +173,7 @@ def bench_set(name: str, keys: torch.Tensor, queries: torch.Tensor, qps_queries:
 
 def movielens_set(path: str, epochs: int) -> tuple[torch.Tensor, torch.Tensor, tuple]:
     """Train hier_index centrally on MovieLens-100K; its item keys, user queries, tree."""
-    from rf2.config import DatasetConfig, IndexConfig, ModelConfig
+    from rf2.core.config import DatasetConfig, IndexConfig, ModelConfig
     from rf2.data import load_dataset
     from rf2.model import HierIndexModel, build_model
     from rf2.model.examples import eval_histories

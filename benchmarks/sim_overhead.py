@@ -65,13 +65,13 @@ def plain_loop_round_s(cfg_map: dict, rounds: int) -> float:
     import numpy as np
     import torch
 
-    from rf2.config import load_run_config
+    from rf2.core.config import load_run_config
     from rf2.data import load_dataset
-    from rf2.local_training import train_locally
+    from rf2.fl.params import load_numpy_into, state_to_numpy
+    from rf2.fl.selection import ClientSelector
     from rf2.model import build_model
     from rf2.model.examples import num_training_examples, user_examples
-    from rf2.params import load_numpy_into, state_to_numpy
-    from rf2.selection import ClientSelector
+    from rf2.model.local_training import train_locally
 
     torch.set_num_threads(1)
     cfg = load_run_config(cfg_map)
@@ -103,7 +103,7 @@ def plain_loop_round_s(cfg_map: dict, rounds: int) -> float:
 
 
 def measure_one(backend: str, clients: int, users: int) -> dict:
-    from rf2.cli_support import quiet_frameworks, run_job
+    from rf2.cli.support import quiet_frameworks, run_job
 
     quiet_frameworks(False)
     cfg_map: dict = {

@@ -12,7 +12,7 @@ qffl       QFFL         QFFLAdagrad/...         report ``train_loss`` = F_k(w_t)
 
 Every class is Flower's own or a thin composition of Flower's (``fedprox.py``,
 ``qffl.py``; QFFL is Flower's QFedAvg without a per-reply ``gc.collect()``).
-Sampling is rf2's (see ``rf2.round_grid``), so every strategy is built to take all the
+Sampling is rf2's (see ``rf2.fl.round_grid``), so every strategy is built to take all the
 nodes it is shown (fraction 1, no minimums) and to skip Flower's client-side evaluation
 (rf2 evaluates on the server, over all users).
 """
@@ -23,7 +23,7 @@ from typing import Any
 
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedProx, FedYogi, Strategy
 
-from rf2.config import ClientConfig, StrategyConfig
+from rf2.core.config import ClientConfig, StrategyConfig
 
 from .fedprox import FedProxAdagrad, FedProxAdam, FedProxYogi
 from .qffl import QFFL, QFFLAdagrad, QFFLAdam, QFFLYogi

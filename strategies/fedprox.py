@@ -1,7 +1,7 @@
 """FedProx (Li et al., MLSys 2020) with a FedOpt server optimizer.
 
 FedProx's only server-side part is sending ``proximal-mu``; the client minimises
-loss + (mu/2)·||w − w_t||² (``rf2.local_training``), and the server aggregates as FedAvg.
+loss + (mu/2)·||w − w_t||² (``rf2.model.local_training``), and the server aggregates as FedAvg.
 Composed with FedOpt (Reddi et al.), FedAvg's weighted mean is the point the optimizer
 steps towards: Δ_t = mean − w_t feeds Adagrad/Adam/Yogi's moments. So
 :class:`ProximalMixin` adds FedProx's one hook (``configure_train``) to a FedOpt class

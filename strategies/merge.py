@@ -3,7 +3,7 @@ Flower strategy, so the server optimizer (FedOpt) and q-FFL still apply.
 
 Flower's FedAvg mean cannot express HeteroFL (clients return slices of different shapes)
 or per-row averaging (each row has its own set of contributing clients). The server
-computes those means with the pure functions in ``rf2.heterofl`` / ``rf2.row_averaging``
+computes those means with the pure functions in ``rf2.optim.heterofl`` / ``rf2.optim.row_averaging``
 and hands the strategy either
 
 * one merged reply that carries the mean (FedAvg, FedProx and every FedOpt variant:

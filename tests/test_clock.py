@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rf2.clock import SimClock, num_to_select, tier_counts
-from rf2.config import RoundConfig
-from rf2.devices import profile_from_dict
-from rf2.population import Population, draw_devices
-from rf2.selection import ClientSelector
+from rf2.core.config import RoundConfig
+from rf2.fl.selection import ClientSelector
+from rf2.hetero.clock import SimClock, num_to_select, tier_counts
+from rf2.hetero.devices import profile_from_dict
+from rf2.hetero.population import Population, draw_devices
 
 
 def make_population(n: int = 12, num_tiers: int = 3, ms: float = 10.0, down: float = 8.0,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rf2.compression import (
+from rf2.optim.compression import (
     compress_update,
     compressed_bytes,
     quantize,

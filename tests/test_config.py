@@ -10,9 +10,9 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from rf2.cli_support import GROUPS, group_options
-from rf2.config import RunConfig, load_run_config
-from rf2.errors import ConfigError
+from rf2.cli.support import GROUPS, group_options
+from rf2.core.config import RunConfig, load_run_config
+from rf2.core.errors import ConfigError
 
 
 def composed(*overrides: str) -> RunConfig:

@@ -11,7 +11,9 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rf2.config import DatasetConfig
+from rf2.core.config import DatasetConfig
+from rf2.core.errors import DataError
+from rf2.core.typed import from_dict
 from rf2.data import (
     Interactions,
     generate_synthetic,
@@ -23,8 +25,6 @@ from rf2.data import (
     split_interactions,
     train_histories,
 )
-from rf2.errors import DataError
-from rf2.typed import from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,8 +11,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rf2.devices import Distribution, list_profiles, load_profile, profile_from_dict
-from rf2.errors import ProfileError
+from rf2.core.errors import ProfileError
+from rf2.hetero.devices import Distribution, list_profiles, load_profile, profile_from_dict
 
 SHIPPED = ["flash", "rf2-3tier", "uniform"]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import read_rows, small_run, without_timing
 
-from rf2.cli_support import run_job
+from rf2.cli.support import run_job
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_resume_continues_to_the_same_result(inprocess_run: Path, tmp_path: Path
 
 
 def test_refuses_to_overwrite_an_existing_run(inprocess_run: Path) -> None:
-    from rf2.run_folder import RunFolderError
+    from rf2.runs.run_folder import RunFolderError
 
     with pytest.raises(RunFolderError, match="already holds a run"):
         run_job(small_run(num_rounds=1), inprocess_run)
@@ -95,8 +95,8 @@ def test_ray_backend_matches_inprocess_and_improves(inprocess_run: Path, tmp_pat
 
 
 def test_worker_loads_the_dataset_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    import rf2.client as client
-    from rf2.config import load_run_config
+    import rf2.fl.client as client
+    from rf2.core.config import load_run_config
 
     cfg = load_run_config(small_run())
     spec = client.client_spec_from(cfg.dataset, cfg.model, cfg.seed)

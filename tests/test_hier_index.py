@@ -10,17 +10,17 @@ import pytest
 import torch
 from conftest import small_run
 
-from rf2.config import DatasetConfig, IndexConfig, ModelConfig
+from rf2.core.config import DatasetConfig, IndexConfig, ModelConfig
+from rf2.core.errors import ConfigError
+from rf2.core.typed import from_dict
 from rf2.data import load_dataset
 from rf2.data.base import FederatedDataset
-from rf2.errors import ConfigError
-from rf2.evaluation import Evaluator
-from rf2.local_training import train_locally
+from rf2.eval.evaluation import Evaluator
+from rf2.fl.params import load_numpy_into, state_to_numpy
 from rf2.model import HierIndexModel, TwoTower, build_model, user_examples
 from rf2.model.hier_index import hard_codes, sq_distances
+from rf2.model.local_training import train_locally
 from rf2.model.ttt import node_loss, node_pairs, run_ttt
-from rf2.params import load_numpy_into, state_to_numpy
-from rf2.typed import from_dict
 
 torch.set_num_threads(1)
 
@@ -264,7 +264,7 @@ def test_bad_index_values_name_the_field(field: str, value: object) -> None:
 
 
 def test_federated_run_logs_index_metrics(tmp_path: Path) -> None:
-    from rf2.cli_support import run_job
+    from rf2.cli.support import run_job
 
     cfg = small_run(num_rounds=2)
     cfg["model"] = {"name": "hier_index", "dim": 16, "index": {"nodes_per_level": [4, 4]}}
@@ -284,7 +284,7 @@ def test_ttt_switch_writes_its_effect(tmp_path) -> None:  # noqa: ANN001
     sys.path.insert(0, str(Path(__file__).parent))
     from conftest import small_run
 
-    from rf2.cli_support import run_job
+    from rf2.cli.support import run_job
 
     run_job(small_run(num_rounds=2, **{"model.name": "hier_index", "model.index.ttt": True}),
             tmp_path / "run")

@@ -1,4 +1,4 @@
-"""rf2.metrics: hand-computed ranking cases, a brute-force oracle, fairness summaries."""
+"""rf2.eval.ranking and rf2.eval.fairness: hand-computed cases, a brute-force oracle, summaries."""
 
 from __future__ import annotations
 
@@ -10,14 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rf2.metrics import (
-    activity_quartile,
-    fairness_summary,
-    group_means,
-    mdac,
-    ranking_metrics,
-    relative_change,
-)
+from rf2.eval.fairness import activity_quartile, fairness_summary, group_means, mdac, relative_change
+from rf2.eval.ranking import ranking_metrics
 
 L3 = 1 / math.log2(3)  # gain at rank 2
 
@@ -210,9 +204,9 @@ def test_activity_quartile_balanced_with_ties() -> None:
 
 
 def test_test_loss_is_each_users_mean_cross_entropy_over_all_items() -> None:
-    from rf2.config import DatasetConfig
+    from rf2.core.config import DatasetConfig
     from rf2.data import load_dataset
-    from rf2.evaluation import Evaluator
+    from rf2.eval.evaluation import Evaluator
 
     dataset = load_dataset(DatasetConfig(num_users=60, num_items=40, num_groups=3), 3)
     evaluator = Evaluator(dataset, [5], batch_size=16)

@@ -10,7 +10,7 @@ import ray.cloudpickle
 import torch
 from flwr.app import Array, ArrayRecord
 
-from rf2.params import (
+from rf2.fl.params import (
     FastArray,
     array_to_numpy,
     load_numpy_into,

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rf2.config import PopulationConfig
+from rf2.core.config import PopulationConfig
 from rf2.data.base import FederatedDataset
-from rf2.devices import DeviceProfile, load_profile, profile_from_dict
-from rf2.population import assign_tiers, population_summary, target_counts
+from rf2.hetero.devices import DeviceProfile, load_profile, profile_from_dict
+from rf2.hetero.population import assign_tiers, population_summary, target_counts
 
 
 def make_dataset(num_users: int = 900, num_items: int = 270, clusters: int = 9,

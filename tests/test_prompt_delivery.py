@@ -8,7 +8,7 @@ from queue import Queue
 
 from flwr.server.superlink.fleet.vce import vce_api
 
-from rf2.prompt_delivery import PushedNodes, _make_extractor, check_engine_hooks, prompt_delivery
+from rf2.fl.prompt_delivery import PushedNodes, _make_extractor, check_engine_hooks, prompt_delivery
 
 
 def test_the_installed_flower_has_the_hooked_function_and_it_is_restored() -> None:

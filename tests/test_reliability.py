@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import read_rows, small_run, without_timing
 
-from rf2.cli_support import run_job
-from rf2.run_folder import RunFolder
+from rf2.cli.support import run_job
+from rf2.runs.run_folder import RunFolder
 
 # -- client faults ------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""rf2.results on a multirun folder fabricated here, with hand-checkable fairness numbers.
+"""rf2.analysis.results on a multirun folder fabricated here, with hand-checkable fairness numbers.
 
 Sweep: optimization {none, exclude_low} x population {independent, popularity-dirichlet}
 x seed {1, 2}; tiers low/mid/high; rounds 0..3. The reference ("none") reaches BASE at
@@ -16,9 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from rf2.config import RunConfig
-from rf2.errors import UserInputError
-from rf2.results import (
+from rf2.analysis.results import (
     CONFIG_COLUMNS,
     ResultsError,
     ResultsWarning,
@@ -29,7 +27,9 @@ from rf2.results import (
     load_wide,
     to_parquet,
 )
-from rf2.typed import to_dict
+from rf2.core.config import RunConfig
+from rf2.core.errors import UserInputError
+from rf2.core.typed import to_dict
 
 TIERS = ("low", "mid", "high")
 BASE = {"low": 0.1, "mid": 0.2, "high": 0.4}
@@ -76,7 +76,7 @@ def write_run(folder: Path, optimization: str, population: str, seed: int) -> No
     (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     lines = [json.dumps(r) for r in rows_for(optimization, population, seed)]
     (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    (folder / "population.json").write_text(json.dumps({  # as rf2.population writes it
+    (folder / "population.json").write_text(json.dumps({  # as rf2.hetero.population writes it
         "num_users": 30, "num_interactions": 600, "mean_cross_tier_jaccard": 0.2,
         "tiers": {t: {"users": 10, "share": 1 / 3, "mean_history": 20.0 + i}
                   for i, t in enumerate(TIERS)},

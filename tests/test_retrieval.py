@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rf2.evaluation import topk_metrics
-from rf2.metrics import ranking_metrics
+from rf2.eval.evaluation import topk_metrics
+from rf2.eval.ranking import ranking_metrics
 from rf2.model.hier_index import hard_codes, residual_kmeans
 from rf2.model.retrieval import BeamSearchRetriever, BruteForceRetriever, FaissIVFRetriever
 

@@ -2,7 +2,7 @@
 (Li et al.), q-FFL/FedProx composed with a FedOpt step, and the pre-computed-mean glue.
 
 Messages are built by hand, the way Flower's engine would: server messages need the
-task identity set (as ``rf2.simulation.InProcessGrid`` does), replies use ``reply_to``.
+task identity set (as ``rf2.fl.simulation.InProcessGrid`` does), replies use ``reply_to``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.strategy import QFedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from rf2.config import ClientConfig, StrategyConfig
-from rf2.local_training import train_locally
+from rf2.core.config import ClientConfig, StrategyConfig
+from rf2.model.local_training import train_locally
 from rf2.strategies import build_strategy
 from rf2.strategies.merge import aggregate_precomputed
 from rf2.strategies.qffl import needs_each_reply

@@ -21,11 +21,11 @@ import nbformat
 import pytest
 import yaml
 
-from rf2.cli_support import precheck_overrides
-from rf2.config import load_run_config
-from rf2.errors import ConfigError
-from rf2.results import find_runs
-from rf2.tensorboard_log import TensorBoardLogger, check_available, scalars_of
+from rf2.analysis.results import find_runs
+from rf2.cli.support import precheck_overrides
+from rf2.core.config import load_run_config
+from rf2.core.errors import ConfigError
+from rf2.runs.tensorboard_log import TensorBoardLogger, check_available, scalars_of
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "fairness_gap.ipynb"
@@ -202,7 +202,7 @@ def test_quick_study_sweep_figures_and_notebook(quick_sweep: Path) -> None:
 
     # 2. rf2-figures on the folder: PNG and PDF of every figure
     out = quick_sweep.parent / "figures"
-    proc = subprocess.run([sys.executable, "-m", "rf2.figures", str(quick_sweep), "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "rf2.analysis.figures", str(quick_sweep), "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "MDAC" in proc.stdout and "exclude-low" in proc.stdout

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from conftest import small_run
 
-from rf2.cli_support import run_job
-from rf2.config import load_run_config
-from rf2.errors import ConfigError
+from rf2.cli.support import run_job
+from rf2.core.config import load_run_config
+from rf2.core.errors import ConfigError
 
 
 def run(tmp_path: Path, name: str, **overrides: object) -> list[dict]:

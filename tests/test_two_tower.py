@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rf2.config import ModelConfig
+from rf2.core.config import ModelConfig
 from rf2.data.base import FederatedDataset
 from rf2.model import PAD, TwoTower, build_model, eval_histories, user_examples
 
@@ -180,7 +180,7 @@ def test_sampled_softmax_estimates_full_loss() -> None:
 
 
 def test_num_training_examples_matches_user_examples() -> None:
-    from rf2.config import DatasetConfig
+    from rf2.core.config import DatasetConfig
     from rf2.data import load_dataset
     from rf2.model.examples import num_training_examples
 

@@ -10,12 +10,12 @@ from conftest import read_rows, small_run, without_timing
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from rf2.cli_support import run_job
-from rf2.config import SimulationConfig, load_run_config
-from rf2.errors import ConfigError
-from rf2.params import numpy_to_record
-from rf2.simulation import users_per_message
-from rf2.user_batch import batch_instruction, pack_results, unpack_reply, user_configs
+from rf2.cli.support import run_job
+from rf2.core.config import SimulationConfig, load_run_config
+from rf2.core.errors import ConfigError
+from rf2.fl.params import numpy_to_record
+from rf2.fl.simulation import users_per_message
+from rf2.fl.user_batch import batch_instruction, pack_results, unpack_reply, user_configs
 
 
 @pytest.fixture

@@ -2,12 +2,14 @@
 
 ``load_dataset`` is the one entry point the rest of rf2 uses. It never downloads
 anything: MovieLens and LightGCN files are read from ``cfg.path``, and every problem
-with them is a :class:`rf2.errors.DataError` naming the file (and line).
+with them is a :class:`rf2.core.errors.DataError` naming the file (and line).
+
+May import: rf2.core (never Flower, Ray or torch).
 """
 
 from __future__ import annotations
 
-from rf2.config import DatasetConfig
+from rf2.core.config import DatasetConfig
 from rf2.data.base import FederatedDataset, Interactions
 from rf2.data.lightgcn import load_lightgcn
 from rf2.data.movielens import load_movielens1m, load_movielens20m, load_movielens100k

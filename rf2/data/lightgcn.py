@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from rf2.core.errors import DataError
 from rf2.data.base import FederatedDataset
 from rf2.data.movielens import require_dir, require_file
-from rf2.errors import DataError
 
 _WRONG_SEPARATORS = (",", ";", "|", "::", ":")
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from rf2.core.errors import DataError
 from rf2.data.base import Interactions
 from rf2.data.split import compact_users
-from rf2.errors import DataError
 
 Columns = tuple[tuple[str, type], ...]
 # 32-bit ids/ratings halve the memory of MovieLens-20M's 20M rows (ids fit easily).

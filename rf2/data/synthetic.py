@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rf2.config import DatasetConfig
+from rf2.core.config import DatasetConfig
 from rf2.data.base import Interactions
 
 DRIFT = 0.2  # share of group-driven clicks that has moved to the second cluster by the end

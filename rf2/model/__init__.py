@@ -1,8 +1,11 @@
-"""Global models (no per-user parameters) and the examples a client trains them on."""
+"""Global models (no per-user parameters) and the examples a client trains them on.
+
+May import: rf2.core, rf2.data and torch (never Flower or Ray).
+"""
 
 from __future__ import annotations
 
-from rf2.config import ModelConfig
+from rf2.core.config import ModelConfig
 from rf2.data.base import FederatedDataset
 from rf2.model.examples import PAD, eval_histories, user_examples
 from rf2.model.hier_index import HierIndexModel

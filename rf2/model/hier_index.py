@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rf2.config import ModelConfig
+from rf2.core.config import ModelConfig
 from rf2.model.retrieval import BeamSearchRetriever, BruteForceRetriever
 from rf2.model.two_tower import TwoTower
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rf2.config import IndexConfig, ModelConfig
+from rf2.core.config import IndexConfig, ModelConfig
 from rf2.data.base import FederatedDataset
 from rf2.model.examples import user_examples
 from rf2.model.hier_index import HierIndexModel

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rf2.config import ModelConfig
+from rf2.core.config import ModelConfig
 from rf2.data.base import FederatedDataset
 
 PAD = -1

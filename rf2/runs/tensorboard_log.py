@@ -11,7 +11,7 @@ shows one metric across tiers. Events go to ``<run_dir>/tensorboard/``:
 
 ``metrics.jsonl`` stays the record of a run; this is a live view of it. Needs the
 ``tensorboard`` package (``pip install rf2[tensorboard]``); without it, asking for
-TensorBoard is a :class:`~rf2.errors.ConfigError` (one line, exit status 2).
+TensorBoard is a :class:`~rf2.core.errors.ConfigError` (one line, exit status 2).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from rf2.errors import ConfigError
+from rf2.core.errors import ConfigError
 
 __all__ = ["LOG_DIR", "PREFIXES", "TensorBoardLogger", "check_available", "scalars_of"]
 

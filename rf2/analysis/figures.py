@@ -1,7 +1,7 @@
 """Figures from run folders: per-tier curves, RF²'s fairness-gap bars, participation.
 
 Console script ``rf2-figures MULTIRUN_DIR [--out DIR] [--metric recall@20]`` (also
-``python -m rf2.figures``). The plot functions take a :func:`rf2.results.load` frame and
+``python -m rf2.analysis.figures``). The plot functions take a :func:`rf2.analysis.results.load` frame and
 return a matplotlib ``Figure`` built with the object API (no pyplot), so a notebook can
 call them under any backend without global figure state; ``main`` renders with Agg.
 No torch, no Flower: this runs on a laptop with pandas and matplotlib.
@@ -21,8 +21,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from rf2.errors import UserInputError
-from rf2.results import (
+from rf2.analysis.results import (
     MATCH_COLUMNS,
     FairnessTables,
     ResultsError,
@@ -31,6 +30,7 @@ from rf2.results import (
     order_tiers,
     tier_metric,
 )
+from rf2.core.errors import UserInputError
 
 __all__ = ["main", "plot_fairness_gap", "plot_participation", "plot_tier_curves"]
 

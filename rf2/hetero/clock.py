@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from rf2.config import RoundConfig
-from rf2.population import Population
+from rf2.core.config import RoundConfig
+from rf2.hetero.population import Population
 
 _STREAM_ONLINE, _STREAM_SPEED, _STREAM_DROPOUT = 21, 22, 23
 

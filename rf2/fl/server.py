@@ -19,22 +19,22 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from rf2.clock import SimClock, num_to_select, tier_counts
-from rf2.config import RunConfig
-from rf2.evaluation import Evaluator
-from rf2.faults import FAULT_REASONS, screen_reply
-from rf2.heterofl import aggregate_heterofl, full_spec, pad
-from rf2.params import load_numpy_into, numpy_to_record, record_to_numpy
-from rf2.population import Population
-from rf2.progress import ProgressPrinter
-from rf2.round_grid import RoundGrid
-from rf2.row_averaging import aggregate_rows, item_row_params, mask_untouched, touched_rows_for
-from rf2.run_folder import RunFolder
-from rf2.selection import ClientSelector
+from rf2.core.config import RunConfig
+from rf2.eval.evaluation import Evaluator
+from rf2.fl.params import load_numpy_into, numpy_to_record, record_to_numpy
+from rf2.fl.progress import ProgressPrinter
+from rf2.fl.round_grid import RoundGrid
+from rf2.fl.selection import ClientSelector
+from rf2.fl.tier_settings import TierSettings
+from rf2.hetero.clock import SimClock, num_to_select, tier_counts
+from rf2.hetero.faults import FAULT_REASONS, screen_reply
+from rf2.hetero.population import Population
+from rf2.optim.heterofl import aggregate_heterofl, full_spec, pad
+from rf2.optim.row_averaging import aggregate_rows, item_row_params, mask_untouched, touched_rows_for
+from rf2.runs.run_folder import RunFolder
+from rf2.runs.tensorboard_log import TensorBoardLogger
 from rf2.strategies.merge import aggregate_precomputed
 from rf2.strategies.state import load_strategy_state, strategy_state
-from rf2.tensorboard_log import TensorBoardLogger
-from rf2.tier_settings import TierSettings
 
 log = logging.getLogger(__name__)
 

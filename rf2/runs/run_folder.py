@@ -1,6 +1,6 @@
 """Writing a run folder: append-only metrics, resolved config, atomic checkpoints.
 
-Layout (the stable format; ``rf2.results`` reads it)::
+Layout (the stable format; ``rf2.analysis.results`` reads it)::
 
     config.yaml        resolved RunConfig
     population.json    per-tier population summary

@@ -25,7 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from rf2.config import SimulationConfig
+from rf2.core.config import SimulationConfig
 
 ServerMain = Callable[[Grid, Context], None]
 
@@ -194,7 +194,7 @@ def _launch_ray(
     import ray
     from flwr.simulation import run_simulation
 
-    from rf2.prompt_delivery import PromptGrid, PushedNodes, prompt_delivery
+    from rf2.fl.prompt_delivery import PromptGrid, PushedNodes, prompt_delivery
 
     server_app = ServerApp()
     pushed = PushedNodes()

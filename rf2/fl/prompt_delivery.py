@@ -31,7 +31,7 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from rf2.grid_view import GridView
+from rf2.fl.grid_view import GridView
 
 # How often the ServerApp checks for replies (Flower's default: 0.1 s).
 REPLY_POLL_S = 0.003
@@ -116,7 +116,7 @@ def check_engine_hooks() -> None:
     ):
         raise RuntimeError(
             "flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue changed; "
-            "rf2.prompt_delivery supports flwr 1.42.x"
+            "rf2.fl.prompt_delivery supports flwr 1.42.x"
         )
 
 

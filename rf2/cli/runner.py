@@ -11,30 +11,33 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from flwr.serverapp.strategy import Strategy
 
-from rf2.client import client_spec_from, make_client_app, worker_state
-from rf2.clock import SimClock
-from rf2.config import RunConfig
+from rf2.core.config import RunConfig
+from rf2.core.typed import check, to_dict
 from rf2.data import load_dataset
 from rf2.data.base import FederatedDataset
-from rf2.devices import DeviceProfile, load_profile
-from rf2.evaluation import Evaluator
+from rf2.eval.evaluation import Evaluator
+from rf2.fl.client import client_spec_from, make_client_app, worker_state
+from rf2.fl.params import load_numpy_into, state_to_numpy
+from rf2.fl.selection import ClientSelector
+from rf2.fl.server import FederatedServer, ServerState, restore_state
+from rf2.fl.simulation import launch, users_per_message
+from rf2.fl.tier_settings import TierSettings
+from rf2.hetero.clock import SimClock
+from rf2.hetero.devices import DeviceProfile, load_profile
+from rf2.hetero.population import Population, assign_tiers, population_summary
 from rf2.model import build_model
 from rf2.model.examples import num_training_examples
 from rf2.model.ttt import ttt_if_enabled
-from rf2.params import load_numpy_into, state_to_numpy
-from rf2.population import Population, assign_tiers, population_summary
-from rf2.run_folder import RunFolder
-from rf2.selection import ClientSelector
-from rf2.server import FederatedServer, ServerState, restore_state
-from rf2.simulation import launch, users_per_message
+from rf2.runs.run_folder import RunFolder
 from rf2.strategies import build_strategy
-from rf2.tier_settings import TierSettings
-from rf2.typed import check, to_dict
+
+if TYPE_CHECKING:  # Flower is imported by rf2.fl and rf2.strategies only
+    from flwr.serverapp.strategy import Strategy
 
 log = logging.getLogger(__name__)
 

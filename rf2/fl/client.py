@@ -1,4 +1,4 @@
-"""Flower ClientApp: one message = the local training of a batch of users (``rf2.user_batch``).
+"""Flower ClientApp: one message = the local training of a batch of users (``rf2.fl.user_batch``).
 
 A Flower SuperNode here is a transport slot, not a user: the server names the user
 (``partition-id``) in each message. Mapping one SuperNode per user would make Flower's
@@ -21,25 +21,25 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from rf2.compression import compress_update
-from rf2.config import DatasetConfig, ModelConfig
+from rf2.core.config import DatasetConfig, ModelConfig
+from rf2.core.typed import from_dict, to_dict
 from rf2.data import load_dataset
 from rf2.data.base import FederatedDataset
-from rf2.faults import apply_injected_fault
-from rf2.heterofl import extract, kept, rules_for, slice_spec
-from rf2.local_training import train_locally
-from rf2.model import build_model
-from rf2.model.examples import user_examples
-from rf2.params import (
+from rf2.fl.params import (
     load_numpy_into,
     num_bytes,
     numpy_to_record,
     record_to_numpy,
     state_to_numpy,
 )
-from rf2.row_averaging import touched_items
-from rf2.typed import from_dict, to_dict
-from rf2.user_batch import pack_results, user_configs
+from rf2.fl.user_batch import pack_results, user_configs
+from rf2.hetero.faults import apply_injected_fault
+from rf2.model import build_model
+from rf2.model.examples import user_examples
+from rf2.model.local_training import train_locally
+from rf2.optim.compression import compress_update
+from rf2.optim.heterofl import extract, kept, rules_for, slice_spec
+from rf2.optim.row_averaging import touched_items
 
 
 @dataclass(frozen=True)

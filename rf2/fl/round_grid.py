@@ -5,7 +5,7 @@ from ``os.urandom`` (not reproducible, flower issue 3328). rf2 selects clients i
 seeded and by partition id, and hands the strategy a grid whose ``get_node_ids()`` is
 exactly the slots this round uses, so the strategy's own ``configure_train``
 (FedProx's mu injection, FedOpt's snapshot of the current arrays, ...) runs unchanged.
-On the way out each message is addressed to its batch of users (``rf2.user_batch``:
+On the way out each message is addressed to its batch of users (``rf2.fl.user_batch``:
 partition ids, tier settings); on the way back each batch reply is unpacked into one
 reply per user, returned in partition-id order, so aggregation is identical whatever
 order clients finish in and however users are batched.
@@ -19,8 +19,8 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from rf2.grid_view import GridView
-from rf2.user_batch import batch_instruction, unpack_reply
+from rf2.fl.grid_view import GridView
+from rf2.fl.user_batch import batch_instruction, unpack_reply
 
 
 class RoundGrid(GridView):

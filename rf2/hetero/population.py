@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from rf2.config import PopulationConfig
+from rf2.core.config import PopulationConfig
 from rf2.data.base import FederatedDataset
-from rf2.devices import DeviceProfile
+from rf2.hetero.devices import DeviceProfile
 
 # Independent random streams per purpose, so e.g. the device draws of a user do not
 # change when only the tier-assignment mode changes.

@@ -19,8 +19,8 @@ from typing import Any, Literal
 import numpy as np
 import yaml
 
-from rf2.errors import ConfigError, ProfileError
-from rf2.typed import check, from_dict
+from rf2.core.errors import ConfigError, ProfileError
+from rf2.core.typed import check, from_dict
 
 DistributionKind = Literal["constant", "lognormal", "normal"]
 

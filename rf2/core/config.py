@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from rf2.typed import check, from_dict
+from rf2.core.typed import check, from_dict
 
 DatasetName = Literal["synthetic", "movielens100k", "movielens1m", "movielens20m", "lightgcn"]
 
@@ -246,8 +246,8 @@ class SimulationConfig:
     # Seconds to wait for one round's replies before counting the missing ones as faults.
     round_timeout_s: float = 600.0
     # Users carried by one Flower message (each still trains and replies on its own;
-    # rf2.user_batch). 0 = auto: ~5 users per message, 1 to 4 messages per client worker
-    # (rf2.simulation.users_per_message).
+    # rf2.fl.user_batch). 0 = auto: ~5 users per message, 1 to 4 messages per client worker
+    # (rf2.fl.simulation.users_per_message).
     users_per_message: int = 0
 
     def validate(self, path: str = "simulation") -> None:
@@ -325,10 +325,6 @@ class RunConfig:
               "an integer >= 1")
         check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every,
               "an integer >= 0")
-        if self.tensorboard:
-            from rf2.tensorboard_log import check_available
-
-            check_available()
 
 
 def load_run_config(data: dict[str, Any]) -> RunConfig:

@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from rf2.compression import FLOAT_BYTES, update_bytes
-from rf2.config import OptimizationConfig
-from rf2.heterofl import Spec, extract, rules_for, slice_spec, sub_shapes
-from rf2.population import Population
+from rf2.core.config import OptimizationConfig
+from rf2.hetero.population import Population
+from rf2.optim.compression import FLOAT_BYTES, update_bytes
+from rf2.optim.heterofl import Spec, extract, rules_for, slice_spec, sub_shapes
 
 
 class TierSettings:

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from rf2.data.base import FederatedDataset
-from rf2.metrics import activity_quartile, fairness_summary, group_means, ranking_metrics
+from rf2.eval.fairness import activity_quartile, fairness_summary, group_means
+from rf2.eval.ranking import ranking_metrics
 from rf2.model.examples import eval_histories
 from rf2.model.retrieval import Retriever
 

@@ -1,5 +1,5 @@
 """A Flower Grid that forwards every call to another Grid: the base of rf2's grid views
-(:class:`rf2.round_grid.RoundGrid`, :class:`rf2.prompt_delivery.PromptGrid`), which
+(:class:`rf2.fl.round_grid.RoundGrid`, :class:`rf2.fl.prompt_delivery.PromptGrid`), which
 override only what they change."""
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from rf2.errors import UserInputError
+from rf2.core.errors import UserInputError
 
 __all__ = ["CONFIG_COLUMNS", "FairnessTables", "ResultsError", "ResultsWarning",
            "fairness_gap_table", "find_runs", "load", "load_population", "load_wide",
@@ -232,7 +232,7 @@ def order_tiers(names: Sequence[str]) -> list[str]:
 def tier_metric(df: pd.DataFrame, metric: str = "recall@20") -> pd.DataFrame:
     """Rows of ``tier/<tier>/<metric>`` from a :func:`load` frame, with a ``tier`` column."""
     if "metric" not in df:
-        raise ResultsError("expected the long frame of rf2.results.load() (no 'metric' column)")
+        raise ResultsError("expected the long frame of rf2.analysis.results.load() (no 'metric' column)")
     parts = df["metric"].str.extract(_TIER_KEY)
     mask = (parts[1] == metric).to_numpy()
     rows = df[mask].drop(columns="metric")

@@ -11,7 +11,7 @@ import types
 import typing
 from typing import Any, TypeVar, Union, get_args, get_origin
 
-from rf2.errors import ConfigError
+from rf2.core.errors import ConfigError
 
 T = TypeVar("T")
 

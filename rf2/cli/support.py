@@ -10,10 +10,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from rf2.config import RunConfig, load_run_config
-from rf2.errors import ConfigError, UserInputError
-from rf2.run_folder import METRICS, RunFolder
-from rf2.typed import to_dict
+from rf2.core.config import RunConfig, load_run_config
+from rf2.core.errors import ConfigError, UserInputError
+from rf2.core.typed import to_dict
+from rf2.runs.run_folder import METRICS, RunFolder
 
 GROUPS = ("dataset", "model", "strategy", "devices", "population", "optimization",
           "simulation", "experiment")
@@ -121,7 +121,12 @@ def remove_unused_run_dir(run_dir: Path) -> None:
 def run_job(data: dict[str, Any], run_dir: Path, overrides: list[str] | None = None) -> Path:
     """Validate ``data`` (a composed config), then run it (or resume) into ``run_dir``."""
     cfg = load_run_config(data)  # before the heavy imports: config errors come back fast
-    from rf2.runner import execute, prepare
+    if cfg.tensorboard:
+        # An environment pre-check, not a config rule: the core layer stays dependency-free.
+        from rf2.runs.tensorboard_log import check_available
+
+        check_available()
+    from rf2.cli.runner import execute, prepare
 
     quiet_frameworks(cfg.debug)
     if cfg.resume:

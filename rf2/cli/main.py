@@ -1,0 +1,69 @@
+"""The ``rf2`` command (also ``python -m rf2``): a Hydra app over ``rf2.conf``.
+
+    rf2                                   # synthetic data, FedAvg + Adagrad, Ray
+    rf2 dataset=movielens100k dataset.path=/data/ml-100k num_rounds=100
+    rf2 -m strategy=fedavg,fedprox,qffl seed=1,2,3   # a sweep (Hydra multirun)
+    rf2 resume=outputs/2026-11-28/12-00-00-000000   # continue a run folder
+
+Bad input prints one line naming the field, the value and what is allowed, and exits
+with status 2 (``debug=true`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from rf2.core.errors import UserInputError
+from rf2.runs.run_folder import RunFolderError
+
+log = logging.getLogger("rf2")
+
+
+def run_from_hydra(cfg: DictConfig) -> Path | None:
+    from rf2.cli.support import remove_unused_run_dir, run_job
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    data = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(data, dict)
+    debug = bool(data.get("debug", False))
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+        return run_job(data, run_dir, overrides)  # type: ignore[arg-type]
+    except RunFolderError as ex:
+        # Full disk, read-only folder: earlier rounds stay intact (appends are whole
+        # lines, checkpoints are renamed into place) and `resume=` can continue later.
+        if debug:
+            traceback.print_exc()
+        print(f"rf2: {ex}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except UserInputError as ex:
+        remove_unused_run_dir(run_dir)
+        if debug:
+            traceback.print_exc()
+        print(f"rf2: {ex}", file=sys.stderr, flush=True)
+        sys.exit(ex.exit_code)
+
+
+_hydra_main = hydra.main(version_base="1.3", config_path="pkg://rf2.conf", config_name="config")(
+    run_from_hydra
+)
+
+
+def main() -> None:
+    from rf2.cli.support import precheck_overrides, preflight_output_dir
+
+    sys.argv[1:] = precheck_overrides(sys.argv[1:])
+    if not any(a in ("--help", "-h", "--cfg", "-c", "--info") for a in sys.argv[1:]):
+        preflight_output_dir(sys.argv[1:])
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,8 @@
+"""The federated layer: Flower ServerApp round loop (``server``), ClientApp (``client``),
+the launcher that starts Ray or the in-process backend (``simulation``, the only Ray
+caller), the transport (``round_grid``, ``grid_view``, ``prompt_delivery``,
+``user_batch``, ``params``), seeded client selection (``selection``), per-tier client
+settings (``tier_settings``) and the progress line (``progress``).
+
+May import: everything above it (core, data, model, hetero, optim, eval, runs), rf2.strategies, Flower, Ray.
+"""
