@@ -21,10 +21,11 @@ from rf2.core.typed import check, to_dict
 from rf2.data import load_dataset
 from rf2.data.base import FederatedDataset
 from rf2.eval.evaluation import Evaluator
+from rf2.fl.checkpointing import ServerState, restore_state
 from rf2.fl.client import client_spec_from, make_client_app, worker_state
 from rf2.fl.params import load_numpy_into, state_to_numpy
 from rf2.fl.selection import ClientSelector
-from rf2.fl.server import FederatedServer, ServerState, restore_state
+from rf2.fl.server import FederatedServer, ServerSetup
 from rf2.fl.simulation import launch, users_per_message
 from rf2.fl.tier_settings import TierSettings
 from rf2.hetero.clock import SimClock
@@ -118,9 +119,10 @@ def execute(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Pat
     per_message = users_per_message(cfg.simulation, cfg.clients_per_round)
     max_clients = max(1, min(cfg.clients_per_round, len(selector.eligible)))
     num_slots = -(-max_clients // per_message)
-    server = FederatedServer(cfg, prep.population, prep.num_examples, prep.model,
-                             prep.strategy, evaluator, folder, state, tiers, num_slots,
-                             per_message)
+    setup = ServerSetup(cfg=cfg, num_examples=prep.num_examples, model=prep.model,
+                        strategy=prep.strategy, evaluator=evaluator, folder=folder, tiers=tiers,
+                        num_slots=num_slots, users_per_message=per_message)
+    server = FederatedServer(setup, state)
     spec = client_spec_from(cfg.dataset, cfg.model, cfg.seed)
     if cfg.simulation.backend == "inprocess":
         worker_state(spec, prep.dataset)  # clients run here: share the loaded dataset

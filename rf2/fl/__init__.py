@@ -1,4 +1,5 @@
-"""The federated layer: Flower ServerApp round loop (``server``), ClientApp (``client``),
+"""The federated layer: Flower ServerApp round loop (``server``) and its collaborators
+(``dispatch``, ``screening``, ``traffic``, ``aggregation``, ``checkpointing``), ClientApp (``client``),
 the launcher that starts Ray or the in-process backend (``simulation``, the only Ray
 caller), the transport (``round_grid``, ``grid_view``, ``prompt_delivery``,
 ``user_batch``, ``params``), seeded client selection (``selection``), per-tier client

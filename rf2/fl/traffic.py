@@ -1,0 +1,40 @@
+"""Traffic accounting: per tier, who trained, on how many examples, and the bytes moved.
+
+Counts only the usable replies (those aggregated): bytes down are the tier's model size
+(its HeteroFL slice), bytes up what the client reports after pruning / quantization.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rf2.fl.screening import UsableReply
+from rf2.fl.tier_settings import TierSettings
+
+
+class TrafficMeter:
+    def __init__(self, tiers: TierSettings, num_examples: np.ndarray) -> None:
+        self.tiers = tiers
+        self.num_examples = num_examples  # (num_users,) local training examples per user
+
+    def row(self, usable: list[UsableReply]) -> dict[str, float]:
+        """``tier/<t>/{trained,examples,examples_share,bytes_down,bytes_up}`` and the
+        round's total ``bytes_down`` / ``bytes_up``."""
+        names = self.tiers.population.tier_names
+        out: dict[str, float] = {}
+        for name in names:
+            for what in ("trained", "examples", "bytes_down", "bytes_up"):
+                out[f"tier/{name}/{what}"] = 0
+        for r in usable:
+            tier = self.tiers.tier_of(r.user)
+            t = names[tier]
+            out[f"tier/{t}/trained"] += 1
+            out[f"tier/{t}/examples"] += int(self.num_examples[r.user])
+            out[f"tier/{t}/bytes_down"] += int(self.tiers.bytes_down[tier])
+            out[f"tier/{t}/bytes_up"] += int(r.message.content["metrics"]["bytes-up"])
+        total = sum(out[f"tier/{n}/examples"] for n in names) or 1
+        for name in names:
+            out[f"tier/{name}/examples_share"] = out[f"tier/{name}/examples"] / total
+        out["bytes_up"] = sum(out[f"tier/{n}/bytes_up"] for n in names)
+        out["bytes_down"] = sum(out[f"tier/{n}/bytes_down"] for n in names)
+        return out
