@@ -38,6 +38,24 @@ def ml100k_path() -> Path | None:
     return None
 
 
+def amazon_cds_path() -> Path | None:
+    """Amazon-CDs RecBole files: $RF2_AMAZON_CDS, else shared/data/amazon-cds beside the
+    checkout (or beside its parent folder, for a git worktree one level down)."""
+    env = os.environ.get("RF2_AMAZON_CDS")
+    candidates = [Path(env)] if env else []
+    candidates += [base / "shared" / "data" / "amazon-cds" for base in REPO.parents[:2]]
+    return next((p for p in candidates if (p / "amazon-cds.inter").is_file()), None)
+
+
+@pytest.fixture
+def amazon_cds() -> Path:
+    path = amazon_cds_path()
+    if path is None:
+        pytest.skip("amazon-cds not available (set RF2_AMAZON_CDS or provide "
+                    "../shared/data/amazon-cds)")
+    return path
+
+
 @pytest.fixture
 def ml100k() -> Path:
     path = ml100k_path()

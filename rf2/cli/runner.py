@@ -81,6 +81,16 @@ def prepare(cfg: RunConfig) -> PreparedRun:
     return PreparedRun(cfg, dataset, profile, population, model, strategy, num_examples)
 
 
+def data_summary(cfg: RunConfig, dataset: FederatedDataset) -> dict[str, object]:
+    """``data.json``: sizes, the split used and (random split) the seed that drew it."""
+    out = dataset.summary()
+    if dataset.split == "random":
+        out["split_seed"] = cfg.seed if cfg.dataset.split_seed is None else cfg.dataset.split_seed
+    if dataset.split != "given":
+        out["train_fraction"] = cfg.dataset.train_fraction
+    return out
+
+
 def eligible_users(prep: PreparedRun) -> np.ndarray:
     """Users that may be selected: with local examples, not in an excluded tier."""
     names = prep.population.tier_names
@@ -109,6 +119,7 @@ def execute(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Pat
         else:
             folder.create(to_dict(cfg))
         folder.write_json("population.json", population_summary(prep.dataset, prep.population))
+        folder.write_json("data.json", data_summary(cfg, prep.dataset))
         state = ServerState(round=0, arrays=state_to_numpy(prep.model), selector=selector,
                             clock=clock)
     evaluator = Evaluator(prep.dataset, cfg.eval.ks, cfg.eval.batch_size,

@@ -13,16 +13,25 @@ from typing import Any, Literal
 
 from rf2.core.typed import check, from_dict
 
-DatasetName = Literal["synthetic", "movielens100k", "movielens1m", "movielens20m", "lightgcn"]
+DatasetName = Literal[
+    "synthetic", "movielens100k", "movielens1m", "movielens20m", "lightgcn", "recbole"
+]
 
 
 @dataclass
 class DatasetConfig:
     name: DatasetName = "synthetic"
     # Directory holding the dataset's files (MovieLens: u.data/ratings.dat/ratings.csv;
-    # lightgcn: train.txt/test.txt). Unused by ``synthetic``.
+    # lightgcn: train.txt/test.txt; recbole: NAME.inter). Unused by ``synthetic``.
     path: str | None = None
-    # Implicit click = rating >= click_threshold (RF²: 5 stars on MovieLens).
+    # recbole: the atomic files' NAME (DIR/NAME.inter); null = the directory's name.
+    name_in_dir: str | None = None
+    # recbole: a token/token_seq column of NAME.item used as multi-hot item genres.
+    genre_field: str | None = None
+    # Seed of the per-user random split of data without timestamps; null = the run seed.
+    split_seed: int | None = None
+    # Implicit click = rating >= click_threshold (RF²: 5 stars on MovieLens; recbole:
+    # applies only when NAME.inter has a rating column, else every row is a click).
     click_threshold: float = 5.0
     # Per user, first ``train_fraction`` of clicks in time order train, the rest test.
     train_fraction: float = 0.9

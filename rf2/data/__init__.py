@@ -9,10 +9,13 @@ May import: rf2.core (never Flower, Ray or torch).
 
 from __future__ import annotations
 
+import dataclasses
+
 from rf2.core.config import DatasetConfig
 from rf2.data.base import FederatedDataset, Interactions
 from rf2.data.lightgcn import load_lightgcn
 from rf2.data.movielens import load_movielens1m, load_movielens20m, load_movielens100k
+from rf2.data.recbole import RecBoleData, load_recbole
 from rf2.data.split import (
     histories_before_test,
     history_before_test,
@@ -49,18 +52,32 @@ def load_interactions(cfg: DatasetConfig, seed: int) -> Interactions:
         return generate_synthetic(cfg, seed).interactions
     if cfg.name in _MOVIELENS:
         return _MOVIELENS[cfg.name](cfg.path, cfg.click_threshold)
+    if cfg.name == "recbole":
+        return _recbole(cfg, seed).interactions
     raise ValueError(f"dataset {cfg.name!r} has no unsplit interactions")
 
 
 def load_dataset(cfg: DatasetConfig, seed: int) -> FederatedDataset:
     """Load ``cfg.name`` and split it per user in time (see :mod:`rf2.data.split`).
 
-    ``seed`` only matters for ``synthetic``; file datasets are deterministic.
+    ``seed`` matters for ``synthetic`` and for the random split of ``recbole`` data
+    without timestamps (``cfg.split_seed`` overrides it); other files are deterministic.
     ``lightgcn`` keeps its published train/test split instead of re-splitting.
     """
     if cfg.name == "lightgcn":
-        return load_lightgcn(cfg.path, cfg.history_len)
+        return dataclasses.replace(load_lightgcn(cfg.path, cfg.history_len), split="given")
+    if cfg.name == "recbole":
+        data = _recbole(cfg, seed)
+        ds = split_interactions(data.interactions, cfg.name, cfg.train_fraction, cfg.history_len)
+        split = "chronological" if data.has_timestamp else "random"
+        return dataclasses.replace(ds, split=split, report=data.report)
     if cfg.name != "synthetic" and cfg.name not in _MOVIELENS:
         raise ValueError(f"unknown dataset {cfg.name!r}")
     inter = load_interactions(cfg, seed)
     return split_interactions(inter, cfg.name, cfg.train_fraction, cfg.history_len)
+
+
+def _recbole(cfg: DatasetConfig, seed: int) -> RecBoleData:
+    split_seed = seed if cfg.split_seed is None else cfg.split_seed
+    return load_recbole(cfg.path, cfg.name_in_dir, cfg.click_threshold, split_seed,
+                        cfg.genre_field)

@@ -41,6 +41,11 @@ class FederatedDataset:
     history_len: int
     item_genres: np.ndarray | None = None  # (num_items, G) float32 multi-hot
     genre_names: tuple[str, ...] = ()
+    # How train/test were made: "chronological" (per user by time), "random" (seeded
+    # per-user order, for data without timestamps) or "given" (a published split).
+    split: str = "chronological"
+    # Loader's account of reading and filtering (rows read, users dropped, ...).
+    report: dict[str, object] | None = None
 
     def train_of(self, user: int) -> np.ndarray:
         return self.train_items[self.train_indptr[user] : self.train_indptr[user + 1]]
@@ -63,6 +68,18 @@ class FederatedDataset:
     def history_before_test(self, user: int) -> np.ndarray:
         """The last ``history_len`` train clicks: the user's features at test time."""
         return self.train_of(user)[-self.history_len :]
+
+    def summary(self) -> dict[str, object]:
+        """What a run folder records about the data (``data.json``): sizes and the split."""
+        return {
+            "name": self.name, "split": self.split,
+            "users": self.num_users, "items": self.num_items,
+            "train_interactions": int(self.train_items.size),
+            "test_interactions": int(self.test_items.size),
+            "users_with_test": int((self.test_counts > 0).sum()),
+            "genres": self.num_genres,
+            **({"loader": self.report} if self.report else {}),
+        }
 
     def item_popularity(self) -> np.ndarray:
         """(num_items,) train click counts per item."""

@@ -4,6 +4,7 @@ Layout (the stable format; ``rf2.analysis.results`` reads it)::
 
     config.yaml        resolved RunConfig
     population.json    per-tier population summary
+    data.json          dataset sizes and the train/test split used (chronological/random/given)
     metrics.jsonl      one JSON object per round (round 0 = before training)
     checkpoints/round_NNNNNN/{arrays.npz,state.json}   resumable state, atomic
     model.pt           final global model (state_dict of tensors only)
