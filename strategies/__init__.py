@@ -1,8 +1,11 @@
 """Server strategies, built on ``flwr.serverapp.strategy`` (thin subclasses, one hook each).
 
-``build_strategy`` is the ``_target_`` of every ``conf/strategy/*.yaml``.
+The run's strategy comes from ``strategy._target_`` (``instantiate_strategy``):
+``build_strategy`` is the ``_target_`` of every shipped ``conf/strategy/*.yaml``; a
+user's own Strategy class can be named there instead (README: "Write your own strategy").
 """
 
 from rf2.strategies.build import build_strategy
+from rf2.strategies.instantiate import instantiate_strategy
 
-__all__ = ["build_strategy"]
+__all__ = ["build_strategy", "instantiate_strategy"]

@@ -35,7 +35,7 @@ from rf2.model import build_model
 from rf2.model.examples import num_training_examples
 from rf2.model.ttt import ttt_if_enabled
 from rf2.runs.run_folder import RunFolder
-from rf2.strategies import build_strategy
+from rf2.strategies import instantiate_strategy
 
 if TYPE_CHECKING:  # Flower is imported by rf2.fl and rf2.strategies only
     from flwr.serverapp.strategy import Strategy
@@ -76,7 +76,7 @@ def prepare(cfg: RunConfig) -> PreparedRun:
               f"tiers of profile {profile.name}: {', '.join(tier_names)}")
     population = assign_tiers(dataset, profile, cfg.population, cfg.seed)
     model = build_model(cfg.model, dataset, cfg.seed)
-    strategy = build_strategy(cfg.strategy, cfg.client)
+    strategy = instantiate_strategy(cfg.strategy, cfg.client)
     num_examples = num_training_examples(dataset)
     return PreparedRun(cfg, dataset, profile, population, model, strategy, num_examples)
 

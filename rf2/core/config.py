@@ -153,9 +153,16 @@ class ClientConfig:
 
 @dataclass
 class StrategyConfig:
-    """Aggregation rule + server optimizer. ``_target_`` names the builder."""
+    """Aggregation rule + server optimizer.
+
+    ``_target_`` names what builds the strategy (``hydra.utils.instantiate``): rf2's
+    builder, which reads the fields below, or a user's Flower Strategy class, which is
+    called with ``kwargs`` (see ``rf2.strategies.instantiate``).
+    """
 
     _target_: str = "rf2.strategies.build_strategy"
+    # Keyword arguments for a custom ``_target_`` (``+strategy.kwargs.alpha=0.5``).
+    kwargs: dict[str, Any] = field(default_factory=dict)
     name: Literal["fedavg", "fedprox", "qffl"] = "fedavg"
     # Server optimizer applied to the aggregated pseudo-gradient (FedOpt, Reddi et al.).
     server_optimizer: Literal["none", "adagrad", "adam", "yogi"] = "adagrad"
