@@ -24,6 +24,8 @@ import pandas as pd
 import yaml
 
 from rf2.core.errors import UserInputError
+from rf2.eval.fairness import mdac as mdac_of
+from rf2.eval.fairness import relative_change
 
 __all__ = ["CONFIG_COLUMNS", "FairnessTables", "ResultsError", "ResultsWarning",
            "fairness_gap_table", "find_runs", "load", "load_population", "load_wide",
@@ -35,7 +37,11 @@ CONFIG_COLUMNS: dict[str, str] = {
     "optimization": "optimization.name", "population": "population.mode",
     "devices": "devices.profile", "dataset": "dataset.name", "model": "model.name",
     "seed": "seed", "num_rounds": "num_rounds", "clients_per_round": "clients_per_round",
+    "leak_test": "population.leak_test", "protocol": "dataset.protocol",
 }
+# Derived column ``tiering``: population.mode, with "-leaky" when the map used test
+# clicks (population.leak_test), so leaky and leak-free maps of one mode stay apart.
+LEAKY_SUFFIX = "-leaky"
 # Besides seed and population, what must be equal for a run to be another's reference.
 MATCH_COLUMNS = ("strategy", "server_optimizer", "devices", "dataset", "model")
 _TIER_KEY = re.compile(r"^tier/([^/]+)/(.+)$")
@@ -143,6 +149,9 @@ def _runs(path: PathLike, columns: Mapping[str, str]) -> list[tuple[str, Path, d
         if not isinstance(config, dict):
             raise ResultsError(f"{run / 'config.yaml'}: expected a mapping")
         values = {col: _config_value(config, dotted) for col, dotted in columns.items()}
+        mode = _config_value(config, "population.mode")
+        leaky = bool(_config_value(config, "population.leak_test"))
+        values["tiering"] = None if mode is None else f"{mode}{LEAKY_SUFFIX if leaky else ''}"
         out.append((run.relative_to(root).as_posix(), run, values))
     return out
 
@@ -269,26 +278,76 @@ class FairnessTables:
 
 
 def _mdac(d: pd.Series) -> float:
-    return float(d.max() - d.min()) if len(d) and d.notna().all() else math.nan
+    return mdac_of({str(i): float(v) for i, v in enumerate(d)}) if len(d) else math.nan
+
+
+def _at_pass(frame: pd.DataFrame, t: pd.DataFrame, k: int) -> pd.DataFrame:
+    """Rows of ``t`` at pass ``k``: per run, the first round with the metric logged whose
+    ``pass`` (passes completed by the end of that round) is >= k. Runs that never got
+    there are dropped with a warning."""
+    passes = frame[frame["metric"] == "pass"][["run", "round", "value"]].rename(
+        columns={"value": "pass"})
+    if passes.empty:
+        raise ResultsError("at='pass:k' needs the 'pass' key in metrics.jsonl rows "
+                           "(runs made before pass logging have none)")
+    t = t.merge(passes, on=["run", "round"], how="left")
+    reached = t[t["pass"] >= k]
+    first = reached.groupby("run")["round"].transform("min")
+    out = reached[reached["round"] == first].drop(columns="pass")
+    short = sorted(set(t["run"]) - set(out["run"]))
+    if short:
+        _warn(f"{len(short)} run(s) never logged the metric at or after pass {k} "
+              f"(e.g. {short[0]}); left out")
+    return out
+
+
+def _select_rows(frame: pd.DataFrame, t: pd.DataFrame, round: int | None,
+                 at: str | None) -> pd.DataFrame:
+    """The rows to compare: ``at`` = "last", "round:N" or "pass:K"; else ``round``."""
+    if at is not None:
+        kind, _, num = at.partition(":")
+        if at == "last":
+            round = None
+        elif kind in ("round", "pass") and num.isdigit():
+            if kind == "pass":
+                return _at_pass(frame, t, int(num))
+            round = int(num)
+        else:
+            raise ResultsError(f"at={at!r}: expected 'last', 'round:N' or 'pass:K'")
+    return t[t["round"] == (t.groupby("run")["round"].transform("max") if round is None
+                            else round)]
 
 
 def fairness_gap_table(df: pd.DataFrame | PathLike, metric: str = "recall@20",
                        round: int | None = None, reference_optimization: str = "none",
                        realistic: str = "popularity-dirichlet", independent: str = "independent",
-                       match_on: Sequence[str] = MATCH_COLUMNS) -> FairnessTables:
+                       match_on: Sequence[str] = MATCH_COLUMNS, at: str | None = None,
+                       population_column: str = "population") -> FairnessTables:
     """D_t = (beta_t(opt) - beta_t(ref)) / beta_t(ref) per tier, MDAC = max_t D_t - min_t D_t.
 
-    ``df`` is a :func:`load` frame (or a path to load). ``round`` None = each run's last
-    logged round. The reference of a run is the run with ``optimization ==
+    ``df`` is a :func:`load` frame (or a path to load). Which row of each run: ``at`` =
+    ``"pass:K"`` compares runs after the same number of passes over their clients (RF²'s
+    "global epochs"; with exclude-low a pass has fewer rounds): per run the first
+    evaluated round whose ``pass`` key is >= K (``eval.at_pass_end=true`` evaluates
+    exactly there); ``"round:N"`` or ``round=N`` the same round; ``"last"``/None each
+    run's last logged round. The reference of a run is the run with ``optimization ==
     reference_optimization`` and the same seed, population and ``match_on`` columns (several
-    such runs are averaged, with a warning). Relative changes, not raw gaps, because RF²'s
-    claim is about how unevenly an optimization *moves* each tier.
+    such runs are averaged, with a warning). ``population_column`` names the column that
+    tells populations apart (``"tiering"`` keeps leaky and leak-free rf2-dirichlet maps
+    apart; the output column is still called ``population``). D_t and MDAC come from
+    :mod:`rf2.eval.fairness`, the one implementation evaluation uses too. Relative
+    changes, not raw gaps, because RF²'s claim is about how unevenly an optimization
+    *moves* each tier.
     """
     frame = load(df) if not isinstance(df, pd.DataFrame) else df
+    if population_column != "population":
+        if population_column not in frame:
+            raise ResultsError(f"no column {population_column!r} in the frame")
+        frame = frame.assign(population=frame[population_column])
     t = tier_metric(frame, metric)
     if t.empty:
         raise ResultsError(f"no tier/<tier>/{metric} values in these runs")
-    t = t[t["round"] == (t.groupby("run")["round"].transform("max") if round is None else round)]
+    t = _select_rows(frame, t, round, at)
     context = [c for c in match_on if c in t.columns and c not in ("population", "seed")]
     keys = [*context, "population", "seed"]
     is_ref = t["optimization"] == reference_optimization
@@ -309,10 +368,11 @@ def fairness_gap_table(df: pd.DataFrame | PathLike, metric: str = "recall@20",
     missing = sorted(per_tier.loc[per_tier["reference_run"].isna(), "run"].unique())
     if missing:
         _warn(f"no reference run for {', '.join(missing)}: D_t is NaN there")
-    if not missing and (per_tier["round"] != per_tier["reference_round"]).any():
+    by_pass = at is not None and at.startswith("pass:")  # rounds differ there by design
+    if not missing and not by_pass and (per_tier["round"] != per_tier["reference_round"]).any():
         _warn("some runs end at another round than their reference")
-    refv = per_tier["reference_value"].where(per_tier["reference_value"] != 0)
-    per_tier["d"] = (per_tier["value"] - refv) / refv
+    per_tier["d"] = [relative_change(float(v), float(r)) for v, r in
+                     zip(per_tier["value"], per_tier["reference_value"], strict=True)]
     tiers = order_tiers(list(per_tier["tier"].unique()))
     per_tier["tier"] = pd.Categorical(per_tier["tier"], categories=tiers, ordered=True)
     lead = [*context, "optimization", "population", "seed"]

@@ -31,6 +31,7 @@ from rf2.fl.tier_settings import TierSettings
 from rf2.hetero.clock import SimClock
 from rf2.hetero.devices import DeviceProfile, load_profile
 from rf2.hetero.population import Population, assign_tiers, population_summary
+from rf2.hetero.tier_file import tier_csv_text
 from rf2.model import build_model
 from rf2.model.examples import num_training_examples
 from rf2.model.ttt import ttt_if_enabled
@@ -91,6 +92,19 @@ def data_summary(cfg: RunConfig, dataset: FederatedDataset) -> dict[str, object]
     return out
 
 
+def tiering_info(cfg: RunConfig) -> dict[str, object]:
+    """How the tier map was made, for population.json (leaky maps say so)."""
+    pop = cfg.population
+    info: dict[str, object] = {"mode": pop.mode, "dataset_protocol": cfg.dataset.protocol,
+                               "leak_test": bool(pop.leak_test),
+                               "uses_test_clicks": bool(pop.leak_test)}
+    if pop.mode in ("popularity-dirichlet", "rf2-dirichlet"):
+        info["alpha"] = pop.alpha
+    if pop.mode == "from-file":
+        info["path"] = pop.path
+    return info
+
+
 def eligible_users(prep: PreparedRun) -> np.ndarray:
     """Users that may be selected: with local examples, not in an excluded tier."""
     names = prep.population.tier_names
@@ -118,8 +132,13 @@ def execute(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Pat
             folder.truncate_to_round(-1)
         else:
             folder.create(to_dict(cfg))
-        folder.write_json("population.json", population_summary(prep.dataset, prep.population))
+        summary = population_summary(prep.dataset, prep.population)
+        summary["tiering"] = tiering_info(cfg)
+        folder.write_json("population.json", summary)
         folder.write_json("data.json", data_summary(cfg, prep.dataset))
+        folder.write_text("tiers.csv", tier_csv_text(
+            prep.dataset.raw_user_ids(), prep.population.tier_of_user,
+            prep.population.tier_names))
         state = ServerState(round=0, arrays=state_to_numpy(prep.model), selector=selector,
                             clock=clock)
     evaluator = Evaluator(prep.dataset, cfg.eval.ks, cfg.eval.batch_size,

@@ -35,6 +35,10 @@ class DatasetConfig:
     click_threshold: float = 5.0
     # Per user, first ``train_fraction`` of clicks in time order train, the rest test.
     train_fraction: float = 0.9
+    # "clicks": clicks only, users without a click dropped. "rf2": RF²'s protocol, every
+    # rating a labelled sample, first ceil(train_fraction * n) ratings per user train,
+    # users without a click kept (rf2.data.protocol). The model trains on clicks either way.
+    protocol: Literal["clicks", "rf2"] = "clicks"
     # Features: the last ``history_len`` clicked items before the predicted click.
     history_len: int = 10
     # Synthetic generator only.
@@ -188,18 +192,27 @@ class DevicesConfig:
     profile: str = "uniform"
 
 
-PopulationMode = Literal["independent", "popularity-dirichlet", "activity", "rf2-sorted"]
+PopulationMode = Literal["independent", "popularity-dirichlet", "activity", "rf2-sorted",
+                         "rf2-random", "rf2-dirichlet", "from-file"]
 
 
 @dataclass
 class PopulationConfig:
     mode: PopulationMode = "independent"
-    alpha: float = 0.005  # popularity-dirichlet concentration
+    alpha: float = 0.005  # popularity-dirichlet / rf2-dirichlet concentration
     strength: float = 1.0  # activity: 0 = independent, larger = stronger correlation
+    # rf2-dirichlet only: true = RF²'s exact map, built from train AND TEST clicks (the
+    # tiering sees test labels: it leaks); false = from train clicks only.
+    leak_test: bool = False
+    # from-file only: a tiers.csv (user_id,tier) or JSON ({user_id: tier}) to read back.
+    path: str | None = None
 
     def validate(self, path: str = "population") -> None:
         check(self.alpha > 0, f"{path}.alpha", self.alpha, "a number > 0")
         check(self.strength >= 0, f"{path}.strength", self.strength, "a number >= 0")
+        check(not self.leak_test or self.mode == "rf2-dirichlet", f"{path}.leak_test",
+              self.leak_test, f"false with population.mode={self.mode} (only rf2-dirichlet "
+              "can build its map from test clicks)")
 
 
 @dataclass
@@ -282,6 +295,9 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [10, 20, 50])
     every: int = 1
     batch_size: int = 1024
+    # Also evaluate after every round that completes a pass over the eligible clients
+    # (RF² evaluates per pass; rows log ``pass`` and ``pass_end``).
+    at_pass_end: bool = False
 
     def validate(self, path: str = "eval") -> None:
         check(len(self.ks) > 0 and all(k >= 1 for k in self.ks), f"{path}.ks", self.ks,
@@ -312,6 +328,9 @@ class FaultInjection:
 class RunConfig:
     seed: int = 123
     num_rounds: int = 20
+    # Stop after the round that completes this many passes over the eligible clients
+    # (RF²'s "global epochs"; 0 = no limit). num_rounds stays an upper bound.
+    num_passes: int = 0
     clients_per_round: int = 100
     # Save a resumable checkpoint every N rounds (0 = only at the end).
     checkpoint_every: int = 10
@@ -337,6 +356,7 @@ class RunConfig:
 
     def validate(self, path: str = "") -> None:
         check(self.num_rounds >= 0, "num_rounds", self.num_rounds, "an integer >= 0")
+        check(self.num_passes >= 0, "num_passes", self.num_passes, "an integer >= 0 (0 = no limit)")
         check(self.clients_per_round >= 1, "clients_per_round", self.clients_per_round,
               "an integer >= 1")
         check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every,

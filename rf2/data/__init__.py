@@ -12,9 +12,11 @@ from __future__ import annotations
 import dataclasses
 
 from rf2.core.config import DatasetConfig
-from rf2.data.base import FederatedDataset, Interactions
+from rf2.core.errors import ConfigError
+from rf2.data.base import FederatedDataset, Interactions, RatedSplit, Ratings
 from rf2.data.lightgcn import load_lightgcn
 from rf2.data.movielens import load_movielens1m, load_movielens20m, load_movielens100k
+from rf2.data.protocol import PROTOCOLS, drop_unclicked, split_rated
 from rf2.data.recbole import RecBoleData, load_recbole
 from rf2.data.split import (
     histories_before_test,
@@ -28,6 +30,9 @@ from rf2.data.synthetic import SyntheticWorld, generate_synthetic
 __all__ = [
     "FederatedDataset",
     "Interactions",
+    "PROTOCOLS",
+    "RatedSplit",
+    "Ratings",
     "SyntheticWorld",
     "generate_synthetic",
     "history_before_test",
@@ -46,8 +51,7 @@ _MOVIELENS = {
 }
 
 
-def load_interactions(cfg: DatasetConfig, seed: int) -> Interactions:
-    """Thresholded clicks before splitting (not available for ``lightgcn``, pre-split)."""
+def _raw_interactions(cfg: DatasetConfig, seed: int) -> Interactions:
     if cfg.name == "synthetic":
         return generate_synthetic(cfg, seed).interactions
     if cfg.name in _MOVIELENS:
@@ -55,6 +59,18 @@ def load_interactions(cfg: DatasetConfig, seed: int) -> Interactions:
     if cfg.name == "recbole":
         return _recbole(cfg, seed).interactions
     raise ValueError(f"dataset {cfg.name!r} has no unsplit interactions")
+
+
+def load_interactions(cfg: DatasetConfig, seed: int) -> Interactions:
+    """Thresholded clicks before splitting (not available for ``lightgcn``, pre-split).
+
+    Under ``dataset.protocol=clicks`` users without clicks are dropped and no ratings
+    are kept; under ``rf2`` every rated user and every rating stays (rf2.data.protocol).
+    """
+    inter = _raw_interactions(cfg, seed)
+    if cfg.protocol == "rf2":
+        return inter
+    return drop_unclicked(inter)
 
 
 def load_dataset(cfg: DatasetConfig, seed: int) -> FederatedDataset:
@@ -65,15 +81,30 @@ def load_dataset(cfg: DatasetConfig, seed: int) -> FederatedDataset:
     ``lightgcn`` keeps its published train/test split instead of re-splitting.
     """
     if cfg.name == "lightgcn":
+        if cfg.protocol == "rf2":
+            raise ConfigError("dataset.protocol", cfg.protocol,
+                              "'clicks' for lightgcn (pre-split clicks, no ratings)")
         return dataclasses.replace(load_lightgcn(cfg.path, cfg.history_len), split="given")
     if cfg.name == "recbole":
         data = _recbole(cfg, seed)
-        ds = split_interactions(data.interactions, cfg.name, cfg.train_fraction, cfg.history_len)
+        if cfg.protocol == "rf2":  # needs the loader to have kept every rating
+            if data.interactions.ratings is None:
+                raise ConfigError("dataset.protocol", cfg.protocol,
+                                  "'clicks' for recbole data whose loader kept no ratings")
+            ds = split_rated(data.interactions, cfg.name, cfg.train_fraction, cfg.history_len)
+        else:
+            ds = split_interactions(drop_unclicked(data.interactions), cfg.name,
+                                    cfg.train_fraction, cfg.history_len)
         split = "chronological" if data.has_timestamp else "random"
         return dataclasses.replace(ds, split=split, report=data.report)
     if cfg.name != "synthetic" and cfg.name not in _MOVIELENS:
         raise ValueError(f"unknown dataset {cfg.name!r}")
     inter = load_interactions(cfg, seed)
+    if cfg.protocol == "rf2":
+        if inter.ratings is None:
+            raise ConfigError("dataset.protocol", cfg.protocol,
+                              f"'clicks' for {cfg.name} (it has no ratings to label)")
+        return split_rated(inter, cfg.name, cfg.train_fraction, cfg.history_len)
     return split_interactions(inter, cfg.name, cfg.train_fraction, cfg.history_len)
 
 

@@ -12,10 +12,29 @@ import numpy as np
 
 
 @dataclass(frozen=True)
+class Ratings:
+    """Every rated (user, item) as one sample with a click label (RF²'s data protocol).
+
+    Parallel arrays in the same user/item index space as the owning
+    :class:`Interactions`; ``label`` = 1 where the rating is a click.
+    """
+
+    user: np.ndarray  # (R,) int64
+    item: np.ndarray  # (R,) int64
+    timestamp: np.ndarray  # (R,) int64
+    label: np.ndarray  # (R,) int8 in {0, 1}
+
+
+@dataclass(frozen=True)
 class Interactions:
     """Raw implicit clicks after thresholding, with contiguous 0-based ids.
 
     ``user``, ``item``, ``timestamp`` are parallel arrays, one entry per click.
+    ``ratings`` (loaders that read explicit ratings fill it) holds *every* rating as a
+    labelled sample; then users are indexed over everyone who rated, so a user may have
+    no click at all (``dataset.protocol=clicks`` drops such users again, see
+    :func:`rf2.data.protocol.apply_protocol`). ``user_ids`` are the dataset's own user
+    ids per index (None = the index itself).
     """
 
     user: np.ndarray  # (N,) int64 in [0, num_users)
@@ -25,6 +44,32 @@ class Interactions:
     num_items: int
     item_genres: np.ndarray | None = None  # (num_items, G) float32 multi-hot
     genre_names: tuple[str, ...] = ()
+    ratings: Ratings | None = None
+    user_ids: np.ndarray | None = None  # (num_users,) int64 raw dataset ids
+
+
+@dataclass(frozen=True)
+class RatedSplit:
+    """RF²'s samples per user: every rating, labelled, split in time like the clicks.
+
+    CSR like the click arrays of :class:`FederatedDataset` (same users). Metrics such as
+    ``rated_auc`` and RF²'s tierings read it; the retrieval model still trains on clicks.
+    """
+
+    train_indptr: np.ndarray  # (num_users + 1,) int64
+    train_items: np.ndarray  # (num_train_samples,) int64
+    train_labels: np.ndarray  # (num_train_samples,) int8
+    test_indptr: np.ndarray  # (num_users + 1,) int64
+    test_items: np.ndarray  # (num_test_samples,) int64
+    test_labels: np.ndarray  # (num_test_samples,) int8
+
+    @property
+    def train_counts(self) -> np.ndarray:  # (num_users,) training samples per user
+        return np.diff(self.train_indptr)
+
+    @property
+    def test_counts(self) -> np.ndarray:  # (num_users,)
+        return np.diff(self.test_indptr)
 
 
 @dataclass(frozen=True)
@@ -46,6 +91,14 @@ class FederatedDataset:
     split: str = "chronological"
     # Loader's account of reading and filtering (rows read, users dropped, ...).
     report: dict[str, object] | None = None
+    rated: RatedSplit | None = None  # dataset.protocol=rf2 only
+    user_ids: np.ndarray | None = None  # (num_users,) raw dataset ids; None = the index
+
+    def raw_user_ids(self) -> np.ndarray:
+        """(num_users,) the dataset's own user ids (the index where it has none)."""
+        if self.user_ids is None:
+            return np.arange(self.num_users, dtype=np.int64)
+        return np.asarray(self.user_ids, dtype=np.int64)
 
     def train_of(self, user: int) -> np.ndarray:
         return self.train_items[self.train_indptr[user] : self.train_indptr[user + 1]]

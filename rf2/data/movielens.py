@@ -3,7 +3,9 @@
 Ratings become implicit clicks (``rating >= click_threshold``; RF² uses 5 stars). Items
 keep their full catalogue index -- every movie of the movie file (or, without one, every
 movie rated at all), sorted by MovieLens id -- so ``item_genres`` rows align with item
-ids even for movies nobody clicked. Users without clicks are dropped (split.py).
+ids even for movies nobody clicked. Every rating is kept as a labelled sample
+(``Interactions.ratings``); users without clicks are dropped by the default
+``dataset.protocol=clicks`` (rf2.data.protocol).
 
 Bulk parsing goes through pandas' C reader (MovieLens-20M has 20M lines); it only says
 *that* a file is bad, so on failure the file is re-scanned in Python to name the first
@@ -22,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from rf2.core.errors import DataError
-from rf2.data.base import Interactions
+from rf2.data.base import Interactions, Ratings
 from rf2.data.split import compact_users
 
 Columns = tuple[tuple[str, type], ...]
@@ -168,12 +170,18 @@ def to_interactions(path: Path, t: dict[str, np.ndarray], catalogue: np.ndarray 
     if not click.any():
         raise DataError(str(path), f"no ratings >= {float(threshold)} in {path.name} "
                         "(dataset.click_threshold); nothing to train on")
-    user, num_users = compact_users(t["user"][click])
+    # Users are indexed over everyone who rated (RF²'s protocol keeps users without a
+    # click); dataset.protocol=clicks drops those again (rf2.data.protocol).
+    raw_users = np.unique(u)  # (U,) sorted raw ids
+    user = compact_users(u)[0]  # (N,)
+    ts = t["timestamp"].astype(np.int64)
+    item = idx.astype(np.int64)
+    ratings = Ratings(user=user, item=item, timestamp=ts, label=click.astype(np.int8))
     return Interactions(
-        user=user, item=idx[click].astype(np.int64),
-        timestamp=t["timestamp"][click].astype(np.int64),
-        num_users=num_users, num_items=int(catalogue.size),
-        item_genres=item_genres, genre_names=genre_names,
+        user=user[click], item=item[click], timestamp=ts[click],
+        num_users=int(raw_users.size), num_items=int(catalogue.size),
+        item_genres=item_genres, genre_names=genre_names, ratings=ratings,
+        user_ids=raw_users.astype(np.int64),
     )
 
 

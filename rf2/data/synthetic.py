@@ -21,6 +21,10 @@ Generative story (all vectorised with NumPy; no per-click Python loop):
   to [2, num_items // 2]; a user never clicks the same item twice (successive sampling
   without replacement from the user's click distribution).
 - Timestamps (seconds) increase along each user's sequence from a random start.
+- Ratings for ``dataset.protocol=rf2`` (``Interactions.ratings``): every click plus one
+  non-click exposure per click, an item drawn from global popularity one second before
+  the click (dropped if the user clicked that item or was already shown it). Drawn
+  from their own stream, so the clicks are the same with or without them.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rf2.core.config import DatasetConfig
-from rf2.data.base import Interactions
+from rf2.data.base import Interactions, Ratings
 
 DRIFT = 0.2  # share of group-driven clicks that has moved to the second cluster by the end
 ACTIVITY_SIGMA = 1.0  # lognormal sigma of clicks per user
@@ -39,6 +43,7 @@ _T0 = 1_600_000_000  # first possible timestamp (2020-09-13), seconds
 _START_SPAN = 365 * 86_400  # users start within one year
 _MEAN_GAP = 2 * 86_400  # mean seconds between a user's clicks
 _CHUNK = 4_000_000  # max elements of a dense (users, items) block in the exact fill
+_STREAM_EXPOSURES = 77  # RNG stream of the non-click exposures
 
 
 @dataclass(frozen=True)
@@ -209,8 +214,30 @@ def generate_synthetic(cfg: DatasetConfig, seed: int) -> SyntheticWorld:
     names = tuple(f"genre{j:02d}" for j in range(cfg.num_genres))
     genres = (_genres(rng, taste.cluster, cfg.num_groups, cfg.num_genres)
               if cfg.num_genres else None)
+    user64, item64 = owner.astype(np.int64), item.astype(np.int64)
+    ratings = _ratings(np.random.default_rng([seed, _STREAM_EXPOSURES]), taste.pop,
+                       user64, item64, timestamp)
     inter = Interactions(
-        user=owner.astype(np.int64), item=item.astype(np.int64), timestamp=timestamp,
+        user=user64, item=item64, timestamp=timestamp,
         num_users=n_users, num_items=n_items, item_genres=genres, genre_names=names,
+        ratings=ratings,
     )
     return SyntheticWorld(inter, taste.group, taste.cluster, taste.pop)
+
+
+def _ratings(rng: np.random.Generator, pop: np.ndarray, user: np.ndarray, item: np.ndarray,
+             timestamp: np.ndarray) -> Ratings:
+    """Clicks (label 1) plus one popularity-drawn non-click exposure per click (label 0)."""
+    n_items = pop.size
+    neg = np.minimum(np.searchsorted(np.cumsum(pop), rng.random(user.size)), n_items - 1)
+    key = user * n_items + neg  # (N,)
+    _, first = np.unique(key, return_index=True)
+    keep = np.zeros(user.size, dtype=bool)
+    keep[first] = True  # one exposure per (user, item)
+    keep &= ~np.isin(key, user * n_items + item)  # never an item the user clicked
+    return Ratings(
+        user=np.concatenate([user, user[keep]]),
+        item=np.concatenate([item, neg[keep].astype(np.int64)]),
+        timestamp=np.concatenate([timestamp, timestamp[keep] - 1]),
+        label=np.concatenate([np.ones(user.size, np.int8), np.zeros(int(keep.sum()), np.int8)]),
+    )

@@ -11,6 +11,15 @@ as the brute-force ``recall@K``/``ndcg@K``, which stay the all-item numbers),
 ``items_scored_frac`` (items scored exactly per query / all items). Building the
 retriever recomputes every item's hard code, so after each aggregation the codes
 follow the aggregated parameters.
+
+With RF²'s labelled samples (``dataset.protocol=rf2``) each evaluation also logs RF²'s
+CTR metrics ``rated_auc``, ``rated_ap``, ``rated_logloss`` (overall and
+``tier/<t>/...``, :mod:`rf2.eval.ctr`) over every test rating, including those of users
+without a test click. The score of a (user, item) rating is the retrieval logit
+``<user embedding from the last train clicks, item embedding> + item bias`` (the same
+number that ranks items); P(click) = sigmoid(logit). AUC and AP depend only on the
+order of the logits; the log-loss of a model trained with a softmax over items is not a
+calibrated CTR loss and is comparable only between runs of the same model.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import numpy as np
 import torch
 
 from rf2.data.base import FederatedDataset
+from rf2.eval.ctr import grouped_ctr_metrics
 from rf2.eval.fairness import activity_quartile, fairness_summary, group_means
 from rf2.eval.ranking import ranking_metrics
 from rf2.model.examples import eval_histories
@@ -51,6 +61,39 @@ class Evaluator:
         self.tier_names = list(tier_names)
         quartile, self.quartile_names = activity_quartile(dataset.train_counts)
         self.quartile_of_user = quartile
+        self._rated_setup()
+
+    def _rated_setup(self) -> None:
+        """Test ratings (RF²'s protocol only): users, per-sample rows, items, labels."""
+        rated = self.dataset.rated
+        self.rated_users = np.zeros(0, dtype=np.int64)
+        if rated is None:
+            return
+        counts = rated.test_counts
+        self.rated_users = np.flatnonzero(counts > 0)  # (Ur,)
+        self.rated_histories = torch.from_numpy(eval_histories(self.dataset, self.rated_users))
+        self.rated_rows = np.repeat(np.arange(self.rated_users.size), counts[self.rated_users])
+        self.rated_items = rated.test_items  # (R,) grouped by user ascending, like rows
+        self.rated_labels = rated.test_labels.astype(np.int64)
+
+    def rated_metrics(self, model: torch.nn.Module) -> dict[str, float]:
+        """RF²'s CTR metrics over all test ratings (empty without labelled samples)."""
+        if self.rated_users.size == 0:
+            return {}
+        logits = np.empty(self.rated_items.size, dtype=np.float64)  # (R,)
+        with torch.no_grad():
+            for start in range(0, self.rated_users.size, self.batch_size):
+                stop = start + self.batch_size
+                scores = model.score_all(model.user_embedding(self.rated_histories[start:stop]))
+                m = (self.rated_rows >= start) & (self.rated_rows < stop)
+                logits[m] = scores[torch.from_numpy(self.rated_rows[m] - start),
+                                   torch.from_numpy(self.rated_items[m])].double().numpy()
+        if self.tier_of_user is None or not self.tier_names:
+            groups, names = np.zeros(logits.size, dtype=np.int64), []
+        else:
+            groups = self.tier_of_user[self.rated_users][self.rated_rows]
+            names = self.tier_names
+        return grouped_ctr_metrics(self.rated_labels, logits, groups, names)
 
     def _per_user(self, score_fn: Callable[[slice], torch.Tensor]) -> dict[str, np.ndarray]:
         parts: dict[str, list[np.ndarray]] = {}
@@ -80,7 +123,7 @@ class Evaluator:
 
             per_user = self._per_user(score)
         per_user.update({k: np.concatenate(v) for k, v in served.items()})
-        return self.summarise(per_user)
+        return {**self.summarise(per_user), **self.rated_metrics(model)}
 
     def _test_loss(self, scores: torch.Tensor, sl: slice) -> np.ndarray:
         """(B,) per user: mean softmax cross-entropy of its held-out items over all items

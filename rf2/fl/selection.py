@@ -39,6 +39,15 @@ class ClientSelector:
         self._perm, self._pos = perm, 0
         self.epoch += 1
 
+    @property
+    def passes_completed(self) -> int:
+        """Passes walked to their end so far (a pass that ended mid-round counts at once).
+
+        ``epoch`` only advances when the next pass starts; a pass whose last client was
+        selected in the latest round is complete already.
+        """
+        return int(self.epoch) + int(self._pos >= self._perm.size and self._perm.size > 0)
+
     def select(self, k: int, is_online: Callable[[np.ndarray], np.ndarray]
                ) -> tuple[np.ndarray, np.ndarray]:
         """Return (selected online ids (<= k,), offline ids met and skipped).

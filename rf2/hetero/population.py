@@ -10,8 +10,19 @@ swappable mode here:
   position mod n_tiers, so tiers are balanced in head-count *and* data volume.
 - ``popularity-dirichlet``: RF²'s "realistic" mode: tiers differ in *what* users like.
 - ``activity``: tiers differ in *how much* users interact (low-end <-> fewer clicks).
+- ``rf2-random`` / ``rf2-dirichlet``: RF²'s two tierings exactly as its code builds
+  them (no quotas, profile shares ignored), see :mod:`rf2.hetero.rf2_tiers`.
+- ``from-file``: a map read back from a ``tiers.csv`` (:mod:`rf2.hetero.tier_file`).
 
 After the tier, each user draws its own device from the tier's distributions.
+
+RNG streams (``np.random.default_rng([seed, stream])``): 11 = tier assignment (every
+mode that draws: independent's permutation, activity's noise, popularity-dirichlet's
+and rf2-dirichlet's shuffles and Dirichlet shares, in walk order), 12 = device draws,
+13 = availability phases. rf2-random, rf2-sorted and from-file draw nothing.
+rf2-dirichlet draws from NumPy's legacy ``RandomState`` seeded with stream 11 (see
+:func:`rf2.hetero.rf2_tiers.rf2_rng`): RF²'s code uses NumPy's global legacy generator,
+whose Dirichlet sampler differs from ``Generator.dirichlet`` in a way that matters here.
 """
 
 from __future__ import annotations
@@ -22,8 +33,11 @@ from typing import Any
 import numpy as np
 
 from rf2.core.config import PopulationConfig
+from rf2.core.typed import check
 from rf2.data.base import FederatedDataset
 from rf2.hetero.devices import DeviceProfile
+from rf2.hetero.rf2_tiers import rf2_dirichlet, rf2_random, rf2_rng
+from rf2.hetero.tier_file import read_tier_file
 
 # Independent random streams per purpose, so e.g. the device draws of a user do not
 # change when only the tier-assignment mode changes.
@@ -201,6 +215,17 @@ def assign_tiers(dataset: FederatedDataset, profile: DeviceProfile, cfg: Populat
         tier_of_user = _activity(counts, shares, cfg.strength, rng)
     elif cfg.mode == "popularity-dirichlet":
         tier_of_user = _popularity_dirichlet(dataset, shares, cfg.alpha, rng)
+    elif cfg.mode == "rf2-random":
+        samples = dataset.rated.train_counts if dataset.rated is not None else counts
+        tier_of_user = rf2_random(samples, len(shares))
+    elif cfg.mode == "rf2-dirichlet":
+        tier_of_user = rf2_dirichlet(dataset, len(shares), cfg.alpha, cfg.leak_test,
+                                     rf2_rng(seed, _STREAM_TIERS))
+    elif cfg.mode == "from-file":
+        check(bool(cfg.path), "population.path", cfg.path,
+              "a tiers.csv or .json file (required by population=from-file)")
+        assert cfg.path is not None
+        tier_of_user = read_tier_file(cfg.path, dataset.raw_user_ids(), profile.tier_names)
     else:
         raise ValueError(f"unknown population mode {cfg.mode!r}")
     return draw_devices(tier_of_user, profile, seed)
@@ -269,6 +294,8 @@ def population_summary(dataset: FederatedDataset, population: Population,
             "users": int(mask.sum()),
             "share": float(mask.mean()) if mask.size else 0.0,
             "interactions": int(hist.sum()),
+            **({"training_samples": int(dataset.rated.train_counts[mask].sum())}
+               if dataset.rated is not None else {}),
             "interaction_share": float(hist.sum() / max(1, counts.sum())),
             "mean_history": _mean(hist),
             "median_history": float(np.median(hist)) if hist.size else 0.0,

@@ -1,0 +1,79 @@
+"""Passes ("global epochs"): the selector counts them, rows log them, analysis aligns on them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from rf2.analysis.results import fairness_gap_table, load
+from rf2.core.config import RunConfig
+from rf2.core.typed import to_dict
+from rf2.fl.selection import ClientSelector
+
+
+def _online(ids: np.ndarray) -> np.ndarray:
+    return np.ones(len(ids), dtype=bool)
+
+
+def test_selector_counts_a_pass_in_the_round_that_ends_it() -> None:
+    sel = ClientSelector(np.arange(10), seed=1)
+    done = []
+    for _ in range(5):
+        sel.select(4, _online)
+        done.append(sel.passes_completed)
+    # 4, 8, 12 (pass 1 ends in round 3), 16, 20 (pass 2 ends exactly at round 5)
+    assert done == [0, 0, 1, 1, 2]
+
+
+def _write(folder: Path, opt: str, pop: str, rows: list[dict]) -> None:
+    cfg = RunConfig(seed=1)
+    cfg.optimization.name = opt
+    cfg.population.mode = pop  # type: ignore[assignment]
+    cfg.population.leak_test = pop == "rf2-dirichlet"
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def _rows(pass_rounds: list[int], value: dict[int, float], n: int) -> list[dict]:
+    """Rounds 0..n; pass k ends at pass_rounds[k-1]; tier metric at the given rounds."""
+    rows = []
+    for r in range(n + 1):
+        row: dict = {"round": r, "pass": sum(r >= e for e in pass_rounds)}
+        if r in value:
+            for t, f in (("low", 1.0), ("high", 2.0)):
+                row[f"tier/{t}/rated_auc"] = value[r] * f
+        rows.append(row)
+    return rows
+
+
+def test_fairness_at_pass_compares_after_the_same_pass(tmp_path: Path) -> None:
+    # none: pass 1 ends at round 3; exclude-low (fewer clients) at round 2.
+    for pop in ("rf2-random", "rf2-dirichlet"):
+        _write(tmp_path / pop / "none", "none", pop, _rows([3, 6], {3: 0.5, 5: 0.9, 6: 0.6}, 6))
+        low_drop = {2: (0.4, 0.5), 4: (0.1, 0.1)}  # (low, high) at its pass ends
+        rows = _rows([2, 4], {}, 4)
+        for r, (lo, hi) in low_drop.items():
+            rows[r]["tier/low/rated_auc"] = lo
+            rows[r]["tier/high/rated_auc"] = hi
+        _write(tmp_path / pop / "ex", "exclude-low", pop, rows)
+    df = load(tmp_path)
+    assert set(df["tiering"]) == {"rf2-random", "rf2-dirichlet-leaky"}
+    t = fairness_gap_table(df, "rated_auc", at="pass:1", population_column="tiering",
+                           realistic="rf2-dirichlet-leaky", independent="rf2-random")
+    per = t.per_tier.set_index(["population", "tier"])
+    # reference at pass 1 = round 3 (low 0.5, high 1.0); exclude-low at round 2
+    assert per.loc[("rf2-random", "low"), "round"] == 2
+    assert per.loc[("rf2-random", "low"), "reference_round"] == 3
+    assert per.loc[("rf2-random", "low"), "d"] == pytest.approx(0.4 / 0.5 - 1)
+    assert per.loc[("rf2-random", "high"), "d"] == pytest.approx(0.5 / 1.0 - 1)
+    assert t.mdac["mdac"].tolist() == pytest.approx([0.3, 0.3])
+    t2 = fairness_gap_table(df, "rated_auc", at="pass:2", population_column="tiering",
+                            realistic="rf2-dirichlet-leaky", independent="rf2-random")
+    per2 = t2.per_tier.set_index(["population", "tier"])
+    assert per2.loc[("rf2-random", "low"), "reference_round"] == 6  # first evaluated >= pass 2
+    assert per2.loc[("rf2-random", "low"), "d"] == pytest.approx(0.1 / 0.6 - 1)
