@@ -5,7 +5,11 @@ The run's strategy comes from ``strategy._target_`` (``instantiate_strategy``):
 user's own Strategy class can be named there instead (README: "Write your own strategy").
 """
 
-from rf2.strategies.build import build_strategy
-from rf2.strategies.instantiate import instantiate_strategy
+from rf2.core.flower_version import warn_if_untested_flower
+
+warn_if_untested_flower()
+
+from rf2.strategies.build import build_strategy  # noqa: E402 - after the version check
+from rf2.strategies.instantiate import instantiate_strategy  # noqa: E402
 
 __all__ = ["build_strategy", "instantiate_strategy"]

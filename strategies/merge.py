@@ -23,7 +23,14 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from rf2.core.flower_version import FlowerCompatError
+
+try:  # FedAvg's own metric averaging (a module-level helper, not re-exported)
+    from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+except ImportError as _ex:
+    raise FlowerCompatError(f"rf2.strategies.merge reuses Flower's metric averaging: {_ex}",
+                            remedy="install flwr 1.42.x") from _ex
 
 from .qffl import needs_each_reply
 

@@ -27,9 +27,20 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedYogi, QFedAvg
-from flwr.serverapp.strategy.qfedavg import compute_delta_and_h, get_train_loss
+
+from rf2.core.flower_version import FlowerCompatError
+
+try:  # Flower's own q-FFL arithmetic (module-level helpers, not re-exported)
+    from flwr.serverapp.strategy.qfedavg import compute_delta_and_h, get_train_loss
+except ImportError as _ex:
+    raise FlowerCompatError(f"rf2.strategies.qffl reuses Flower's q-FFL helpers: {_ex}",
+                            remedy="install flwr 1.42.x") from _ex
 
 from .sampling import SAMPLING
+
+if not callable(getattr(QFedAvg, "_check_and_log_replies", None)):  # used by QFFL below
+    raise FlowerCompatError("QFedAvg._check_and_log_replies is gone (rf2.strategies.qffl)",
+                            remedy="install flwr 1.42.x")
 
 
 class QFFL(QFedAvg):

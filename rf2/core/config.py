@@ -278,6 +278,9 @@ class SimulationConfig:
     # rf2.fl.user_batch). 0 = auto: ~5 users per message, 1 to 4 messages per client worker
     # (rf2.fl.simulation.users_per_message).
     users_per_message: int = 0
+    # Flower internals for speed (rf2.fl.fast_transport): FastArray, and on Ray push-driven
+    # delivery. false = public Flower APIs only (stock Array, engine and polling); same metrics.
+    fast_transport: bool = True
 
     def validate(self, path: str = "simulation") -> None:
         check(self.num_cpus_per_client > 0, f"{path}.num_cpus_per_client",

@@ -7,3 +7,7 @@ settings (``tier_settings``) and the progress line (``progress``).
 
 May import: everything above it (core, data, model, hetero, optim, eval, runs), rf2.strategies, Flower, Ray.
 """
+
+from rf2.core.flower_version import warn_if_untested_flower
+
+warn_if_untested_flower()

@@ -31,6 +31,7 @@ from rf2.fl.params import (
     numpy_to_record,
     record_to_numpy,
     state_to_numpy,
+    use_fast_arrays,
 )
 from rf2.fl.user_batch import pack_results, user_configs
 from rf2.hetero.faults import apply_injected_fault
@@ -50,6 +51,7 @@ class ClientSpec:
     model: dict[str, Any]
     seed: int
     torch_threads: int = 1
+    fast_transport: bool = True  # simulation.fast_transport: FastArray or stock Array
 
     @functools.cached_property
     def key(self) -> str:
@@ -99,8 +101,10 @@ def worker_state(spec: ClientSpec, dataset: FederatedDataset | None = None) -> _
     return state
 
 
-def client_spec_from(dataset_cfg: DatasetConfig, model_cfg: ModelConfig, seed: int) -> ClientSpec:
-    return ClientSpec(dataset=to_dict(dataset_cfg), model=to_dict(model_cfg), seed=seed)
+def client_spec_from(dataset_cfg: DatasetConfig, model_cfg: ModelConfig, seed: int,
+                     fast_transport: bool = True) -> ClientSpec:
+    return ClientSpec(dataset=to_dict(dataset_cfg), model=to_dict(model_cfg), seed=seed,
+                      fast_transport=fast_transport)
 
 
 def handle_train(msg: Message, spec: ClientSpec) -> Message:
@@ -108,6 +112,7 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
 
     A user whose training raises gets an error entry; the others still reply.
     """
+    use_fast_arrays(spec.fast_transport)  # this worker's codec (Ray workers are processes)
     state = worker_state(spec)
     received = record_to_numpy(msg.content["arrays"])  # the global model, decoded once
     results: list[dict[str, Any] | BaseException] = []

@@ -1,4 +1,16 @@
-"""Model parameters <-> Flower ArrayRecord, keeping a fixed, named key order."""
+"""Model parameters <-> Flower ArrayRecord, keeping a fixed, named key order.
+
+Two codecs, chosen by ``simulation.fast_transport`` (:func:`use_fast_arrays`, set per
+process by the launcher and by each client worker):
+
+* fast (default): :class:`FastArray`, an ``Array`` that keeps its ndarray and builds the
+  ``.npy`` bytes only if read; decoding reads the payload without ``np.load``. It writes
+  ``Array``'s ``__dict__`` directly, so ``rf2.fl.fast_transport`` checks it against a
+  stock ``Array`` before a run.
+* stock: ``flwr.app.Array(ndarray)`` and ``Array.numpy()``, public API only.
+
+Both give the same arrays bit for bit (tested), hence the same ``metrics.jsonl``.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +23,17 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
+
+_FAST = [True]  # this process's codec (a list: set in place by use_fast_arrays)
+
+
+def use_fast_arrays(enabled: bool) -> None:
+    """Pick this process's codec: :class:`FastArray` (True) or stock ``Array`` (False)."""
+    _FAST[0] = bool(enabled)
+
+
+def fast_arrays_enabled() -> bool:
+    return _FAST[0]
 
 
 def state_to_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -61,14 +84,16 @@ class FastArray(Array):
 
     def numpy(self) -> np.ndarray:
         # A writable copy, as np.load returns.
-        return np.array(array_to_numpy(self), copy=True)
+        return np.array(self.__dict__["_source"], copy=True)
 
 
 def numpy_to_array(value: np.ndarray) -> Array:
-    """``Array(value)`` without ``np.save``; the bytes are made only if ever needed.
+    """``Array(value)``; fast: without ``np.save``, the bytes made only if ever needed.
 
-    ``value`` must not be modified afterwards (it is marked read-only).
+    ``value`` must not be modified afterwards (fast: it is marked read-only).
     """
+    if not _FAST[0]:
+        return Array(np.ascontiguousarray(value))
     return FastArray.wrap(value)
 
 
@@ -86,8 +111,10 @@ def array_to_numpy(array: Array) -> np.ndarray:
     Flower stores an Array as ``.npy`` bytes; ``Array.numpy()`` re-parses the header
     with ``ast.literal_eval`` on every call (~0.4 ms, as much as a client's training
     step here). The payload of a C-ordered array is the last ``nbytes`` of the data, so
-    dtype and shape from the Array's own metadata suffice.
+    dtype and shape from the Array's own metadata suffice. Stock codec: ``Array.numpy()``.
     """
+    if not _FAST[0]:
+        return array.numpy()
     source = array.__dict__.get("_source")
     if source is not None:
         return source

@@ -15,8 +15,10 @@ its public ``get_message_ins``) only for the nodes rf2 has just pushed to, woken
 push itself, and :class:`PromptGrid` pushes through the engine's grid, signals the
 extractor, and pulls replies at a short interval. Messages, ids, TTLs, error replies
 and the LinkState are Flower's own; only who-polls-when changes. The swap is undone
-when the simulation returns, and :func:`check_engine_hooks` makes a Flower upgrade
-that renames the hooked function fail loudly instead of silently running slow.
+when the simulation returns. A Flower upgrade fails loudly instead of silently running
+slow: :func:`check_engine_hooks` checks the hooked function before the run, and
+:func:`prompt_delivery` checks after it that the engine actually called rf2's
+extractor. Only with ``simulation.fast_transport=true`` (``rf2.fl.fast_transport``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from rf2.core.flower_version import FlowerCompatError
 from rf2.fl.grid_view import GridView
 
 # How often the ServerApp checks for replies (Flower's default: 0.1 s).
@@ -45,10 +48,13 @@ class PushedNodes:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._nodes: set[int] = set()
+        self.num_pushes = 0  # push_messages calls (behaviour check)
+        self.extractor_runs = 0  # times Flower's engine started rf2's extractor
 
     def add(self, node_ids: Iterable[int]) -> None:
         with self._cond:
             self._nodes.update(node_ids)
+            self.num_pushes += 1
             self._cond.notify_all()
 
     def take(self, timeout: float) -> set[int]:
@@ -96,6 +102,7 @@ def _make_extractor(pushed: PushedNodes) -> Any:  # noqa: ANN401 - Flower's thre
         state: Any, queue: Queue[Message], nodes_mapping: dict[int, int],  # noqa: ANN401
         f_stop: threading.Event,
     ) -> None:
+        pushed.extractor_runs += 1
         while not f_stop.is_set():
             for node_id in sorted(pushed.take(IDLE_WAKE_S)):
                 if node_id not in nodes_mapping:
@@ -108,15 +115,29 @@ def _make_extractor(pushed: PushedNodes) -> Any:  # noqa: ANN401 - Flower's thre
 
 def check_engine_hooks() -> None:
     """Raise if Flower's engine no longer has the function this module replaces."""
-    from flwr.server.superlink.fleet.vce import vce_api
-
+    try:
+        from flwr.server.superlink.fleet.vce import vce_api
+    except ImportError as ex:
+        raise FlowerCompatError(f"rf2.fl.prompt_delivery cannot import Flower's engine: {ex}"
+                                ) from ex
     hook = getattr(vce_api, "add_messages_to_queue", None)
-    if not callable(hook) or hook.__code__.co_varnames[:4] != (
+    code = getattr(hook, "__code__", None)
+    if not callable(hook) or code is None or code.co_varnames[:4] != (
         "state", "queue", "nodes_mapping", "f_stop"
     ):
-        raise RuntimeError(
-            "flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue changed; "
-            "rf2.fl.prompt_delivery supports flwr 1.42.x"
+        raise FlowerCompatError(
+            "flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue changed, which "
+            "rf2.fl.prompt_delivery replaces"
+        )
+
+
+def verify_delivery_used(pushed: PushedNodes) -> None:
+    """After a run: messages were pushed, so Flower's engine must have run rf2's extractor
+    (if it kept a reference to its own, the patch silently did nothing)."""
+    if pushed.num_pushes and not pushed.extractor_runs:
+        raise FlowerCompatError(
+            "the simulation engine never called rf2's add_messages_to_queue "
+            "(rf2.fl.prompt_delivery); its messages went through Flower's own 0.1 s polling"
         )
 
 
@@ -132,3 +153,4 @@ def prompt_delivery(pushed: PushedNodes) -> Iterator[None]:
         yield
     finally:
         vce_api.add_messages_to_queue = original
+    verify_delivery_used(pushed)

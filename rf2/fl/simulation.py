@@ -7,10 +7,14 @@ Two backends run the same ServerApp logic and ClientApp:
   optional ``ray_address`` to join an existing cluster.
 * ``inprocess``: :class:`InProcessGrid`, a ``flwr.serverapp.Grid`` that calls the
   ClientApp directly in this process — same messages, no Ray start-up.
+
+``simulation.fast_transport`` (``rf2.fl.fast_transport``) switches Flower internals used
+for speed on or off; on Ray, off means Flower's stock engine and grid.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -26,6 +30,8 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from rf2.core.config import SimulationConfig
+from rf2.core.flower_version import FlowerCompatError
+from rf2.fl import fast_transport
 
 ServerMain = Callable[[Grid, Context], None]
 
@@ -36,8 +42,10 @@ class InProcessGrid(Grid):
     """A Grid whose nodes are ClientApp calls in this process.
 
     It sets the run, node and task identity the way Flower's simulation engine does
-    before the ServerApp builds Messages, assigns message ids as the SuperLink would,
-    and turns a raising ClientApp into an error reply (as the engine does).
+    before the ServerApp builds Messages (:func:`verify_task_identity` checks that
+    Messages pick it up), and turns a raising ClientApp into an error reply (as the
+    engine does). Message ids stay rf2's own (returned by ``push_messages``, never
+    written into Flower's read-only metadata): nothing downstream reads them.
     """
 
     def __init__(self, client_app: ClientApp, num_nodes: int) -> None:
@@ -47,6 +55,7 @@ class InProcessGrid(Grid):
         TaskIdentity.task_id = 1
         TaskIdentity.run_id = run_id
         TaskIdentity.node_id = SUPERLINK_NODE_ID
+        verify_task_identity(run_id)
         self._client_app = client_app
         self._node_ids = list(range(1, num_nodes + 1))
         self._contexts = {
@@ -84,7 +93,6 @@ class InProcessGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid4())
             context = self._contexts[msg.metadata.dst_node_id]
             try:
                 reply = self._client_app(msg, context)
@@ -94,9 +102,9 @@ class InProcessGrid(Grid):
                     Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
                     reply_to=msg,
                 )
-            reply.metadata.__dict__["_message_id"] = str(uuid4())
-            self._replies[msg.metadata.message_id] = reply
-            ids.append(msg.metadata.message_id)
+            message_id = str(uuid4())
+            self._replies[message_id] = reply
+            ids.append(message_id)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -106,6 +114,16 @@ class InProcessGrid(Grid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         return list(self.pull_messages(list(self.push_messages(messages))))
+
+
+def verify_task_identity(run_id: int) -> None:
+    """Server-side Messages must carry the identity :class:`InProcessGrid` set."""
+    probe = Message(RecordDict({}), 1, "train")
+    if (probe.metadata.run_id, probe.metadata.src_node_id) != (run_id, SUPERLINK_NODE_ID):
+        raise FlowerCompatError(
+            "Messages no longer take their run and node from flwr.supercore.task_identity."
+            "TaskIdentity, which rf2's in-process backend sets",
+            remedy="use simulation=ray")
 
 
 # Flower's engine costs ~10 ms per message here, a few users' training: batches smaller
@@ -147,6 +165,7 @@ def launch(
     sim: SimulationConfig,
 ) -> None:
     """Run ``server_main`` against ``num_supernodes`` client slots on the chosen backend."""
+    fast_transport.prepare(sim)
     if sim.backend == "inprocess":
         grid = InProcessGrid(client_app, num_supernodes)
         server_main(grid, Context(run_id=grid.run.run_id, node_id=0, node_config={},
@@ -197,11 +216,11 @@ def _launch_ray(
     from rf2.fl.prompt_delivery import PromptGrid, PushedNodes, prompt_delivery
 
     server_app = ServerApp()
-    pushed = PushedNodes()
+    pushed = PushedNodes() if sim.fast_transport else None
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        server_main(PromptGrid(grid, pushed), context)
+        server_main(grid if pushed is None else PromptGrid(grid, pushed), context)
 
     _init_ray(ray, sim)
     backend_config = {
@@ -212,7 +231,7 @@ def _launch_ray(
     }
     started = time.perf_counter()
     try:
-        with prompt_delivery(pushed):
+        with contextlib.nullcontext() if pushed is None else prompt_delivery(pushed):
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,
