@@ -33,7 +33,7 @@ __all__ = ["CONFIG_COLUMNS", "FairnessTables", "ResultsError", "ResultsWarning",
 
 # Column -> dotted path in config.yaml: the axes a sweep usually varies.
 CONFIG_COLUMNS: dict[str, str] = {
-    "strategy": "strategy.name", "server_optimizer": "strategy.server_optimizer",
+    "mode": "mode", "strategy": "strategy.name", "server_optimizer": "strategy.server_optimizer",
     "optimization": "optimization.name", "population": "population.mode",
     "devices": "devices.profile", "dataset": "dataset.name", "model": "model.name",
     "seed": "seed", "num_rounds": "num_rounds", "clients_per_round": "clients_per_round",

@@ -126,6 +126,7 @@ def run_job(data: dict[str, Any], run_dir: Path, overrides: list[str] | None = N
         from rf2.runs.tensorboard_log import check_available
 
         check_available()
+    from rf2.cli.central import execute_central
     from rf2.cli.runner import execute, prepare
 
     quiet_frameworks(cfg.debug)
@@ -139,9 +140,11 @@ def run_job(data: dict[str, Any], run_dir: Path, overrides: list[str] | None = N
             saved["num_rounds"] = cfg.num_rounds
         prep = prepare(load_run_config(saved))
         remove_unused_run_dir(run_dir)
-        return execute(prep, folder, resuming=True)
+        run = execute_central if prep.cfg.mode == "central" else execute
+        return run(prep, folder, resuming=True)
     prep = prepare(cfg)
-    return execute(prep, RunFolder(run_dir))
+    run = execute_central if prep.cfg.mode == "central" else execute
+    return run(prep, RunFolder(run_dir))
 
 
 __all__ = ["UserInputError", "precheck_overrides", "run_job", "remove_unused_run_dir"]

@@ -1,0 +1,103 @@
+"""``rf2 mode=central``: train the same model on pooled data, into the same run folder.
+
+Same inputs as a federated run (dataset, model, tiers from the population, so per-tier
+metrics are comparable), same files (``config.yaml``, ``population.json``,
+``data.json``, ``metrics.jsonl``, checkpoints, ``model.pt``, ``DONE``) and the same
+metric keys per row, so ``rf2.analysis.results.load`` puts federated and central runs
+in one DataFrame (config column ``mode``). Row ``round`` is the evaluation number:
+0 before training (with the popularity baseline, as in federated runs), then
+``central.evals_per_epoch`` rows per epoch; each row also has ``epoch`` (fractional),
+``step``, ``num_examples`` (this row's) and ``examples_seen`` (cumulative).
+
+Central training sees every user's examples: the tier-aware optimizations
+(``optimization=``) and the round policies do not apply.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from rf2.core.typed import to_dict
+from rf2.eval.evaluation import Evaluator
+from rf2.fl.progress import ProgressPrinter
+from rf2.hetero.population import population_summary
+from rf2.model.central import CentralTrainer, pooled_examples
+from rf2.model.ttt import ttt_if_enabled
+from rf2.runs.run_folder import RunFolder
+
+if TYPE_CHECKING:
+    from rf2.cli.runner import PreparedRun
+
+
+def execute_central(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Path:
+    """Train centrally and write the run folder; with ``resuming``, continue its checkpoint."""
+    from rf2.cli.runner import data_summary
+
+    cfg = prep.cfg
+    hist, tgt = pooled_examples(prep.dataset)
+    trainer = CentralTrainer(prep.model, hist, tgt, cfg.central, cfg.seed)
+    evaluator = Evaluator(prep.dataset, cfg.eval.ks, cfg.eval.batch_size,
+                          prep.population.tier_of_user, prep.population.tier_names)
+    points = trainer.eval_steps()  # points[r - 1] = step after which row r is written
+    checkpoint = folder.latest_checkpoint() if resuming else None
+    done_rounds, wall_offset = 0, 0.0
+    if checkpoint is not None:
+        done_rounds, arrays, meta = checkpoint
+        trainer.load_state(arrays, meta)
+        wall_offset = float(meta.get("wall_offset_s", 0.0))
+        folder.truncate_to_round(done_rounds)
+    else:
+        if resuming:
+            folder.truncate_to_round(-1)
+        else:
+            folder.create(to_dict(cfg))
+        folder.write_json("population.json", population_summary(prep.dataset, prep.population))
+        folder.write_json("data.json", data_summary(cfg, prep.dataset))
+    tensorboard = None
+    if cfg.tensorboard:
+        from rf2.runs.tensorboard_log import TensorBoardLogger
+
+        tensorboard = TensorBoardLogger(folder.path)
+    progress = ProgressPrinter(enabled=cfg.progress, total_rounds=len(points))
+    started = time.perf_counter() - wall_offset
+
+    def finish(row: dict[str, Any], round_started: float) -> None:
+        now = time.perf_counter()
+        row["wall_time_s"] = now - started
+        row["round_wall_s"] = now - round_started
+        folder.append_metrics(row)
+        if tensorboard is not None:
+            tensorboard.log_row(row)
+        progress.round_done(int(row["round"]), row.get("recall@20"), row["wall_time_s"], 0)
+
+    if not folder.read_metrics():
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {"round": 0, "epoch": 0.0, "step": 0, "num_examples": 0,
+                               "examples_seen": 0, **evaluator.evaluate_model(prep.model)}
+        row.update(evaluator.evaluate_popularity())
+        finish(row, t0)
+    for rnd, step in enumerate(points, start=1):
+        if rnd <= done_rounds:
+            continue
+        t0 = time.perf_counter()
+        loss, examples = trainer.train_until(step)
+        row = {"round": rnd, "epoch": step / trainer.steps_per_epoch, "step": step,
+               "num_examples": examples, "examples_seen": trainer.examples_seen(step), "train/loss": loss,
+               **evaluator.evaluate_model(prep.model)}
+        finish(row, t0)
+        if (cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0) or rnd == len(points):
+            arrays, meta = trainer.state()
+            meta["wall_offset_s"] = time.perf_counter() - started
+            folder.save_checkpoint(rnd, arrays, meta)
+    if tensorboard is not None:
+        tensorboard.close()
+    torch.save(prep.model.state_dict(), folder.path / "model.pt")
+    ttt = ttt_if_enabled(prep.model, prep.dataset, evaluator.evaluate_model, cfg.model, cfg.seed)
+    if ttt is not None:
+        folder.write_json("ttt.json", ttt)
+    folder.mark_done()
+    return folder.path
