@@ -42,9 +42,6 @@ def strategy_state(strategy: Strategy) -> tuple[dict[str, Any], dict[str, np.nda
             meta[name] = sorted(moment)
             for key, value in moment.items():
                 arrays[f"{name}/{key}"] = np.asarray(value)
-    extra = getattr(strategy, "rf2_state", None)
-    if callable(extra):
-        meta["rf2"] = extra()
     return meta, arrays
 
 
@@ -63,6 +60,3 @@ def load_strategy_state(
                 raise ValueError(f"checkpoint has {name} but {type(strategy).__name__} "
                                  "keeps no such server-optimizer moment")
             setattr(strategy, name, {k: arrays[f"{name}/{k}"] for k in meta[name]})
-    loader = getattr(strategy, "rf2_load_state", None)
-    if callable(loader) and "rf2" in meta:
-        loader(meta["rf2"])

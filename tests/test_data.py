@@ -17,14 +17,12 @@ from rf2.core.typed import from_dict
 from rf2.data import (
     Interactions,
     generate_synthetic,
-    histories_before_test,
-    history_before_test,
     load_dataset,
     load_interactions,
     n_train_for,
     split_interactions,
-    train_histories,
 )
+from rf2.model.examples import eval_histories
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,13 +111,8 @@ def test_split_rejects_users_without_clicks() -> None:
 
 def test_history_features() -> None:
     ds = split_interactions(_toy(), "toy", train_fraction=0.9, history_len=2)
-    assert history_before_test(ds, 0).tolist() == [3, 5]
-    assert history_before_test(ds, 1).tolist() == [9]
-    assert histories_before_test(ds).tolist() == [[3, 5], [-1, 9], [-1, 2]]
-    # per train click, the clicks just before it, never crossing users
-    assert train_histories(ds, pad=99).tolist() == [
-        [99, 99], [99, 7], [7, 3], [99, 99], [99, 99]
-    ]
+    # the last history_len train clicks, left-padded: only clicks before the split point
+    assert eval_histories(ds, np.arange(3)).tolist() == [[3, 5], [-1, 9], [-1, 2]]
 
 
 # --- MovieLens-100K format --------------------------------------------------------------
@@ -213,7 +206,7 @@ def test_lightgcn_loader_keeps_given_split(tmp_path: Path) -> None:
     assert (ds.num_users, ds.num_items) == (2, 8)
     assert ds.train_of(0).tolist() == [5, 3, 4] and ds.test_of(0).tolist() == [7]
     assert ds.train_of(1).tolist() == [0, 1] and ds.test_of(1).tolist() == []
-    assert histories_before_test(ds).tolist() == [[3, 4], [0, 1]]
+    assert eval_histories(ds, np.arange(2)).tolist() == [[3, 4], [0, 1]]
 
 
 # --- errors -----------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def test_eval_histories_last_train_clicks() -> None:
     out = eval_histories(ds, np.array([0, 1, 3, 4]))
     np.testing.assert_array_equal(out, [[7, 2, 9], [-1, 1, 2], [-1, -1, 6], [-1, -1, -1]])
     for row, u in enumerate([0, 1, 3]):  # agrees with the dataset's own definition
-        h = ds.history_before_test(u)
+        h = ds.train_of(u)[-HIST:]
         np.testing.assert_array_equal(out[row, HIST - len(h):], h)
 
 

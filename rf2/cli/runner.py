@@ -107,12 +107,8 @@ def tiering_info(cfg: RunConfig) -> dict[str, object]:
 
 def eligible_users(prep: PreparedRun) -> np.ndarray:
     """Users that may be selected: with local examples, not in an excluded tier."""
-    names = prep.population.tier_names
-    excluded = [names.index(t) for t in prep.cfg.optimization.exclude_tiers]
-    ok = prep.num_examples > 0
-    if excluded:
-        ok &= ~np.isin(prep.population.tier_of_user, excluded)
-    return np.flatnonzero(ok)
+    allowed = prep.population.eligible_users(prep.cfg.optimization.exclude_tiers)  # (n,) ascending
+    return allowed[prep.num_examples[allowed] > 0]
 
 
 def execute(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Path:

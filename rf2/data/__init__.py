@@ -18,13 +18,7 @@ from rf2.data.lightgcn import load_lightgcn
 from rf2.data.movielens import load_movielens1m, load_movielens20m, load_movielens100k
 from rf2.data.protocol import PROTOCOLS, drop_unclicked, split_rated
 from rf2.data.recbole import RecBoleData, load_recbole
-from rf2.data.split import (
-    histories_before_test,
-    history_before_test,
-    n_train_for,
-    split_interactions,
-    train_histories,
-)
+from rf2.data.split import n_train_for, split_interactions
 from rf2.data.synthetic import SyntheticWorld, generate_synthetic
 
 __all__ = [
@@ -35,13 +29,10 @@ __all__ = [
     "Ratings",
     "SyntheticWorld",
     "generate_synthetic",
-    "history_before_test",
     "load_dataset",
     "load_interactions",
     "n_train_for",
     "split_interactions",
-    "histories_before_test",
-    "train_histories",
 ]
 
 _MOVIELENS = {

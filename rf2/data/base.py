@@ -118,10 +118,6 @@ class FederatedDataset:
     def num_genres(self) -> int:
         return 0 if self.item_genres is None else int(self.item_genres.shape[1])
 
-    def history_before_test(self, user: int) -> np.ndarray:
-        """The last ``history_len`` train clicks: the user's features at test time."""
-        return self.train_of(user)[-self.history_len :]
-
     def summary(self) -> dict[str, object]:
         """What a run folder records about the data (``data.json``): sizes and the split."""
         return {

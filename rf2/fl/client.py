@@ -88,7 +88,7 @@ def worker_state(spec: ClientSpec, dataset: FederatedDataset | None = None) -> _
     state = _WORKER_CACHE.get(spec.key)
     if state is None:
         # One torch thread per client worker: with 2 threads on a busy 2-core machine
-        # client training ran ~40x slower (DESIGN.md).
+        # client training ran ~40x slower (measured in v0.1; tests/conftest.py pins 1 too).
         torch.set_num_threads(spec.torch_threads)
         dataset_cfg = from_dict(DatasetConfig, spec.dataset, "dataset")
         model_cfg = from_dict(ModelConfig, spec.model, "model")

@@ -69,10 +69,6 @@ class Population:
             raise KeyError(f"unknown tier {name!r}; tiers: {list(self.tier_names)}")
         return self.tier_names.index(name)
 
-    def users_in(self, name: str) -> np.ndarray:
-        """(n,) int64 ids of the users in tier ``name``, ascending."""
-        return np.flatnonzero(self.tier_of_user == self.tier_index(name)).astype(np.int64)
-
     def eligible_users(self, exclude_tiers: list[str] | tuple[str, ...] = ()) -> np.ndarray:
         """(n,) ids of users not in ``exclude_tiers`` (RF²'s "exclude low-end" option)."""
         drop = [self.tier_index(t) for t in exclude_tiers]

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rf2.core.config import ModelConfig
-from rf2.model.retrieval import BeamSearchRetriever, BruteForceRetriever
+from rf2.model.retrieval import BeamSearchRetriever
 from rf2.model.two_tower import TwoTower
 
 # Joint prefix distributions for the balance term only while N x P stays this small.
@@ -330,26 +330,5 @@ class HierIndexModel(TwoTower):
         width = self.cfg.index.beam if beam is None else beam
         return BeamSearchRetriever(self.item_keys(), self.codebooks(), codes, width)
 
-    @torch.no_grad()
-    def brute_force_retriever(self) -> BruteForceRetriever:
-        return BruteForceRetriever(self.item_keys())
-
     def num_paths(self) -> int:
         return math.prod(self.cfg.index.nodes_per_level)
-
-    @staticmethod
-    def width_rules(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-        """HeteroFL width axes of this model's state: node tables narrow along D only.
-
-        A name-blind guess treats a K x D node table with K == D as a square hidden
-        layer and narrows both axes, which breaks a narrower client's model.
-        """
-        rules: dict[str, tuple[int, ...]] = {}
-        for name, shape in shapes.items():
-            if name.startswith("node_bias.") or name == "bias":
-                rules[name] = ()
-            elif len(shape) == 2:  # history/item/genre tables and node_vecs.*: (rows, D)
-                rules[name] = (1,)
-            else:
-                rules[name] = ()
-        return rules

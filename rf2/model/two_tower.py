@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from rf2.core.config import ModelConfig
-from rf2.data.base import FederatedDataset
 
 PAD = -1
 
@@ -138,7 +137,3 @@ class TwoTower(nn.Module):
         logits = torch.cat([pos.unsqueeze(1), negs], dim=1)  # (B, 1 + K)
         return F.cross_entropy(logits, torch.zeros_like(target))
 
-
-def build_model(cfg: ModelConfig, dataset: FederatedDataset, seed: int) -> TwoTower:
-    """The global model for ``dataset``, initialised deterministically from ``seed``."""
-    return TwoTower(dataset.num_items, cfg, dataset.item_genres, dataset.history_len, seed=seed)

@@ -53,15 +53,6 @@ def _active_bits(bits: int | None) -> int | None:
     return int(bits)
 
 
-def sparsify(x: np.ndarray, prune_rate: float, rng: np.random.Generator) -> np.ndarray:
-    """Keep each element with probability 1 − p, scaled by 1/(1 − p); zero the rest."""
-    rate = _active_rate(prune_rate)
-    if rate == 0.0:
-        return np.array(x, copy=True)
-    keep = rng.random(x.shape) >= rate  # same shape as x, True w.p. 1 − p
-    return np.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype, copy=False)
-
-
 def quantize(x: np.ndarray, bits: int, rng: np.random.Generator) -> np.ndarray:
     """Stochastic rounding onto 2^bits levels spanning [min x, max x]: E[q(x)] = x."""
     b = _active_bits(bits)

@@ -31,15 +31,12 @@ Rules = Mapping[str, tuple[int, ...]]  # param name -> axes that shrink with the
 Spec = dict[str, tuple[slice, ...]]  # param name -> the client's top-left slice
 
 # rf2.model.two_tower.TwoTower's state_dict: embedding tables narrow along D (columns);
-# the per-item bias has no D axis; a D x D user projection (an earlier version had one,
-# kept here should it return) is a hidden layer: rows and columns. Better declared by
-# the model itself (e.g. a ``WIDTH_AXES`` class attribute) than kept here.
+# the per-item bias has no D axis. A model with other parameters falls back to
+# :func:`default_rules` (which also handles square D x D hidden layers).
 TWO_TOWER_RULES: dict[str, tuple[int, ...]] = {
     "history_table": (1,),  # (I, D)
     "item_table": (1,),  # (I, D)
     "genre_table": (1,),  # (G, D)
-    "user_proj.weight": (0, 1),  # (D, D)
-    "user_proj.bias": (0,),  # (D,)
     "bias": (),  # (I,)
 }
 
