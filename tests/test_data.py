@@ -22,6 +22,7 @@ from rf2.data import (
     n_train_for,
     split_interactions,
 )
+from rf2.data.split import sliding_histories
 from rf2.model.examples import eval_histories
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,6 +114,10 @@ def test_history_features() -> None:
     ds = split_interactions(_toy(), "toy", train_fraction=0.9, history_len=2)
     # the last history_len train clicks, left-padded: only clicks before the split point
     assert eval_histories(ds, np.arange(3)).tolist() == [[3, 5], [-1, 9], [-1, 2]]
+    # per train click, the clicks just before it, never crossing users (central mode)
+    assert sliding_histories(ds.train_items, ds.train_indptr, 2, pad=99).tolist() == [
+        [99, 99], [99, 7], [7, 3], [99, 99], [99, 99]
+    ]
 
 
 # --- MovieLens-100K format --------------------------------------------------------------

@@ -92,3 +92,22 @@ def split_interactions(
 def _indptr(counts: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # (U + 1,)
 
+
+def sliding_histories(
+    items: np.ndarray, indptr: np.ndarray, history_len: int, pad: int = -1
+) -> np.ndarray:
+    """For every click, the ``history_len`` clicks of the same user just before it.
+
+    Returns ``(len(items), history_len)``, right-aligned and left-padded with ``pad``
+    where the user has fewer earlier clicks. Never crosses user boundaries.
+    """
+    counts = np.diff(indptr)  # (U,)
+    owner_start = np.repeat(indptr[:-1], counts)  # (N,)
+    pos = np.arange(items.size)  # (N,)
+    offsets = np.arange(-history_len, 0)  # (L,)
+    src = pos[:, None] + offsets[None, :]  # (N, L)
+    valid = src >= owner_start[:, None]  # (N, L)
+    out = np.full(src.shape, pad, dtype=np.int64)  # (N, L)
+    out[valid] = items[src[valid]]
+    return out
+
