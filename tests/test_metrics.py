@@ -206,13 +206,15 @@ def test_activity_quartile_balanced_with_ties() -> None:
 def test_test_loss_is_each_users_mean_cross_entropy_over_all_items() -> None:
     from rf2.core.config import DatasetConfig
     from rf2.data import load_dataset
-    from rf2.eval.evaluation import Evaluator
+    from rf2.eval.evaluation import FAMILIES, Evaluator, ScoredBlock
 
     dataset = load_dataset(DatasetConfig(num_users=60, num_items=40, num_groups=3), 3)
     evaluator = Evaluator(dataset, [5], batch_size=16)
-    sl = slice(3, 19)
-    scores = torch.randn(16, dataset.num_items, generator=torch.Generator().manual_seed(0))
+    block = evaluator.blocks[1]
+    scores = torch.randn(block.held.num_users, dataset.num_items,
+                         generator=torch.Generator().manual_seed(0))
     log_probs = torch.log_softmax(scores.double(), dim=1)
     expected = [-float(log_probs[b, torch.from_numpy(t)].mean())
-                for b, t in enumerate(evaluator.targets[sl])]
-    np.testing.assert_allclose(evaluator._test_loss(scores, sl), expected, rtol=1e-5)
+                for b, t in enumerate(block.targets)]
+    got = FAMILIES["loss"].compute(ScoredBlock(block, torch.empty(0), scores), None)  # type: ignore[arg-type]
+    np.testing.assert_allclose(got["loss"], expected, rtol=1e-5)

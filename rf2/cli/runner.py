@@ -137,8 +137,8 @@ def execute(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Pat
             prep.population.tier_names))
         state = ServerState(round=0, arrays=state_to_numpy(prep.model), selector=selector,
                             clock=clock)
-    evaluator = Evaluator(prep.dataset, cfg.eval.ks, cfg.eval.batch_size,
-                          prep.population.tier_of_user, prep.population.tier_names)
+    evaluator = Evaluator.from_config(prep.dataset, cfg.eval, cfg.seed,
+                                      prep.population.tier_of_user, prep.population.tier_names)
     shapes = {k: tuple(v.shape) for k, v in state.arrays.items()}
     tiers = TierSettings(cfg.optimization, prep.population, shapes, cfg.model.dim)
     # Messages go only to clients that will finish, at most K per round, batched.

@@ -317,20 +317,45 @@ class SimulationConfig:
               "an integer >= 0 (0 = auto)")
 
 
+# Metric families server-side evaluation can compute (rf2.eval.evaluation.FAMILIES):
+# recall/ndcg@K and auc over all items, the per-user test loss, the index's served
+# metrics (index/..., exactness@K, items_scored_frac; models with an index only) and the
+# popularity baseline at round 0 (popularity/...), and RF²'s CTR metrics over test
+# ratings (rated_auc/ap/logloss; dataset.protocol=rf2 only).
+METRIC_FAMILIES = ("recall", "ndcg", "auc", "loss", "index", "popularity", "rated")
+
+
 @dataclass
 class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [10, 20, 50])
     every: int = 1
+    # Upper bound on users scored in one block; the evaluator also caps a block at a few
+    # MB of scores so the passes over it stay in cache.
     batch_size: int = 1024
     # Also evaluate after every round that completes a pass over the eligible clients
     # (RF² evaluates per pass; rows log ``pass`` and ``pass_end``).
     at_pass_end: bool = False
+    # Which metric families to compute (see METRIC_FAMILIES); fewer = faster.
+    metrics: list[str] = field(default_factory=lambda: list(METRIC_FAMILIES))
+    # Evaluate a fixed, seeded sample of this many test users, stratified by tier
+    # (0 = all test users). Logged: eval_users, and se/recall@K.
+    max_users: int = 0
+    # Torch threads while evaluating (0 = every core this process may use). Client
+    # workers pin themselves to 1 thread; evaluation restores the setting afterwards.
+    num_threads: int = 0
 
     def validate(self, path: str = "eval") -> None:
         check(len(self.ks) > 0 and all(k >= 1 for k in self.ks), f"{path}.ks", self.ks,
               "a non-empty list of integers >= 1")
         check(self.every >= 1, f"{path}.every", self.every, "an integer >= 1")
         check(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, "an integer >= 1")
+        check(len(self.metrics) > 0 and all(m in METRIC_FAMILIES for m in self.metrics),
+              f"{path}.metrics", self.metrics,
+              f"a non-empty list of: {', '.join(METRIC_FAMILIES)}")
+        check(self.max_users >= 0, f"{path}.max_users", self.max_users,
+              "an integer >= 0 (0 = all test users)")
+        check(self.num_threads >= 0, f"{path}.num_threads", self.num_threads,
+              "an integer >= 0 (0 = all cores)")
 
 
 @dataclass

@@ -1,8 +1,9 @@
-"""Server-side evaluation: all users' held-out clicks, all-item ranking minus train items.
+"""Server-side evaluation: test users' held-out clicks, all-item ranking minus train items.
 
 Produces the flat metric keys of one ``metrics.jsonl`` row: overall user means
-(``recall@K``, ``ndcg@K``, ``auc``), per tier (``tier/<name>/...``), per activity
-quartile (``activity/<q>/...``) and fairness summaries across tiers (``fair/<m>/...``).
+(``recall@K``, ``ndcg@K``, ``auc``, ``loss``), per tier (``tier/<name>/...``), per
+activity quartile (``activity/<q>/...``) and fairness summaries across tiers
+(``fair/<m>/...``).
 
 For a model with an index (``build_retriever``, e.g. ``hier_index``) the same users are
 also served through the index: ``index/recall@K`` and ``index/ndcg@K`` (same definitions
@@ -20,24 +21,219 @@ without a test click. The score of a (user, item) rating is the retrieval logit
 number that ranks items); P(click) = sigmoid(logit). AUC and AP depend only on the
 order of the logits; the log-loss of a model trained with a softmax over items is not a
 calibrated CTR loss and is comparable only between runs of the same model.
+
+How it stays fast at 40k users x 40k items:
+
+- users are scored in blocks of a few MB (``rank_block``): every metric family reads the
+  same score block, raw families (loss) first, then one top-k and the AUC passes on it;
+- the per-block index structures are built once, in ``__init__``;
+- ``eval.metrics`` selects the families (:data:`FAMILIES`); ``eval.max_users`` scores a
+  fixed seeded sample of test users, stratified by tier, and logs its standard error;
+- evaluation runs with its own torch thread count (:func:`torch_threads`): in-process,
+  the client code pins the whole process to one thread.
+
+A metric family is a name, a stage and a function of a scored block (see
+:class:`MetricFamily`); a new family (e.g. CTR metrics over rated items) is one entry in
+:data:`FAMILIES` plus its name in ``rf2.core.config.METRIC_FAMILIES``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from rf2.core.config import METRIC_FAMILIES
 from rf2.data.base import FederatedDataset
 from rf2.eval.ctr import grouped_ctr_metrics
 from rf2.eval.fairness import activity_quartile, fairness_summary, group_means
-from rf2.eval.ranking import ranking_metrics
+from rf2.eval.ranking import BlockRanking, HeldOut, positive_order, rank_block
 from rf2.model.examples import eval_histories
 from rf2.model.retrieval import Retriever
 
+__all__ = ["FAMILIES", "Evaluator", "MetricFamily", "stratified_sample", "stratified_se",
+           "topk_metrics", "torch_threads"]
+
 # Metrics that get per-tier fairness summaries.
 FAIRNESS_METRICS = ("recall@20", "ndcg@20", "auc")
+# Scores per block (floats): 8 MB, so the comparison passes over a block hit the cache.
+BLOCK_FLOATS = 1 << 21
+# Families served by the shared top-k / AUC pass of ``rank_block``.
+RANKING_FAMILIES = ("recall", "ndcg", "auc")
+
+
+def resolve_threads(num_threads: int) -> int:
+    """``num_threads``, or for 0 the number of cores this process may use."""
+    if num_threads > 0:
+        return num_threads
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+@contextmanager
+def torch_threads(num_threads: int) -> Iterator[int]:
+    """Run a block with ``num_threads`` torch threads (0 = every core this process may
+    use), restoring the previous setting afterwards (in-process, the client code pins
+    the process to one thread). Yields the number used."""
+    num_threads = resolve_threads(num_threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield num_threads
+    finally:
+        torch.set_num_threads(before)
+
+
+def stratified_sample(strata: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Sorted positions of a seeded sample of ``size`` elements, stratified by ``strata``.
+
+    Proportional allocation by largest remainder (every non-empty stratum gets at least
+    one element when ``size`` allows), then a uniform draw without replacement within
+    each stratum. Same strata, size and seed -> the same sample.
+    """
+    strata = np.asarray(strata)
+    n = strata.size
+    if size >= n:
+        return np.arange(n)
+    names, inverse, counts = np.unique(strata, return_inverse=True, return_counts=True)
+    quota = counts * size / n
+    alloc = np.floor(quota).astype(np.int64)
+    if size >= len(names):
+        alloc = np.maximum(alloc, 1)
+    while alloc.sum() > size:  # the minimum of one overshot: take from the largest
+        alloc[np.argmax(alloc - quota)] -= 1
+    order = np.argsort(-(quota - alloc), kind="stable")  # largest remainder first
+    for h in order[: size - int(alloc.sum())]:
+        alloc[h] += 1
+    rng = np.random.default_rng([seed, 0x5EED_E7A1])
+    picked = [rng.choice(np.flatnonzero(inverse == h), int(a), replace=False)
+              for h, a in enumerate(alloc) if a > 0]
+    return np.sort(np.concatenate(picked))
+
+
+def stratified_se(values: np.ndarray, strata: np.ndarray, population: dict[Any, int]) -> float:
+    """Standard error of the stratified mean estimate from a sample.
+
+    SE^2 = sum_h (N_h / N)^2 (1 - n_h / N_h) s_h^2 / n_h with the finite-population
+    correction, so a full evaluation has SE 0. NaN when a sampled stratum has a single
+    user (its variance is unknown) or no value is finite.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    total = sum(population.values())
+    var = 0.0
+    for h, big_n in population.items():
+        vals = values[(strata == h) & ~np.isnan(values)]
+        n = vals.size
+        if n == 0 or n >= big_n:
+            continue  # stratum not sampled (no estimate) or evaluated in full (no error)
+        if n < 2:
+            return math.nan
+        var += (big_n / total) ** 2 * (1 - n / big_n) * vals.var(ddof=1) / n
+    return math.sqrt(var)
+
+
+@dataclass
+class EvalBlock:
+    """One block of evaluated users: data structures built once, reused every round."""
+
+    rows: slice  # positions in Evaluator.users
+    held: HeldOut
+    histories: torch.Tensor  # (B, H) item ids, PAD = -1
+    exclude: list[np.ndarray]
+    targets: list[np.ndarray]
+    target_keys: torch.Tensor  # (T,) flat keys b * I + item of every held-out click
+    target_rows: np.ndarray  # (T,) the row of each
+    target_counts: np.ndarray  # (B,) held-out clicks per user (>= 1)
+
+
+@dataclass
+class ScoredBlock:
+    """A block with its scores: ``scores`` is raw until the ranking stage masks it."""
+
+    block: EvalBlock
+    user_emb: torch.Tensor  # (B, D)
+    scores: torch.Tensor  # (B, I)
+    ranking: BlockRanking | None = None
+
+
+@dataclass
+class EvalContext:
+    """Per-evaluation state shared by the blocks (e.g. the index's retriever)."""
+
+    model: torch.nn.Module
+    ks: list[int]
+    num_items: int
+    retriever: Retriever | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MetricFamily:
+    """A family of per-user metrics.
+
+    ``stage``: ``raw`` families read the unmasked scores (before the ranking pass);
+    ``ranked`` ones may read ``ScoredBlock.ranking`` (the all-item top K) but not the
+    scores. ``compute`` returns key -> (B,) float64 per-user values (NaN = not defined).
+    ``applies`` says whether the family means anything for this model.
+    """
+
+    name: str
+    stage: Literal["raw", "ranked"]
+    compute: Callable[[ScoredBlock, EvalContext], dict[str, np.ndarray]]
+    applies: Callable[[torch.nn.Module], bool] = lambda model: True
+    needs_topk: bool = False
+
+
+def _test_loss(sb: ScoredBlock, ctx: EvalContext) -> dict[str, np.ndarray]:
+    """(B,) per user: mean softmax cross-entropy of its held-out items over all items
+    (the model's training loss, on the test clicks)."""
+    b = sb.block
+    log_norm = torch.logsumexp(sb.scores, dim=1).double().numpy()  # (B,)
+    picked = sb.scores.view(-1)[b.target_keys].double().numpy()  # (T,)
+    sums = np.bincount(b.target_rows, weights=log_norm[b.target_rows] - picked,
+                       minlength=len(b.target_counts))
+    return {"loss": sums / b.target_counts}
+
+
+def _has_index(model: torch.nn.Module) -> bool:
+    return callable(getattr(model, "build_retriever", None))
+
+
+def _index_metrics(sb: ScoredBlock, ctx: EvalContext) -> dict[str, np.ndarray]:
+    """Per-user metrics of the index's top K against the targets and brute force."""
+    assert ctx.retriever is not None and sb.ranking is not None and sb.ranking.top_ids is not None
+    b = sb.block
+    k_max = min(max(ctx.ks), ctx.num_items)
+    queries = ctx.model.query_vectors(sb.user_emb)  # (B, Dq)
+    result = ctx.retriever.topk(queries, k_max, b.exclude)
+    index_ids = result.item_ids.numpy()  # (B, K)
+    out = topk_metrics(index_ids, b.exclude, b.targets, ctx.ks, ctx.num_items, prefix="index/")
+    brute = sb.ranking.top_ids  # (B, K): the all-item ranking's own top K
+    for k in ctx.ks:
+        kk = min(k, k_max)
+        same = [np.intersect1d(a[:kk], c[:kk]).size for a, c in zip(index_ids, brute,
+                                                                    strict=True)]
+        out[f"exactness@{k}"] = np.asarray(same, dtype=np.float64) / kk
+    out["items_scored_frac"] = result.items_scored.numpy() / ctx.num_items
+    return out
+
+
+# Name -> family, beyond the ranking families (recall, ndcg, auc: one shared pass) and
+# ``popularity`` (a separate round-0 baseline). Order = order of computation per stage.
+FAMILIES: dict[str, MetricFamily] = {
+    "loss": MetricFamily("loss", "raw", _test_loss),
+    "index": MetricFamily("index", "ranked", _index_metrics, applies=_has_index,
+                          needs_topk=True),
+}
 
 
 class Evaluator:
@@ -48,19 +244,44 @@ class Evaluator:
         batch_size: int,
         tier_of_user: np.ndarray | None = None,
         tier_names: Sequence[str] = (),
+        metrics: Sequence[str] = METRIC_FAMILIES,
+        max_users: int = 0,
+        num_threads: int = 0,
+        seed: int = 0,
     ) -> None:
+        unknown = sorted(set(metrics) - set(METRIC_FAMILIES))
+        if unknown:
+            raise ValueError(f"unknown metric families {unknown}; allowed: {METRIC_FAMILIES}")
         self.dataset = dataset
         self.ks = sorted(set(int(k) for k in ks))
         self.batch_size = batch_size
-        # Only users with held-out clicks are evaluated.
-        self.users = np.flatnonzero(dataset.test_counts > 0)  # (U,)
-        self.histories = torch.from_numpy(eval_histories(dataset, self.users))  # (U, H)
-        self.exclude = [dataset.train_of(int(u)) for u in self.users]
-        self.targets = [dataset.test_of(int(u)) for u in self.users]
+        self.metrics = [m for m in METRIC_FAMILIES if m in set(metrics)]
+        self.num_threads = num_threads
         self.tier_of_user = tier_of_user
         self.tier_names = list(tier_names)
         quartile, self.quartile_names = activity_quartile(dataset.train_counts)
         self.quartile_of_user = quartile
+        # Only users with held-out clicks are evaluated; with max_users, a fixed sample.
+        candidates = np.flatnonzero(dataset.test_counts > 0)  # (U_all,)
+        self.strata_of_user = (tier_of_user if tier_of_user is not None and self.tier_names
+                               else np.zeros(dataset.num_users, dtype=np.int64))
+        strata = self.strata_of_user[candidates]
+        names, counts = np.unique(strata, return_counts=True)
+        self.population = {h: int(c) for h, c in zip(names.tolist(), counts, strict=True)}
+        self.num_candidates = int(candidates.size)
+        if 0 < max_users < candidates.size:
+            candidates = candidates[stratified_sample(strata, max_users, seed)]
+        exclude = [dataset.train_of(int(u)) for u in candidates]
+        targets = [dataset.test_of(int(u)) for u in candidates]
+        # Ordered by number of positives, so AUC passes touch contiguous row suffixes.
+        order = positive_order(exclude, targets)
+        self.users = candidates[order]  # (U,)
+        self.exclude = [exclude[i] for i in order]
+        self.targets = [targets[i] for i in order]
+        self.histories = torch.from_numpy(eval_histories(dataset, self.users))  # (U, H)
+        rows = max(1, min(batch_size, BLOCK_FLOATS // max(dataset.num_items, 1)))
+        self.blocks = [self._block(slice(lo, min(lo + rows, len(self.users))))
+                       for lo in range(0, len(self.users), rows)]
         self._rated_setup()
 
     def _rated_setup(self) -> None:
@@ -77,7 +298,10 @@ class Evaluator:
         self.rated_labels = rated.test_labels.astype(np.int64)
 
     def rated_metrics(self, model: torch.nn.Module) -> dict[str, float]:
-        """RF²'s CTR metrics over all test ratings (empty without labelled samples)."""
+        """RF²'s CTR metrics over all test ratings (empty without labelled samples).
+
+        Not a per-user family: pooled over every test rating, of all users with one
+        (also those without a test click), so it scores its own users."""
         if self.rated_users.size == 0:
             return {}
         logits = np.empty(self.rated_items.size, dtype=np.float64)  # (R,)
@@ -95,80 +319,133 @@ class Evaluator:
             names = self.tier_names
         return grouped_ctr_metrics(self.rated_labels, logits, groups, names)
 
-    def _per_user(self, score_fn: Callable[[slice], torch.Tensor]) -> dict[str, np.ndarray]:
-        parts: dict[str, list[np.ndarray]] = {}
-        for start in range(0, len(self.users), self.batch_size):
-            sl = slice(start, start + self.batch_size)
-            scores = score_fn(sl)  # (B, I)
-            res = ranking_metrics(scores, self.exclude[sl], self.targets[sl], self.ks)
-            for key, values in res.items():
-                parts.setdefault(key, []).append(values)
-        return {k: np.concatenate(v) for k, v in parts.items()}
+    @classmethod
+    def from_config(cls, dataset: FederatedDataset, cfg: Any, seed: int,
+                    tier_of_user: np.ndarray | None = None,
+                    tier_names: Sequence[str] = ()) -> Evaluator:
+        """From an ``EvalConfig`` (``cfg``) and the run seed (which picks the sample)."""
+        return cls(dataset, cfg.ks, cfg.batch_size, tier_of_user, tier_names,
+                   metrics=cfg.metrics, max_users=cfg.max_users, num_threads=cfg.num_threads,
+                   seed=seed)
 
+    def _block(self, rows: slice) -> EvalBlock:
+        num_items = self.dataset.num_items
+        exclude, targets = self.exclude[rows], self.targets[rows]
+        counts = np.asarray([len(t) for t in targets], dtype=np.int64)
+        target_rows = np.repeat(np.arange(len(targets), dtype=np.int64), counts)
+        items = (np.concatenate(targets).astype(np.int64) if counts.sum()
+                 else np.empty(0, dtype=np.int64))
+        return EvalBlock(
+            rows=rows, held=HeldOut.build(exclude, targets, num_items),
+            histories=self.histories[rows], exclude=exclude, targets=targets,
+            target_keys=torch.from_numpy(target_rows * num_items + items),
+            target_rows=target_rows, target_counts=np.maximum(counts, 1),
+        )
+
+    # -- evaluation --------------------------------------------------------------------
+    def _map_blocks(self, fn: Callable[[EvalBlock, torch.Tensor, torch.Tensor],
+                                       dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """``fn(block, score_buffer, compare_buffer)`` over every block, concatenated.
+
+        Blocks run in parallel on ``num_threads`` Python threads, each block's torch ops
+        on one thread (torch releases the GIL). Per-op multi-threading would put an
+        OpenMP barrier in every one of the thousands of small ops, and on a busy machine
+        each barrier waits for the slowest core; and a block's numbers do not depend on
+        how many threads ran (same results on any machine).
+        """
+        rows = max((b.held.num_users for b in self.blocks), default=1)
+        local = threading.local()
+
+        def run(block: EvalBlock) -> dict[str, np.ndarray]:
+            if not hasattr(local, "buffers"):  # (R, I) scores and comparisons, per thread
+                # Also pins this thread's BLAS (MKL keeps a per-thread setting), so a
+                # block's matmul is computed the same way on every thread.
+                torch.set_num_threads(1)
+                local.buffers = (torch.empty(rows, self.dataset.num_items),
+                                 torch.empty(rows, self.dataset.num_items))
+            with torch.no_grad():  # grad mode is per thread
+                return fn(block, *local.buffers)
+
+        threads = resolve_threads(self.num_threads)
+        with torch_threads(1):
+            if threads == 1 or len(self.blocks) <= 1:
+                results = [run(b) for b in self.blocks]
+            else:
+                with ThreadPoolExecutor(threads, thread_name_prefix="rf2-eval") as pool:
+                    results = list(pool.map(run, self.blocks))
+        keys = results[0].keys() if results else []
+        return {k: np.concatenate([r[k] for r in results]) for k in keys}
+
+    def _ranking(self, sb: ScoredBlock, families: Sequence[MetricFamily],
+                 cmp: torch.Tensor) -> dict[str, np.ndarray]:
+        want = [m for m in RANKING_FAMILIES if m in self.metrics]
+        need_topk = "recall" in want or "ndcg" in want or any(f.needs_topk for f in families)
+        if not need_topk and "auc" not in want:
+            return {}
+        sb.ranking = rank_block(sb.scores, sb.block.held, self.ks, topk=need_topk,
+                                auc="auc" in want, cmp_buffer=cmp)
+        return {k: v for k, v in sb.ranking.metrics.items() if k.split("@")[0] in want}
+
+    @torch.no_grad()
     def evaluate_model(self, model: torch.nn.Module) -> dict[str, float]:
         model.eval()
-        build = getattr(model, "build_retriever", None)
-        retriever: Retriever | None = build() if callable(build) else None
-        served: dict[str, list[np.ndarray]] = {}
-        with torch.no_grad():
-            def score(sl: slice) -> torch.Tensor:
-                user = model.user_embedding(self.histories[sl])  # (B, D)
-                scores = model.score_all(user)  # (B, I)
-                served.setdefault("loss", []).append(self._test_loss(scores, sl))
-                if retriever is not None:
-                    queries = model.query_vectors(user)  # (B, Dq)
-                    for key, values in self._served(retriever, queries, scores, sl).items():
-                        served.setdefault(key, []).append(values)
-                return scores
+        families = [FAMILIES[m] for m in self.metrics if m in FAMILIES
+                    and FAMILIES[m].applies(model)]
+        ctx = EvalContext(model, self.ks, self.dataset.num_items)
+        with torch_threads(self.num_threads):
+            if any(f.name == "index" for f in families):
+                ctx.retriever = model.build_retriever()  # type: ignore[operator]
+            items = model.item_embeddings().detach()  # (I, D), once per evaluation
+            bias = model.item_bias_vector().detach()  # (I,)
 
-            per_user = self._per_user(score)
-        per_user.update({k: np.concatenate(v) for k, v in served.items()})
-        return {**self.summarise(per_user), **self.rated_metrics(model)}
+        def score(block: EvalBlock, buf: torch.Tensor, cmp: torch.Tensor) -> dict[str, np.ndarray]:
+            n = block.held.num_users
+            user = model.user_embedding(block.histories)  # (B, D)
+            scores = torch.matmul(user, items.T, out=buf[:n])  # (B, I)
+            scores.add_(bias)  # = model.score_all(user), into a reused buffer
+            sb = ScoredBlock(block, user, scores)
+            out: dict[str, np.ndarray] = {}
+            for fam in families:
+                if fam.stage == "raw":
+                    out.update(fam.compute(sb, ctx))
+            out.update(self._ranking(sb, families, cmp))
+            for fam in families:
+                if fam.stage == "ranked":
+                    out.update(fam.compute(sb, ctx))
+            return out
 
-    def _test_loss(self, scores: torch.Tensor, sl: slice) -> np.ndarray:
-        """(B,) per user: mean softmax cross-entropy of its held-out items over all items
-        (the model's training loss, on the test clicks)."""
-        log_probs = torch.log_softmax(scores, dim=1).numpy()  # (B, I)
-        targets = self.targets[sl]
-        lengths = np.array([len(t) for t in targets], dtype=np.int64)  # >= 1: test users only
-        rows = np.repeat(np.arange(len(targets)), lengths)
-        picked = log_probs[rows, np.concatenate(targets)].astype(np.float64)
-        return -np.bincount(rows, weights=picked, minlength=len(targets)) / lengths
+        row = self.summarise(self._map_blocks(score))
+        if "rated" in self.metrics:
+            with torch_threads(self.num_threads):
+                row.update(self.rated_metrics(model))
+        return row
 
-    def _served(
-        self, retriever: Retriever, queries: torch.Tensor, scores: torch.Tensor, sl: slice
-    ) -> dict[str, np.ndarray]:
-        """Per-user metrics of the index's top K against the targets and brute force."""
-        k_max = min(max(self.ks), self.dataset.num_items)
-        exclude, targets = self.exclude[sl], self.targets[sl]
-        result = retriever.topk(queries, k_max, exclude)
-        out = topk_metrics(result.item_ids.numpy(), exclude, targets, self.ks,
-                           self.dataset.num_items, prefix="index/")
-        masked = scores.clone()
-        masked.view(-1)[torch.from_numpy(_flat(exclude, scores.shape[1]))] = float("-inf")
-        brute = torch.topk(masked, k_max, dim=1).indices.numpy()  # (B, K)
-        index_ids = result.item_ids.numpy()
-        for k in self.ks:
-            kk = min(k, k_max)
-            same = [np.intersect1d(a[:kk], b[:kk]).size for a, b in zip(index_ids, brute,
-                                                                        strict=True)]
-            out[f"exactness@{k}"] = np.asarray(same, dtype=np.float64) / kk
-        out["items_scored_frac"] = result.items_scored.numpy() / self.dataset.num_items
-        return out
-
+    @torch.no_grad()
     def evaluate_popularity(self) -> dict[str, float]:
+        """The most-popular-items baseline (``popularity/...``), if selected."""
+        if "popularity" not in self.metrics:
+            return {}
         pop = torch.from_numpy(self.dataset.item_popularity().astype(np.float32))  # (I,)
 
-        def score(sl: slice) -> torch.Tensor:
-            n = len(self.users[sl])
-            return pop.unsqueeze(0).expand(n, -1)
+        def score(block: EvalBlock, buf: torch.Tensor, cmp: torch.Tensor) -> dict[str, np.ndarray]:
+            n = block.held.num_users
+            scores = buf[:n]
+            scores.copy_(pop.unsqueeze(0).expand(n, -1))  # (B, I)
+            return self._ranking(ScoredBlock(block, torch.empty(0), scores), [], cmp)
 
-        per_user = self._per_user(score)
+        per_user = self._map_blocks(score)
         return {f"popularity/{k}": float(np.nanmean(v)) for k, v in per_user.items()}
 
     def summarise(self, per_user: dict[str, np.ndarray]) -> dict[str, float]:
         row: dict[str, float] = {k: float(np.nanmean(v)) for k, v in per_user.items()}
         row["users_evaluated"] = int(len(self.users))
+        row["eval_users"] = int(len(self.users))
+        row["eval_users_total"] = self.num_candidates
+        strata = self.strata_of_user[self.users]
+        for k in self.ks:
+            if f"recall@{k}" in per_user:
+                row[f"se/recall@{k}"] = stratified_se(per_user[f"recall@{k}"], strata,
+                                                      self.population)
         if self.tier_of_user is not None and self.tier_names:
             tiers = self.tier_of_user[self.users]
             row.update(group_means(per_user, tiers, self.tier_names, prefix="tier"))
