@@ -40,8 +40,8 @@ def execute_central(prep: PreparedRun, folder: RunFolder, resuming: bool = False
     cfg = prep.cfg
     hist, tgt = pooled_examples(prep.dataset)
     trainer = CentralTrainer(prep.model, hist, tgt, cfg.central, cfg.seed)
-    evaluator = Evaluator(prep.dataset, cfg.eval.ks, cfg.eval.batch_size,
-                          prep.population.tier_of_user, prep.population.tier_names)
+    evaluator = Evaluator.from_config(prep.dataset, cfg.eval, cfg.seed,
+                                      prep.population.tier_of_user, prep.population.tier_names)
     points = trainer.eval_steps()  # points[r - 1] = step after which row r is written
     checkpoint = folder.latest_checkpoint() if resuming else None
     done_rounds, wall_offset = 0, 0.0
