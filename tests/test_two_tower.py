@@ -139,7 +139,7 @@ def test_init_is_deterministic_per_seed() -> None:
     assert torch.equal(a.bias, torch.zeros(NUM_ITEMS))
 
 
-@pytest.mark.parametrize("loss", ["full_softmax", "sampled_softmax"])
+@pytest.mark.parametrize("loss", ["full", "sampled"])
 def test_sgd_learns_toy_task(loss: str) -> None:
     n = 20
     hist, tgt = _toy_task(n)
@@ -152,7 +152,7 @@ def test_sgd_learns_toy_task(loss: str) -> None:
         with torch.no_grad():
             for p in model.parameters():
                 p -= 1.0 * p.grad
-    cfg.loss = "full_softmax"  # judge both on the exact loss
+    cfg.loss = "full"  # judge both on the exact loss
     with torch.no_grad():
         last = model.loss(hist, tgt).item()
         top1 = model.score_all(model.user_embedding(hist)).argmax(dim=1)
@@ -166,12 +166,12 @@ def test_sampled_softmax_estimates_full_loss() -> None:
     n = 50
     hist, tgt = _toy_task(n)
     full = TwoTower(n, ModelConfig(name="two_tower", dim=8, init_scale=1.0), history_len=2, seed=3)
-    cfg = ModelConfig(name="two_tower", dim=8, init_scale=1.0, loss="sampled_softmax", num_negatives=50_000)
+    cfg = ModelConfig(name="two_tower", dim=8, init_scale=1.0, loss="sampled", num_negatives=50_000)
     sampled = TwoTower(n, cfg, history_len=2, seed=3)
     exact = full.loss(hist, tgt).item()
     assert exact > 1.0  # random init: far from the trivial regime
     assert sampled.loss(hist, tgt).item() == pytest.approx(exact, abs=0.03)
-    few = ModelConfig(name="two_tower", dim=8, init_scale=1.0, loss="sampled_softmax", num_negatives=5)
+    few = ModelConfig(name="two_tower", dim=8, init_scale=1.0, loss="sampled", num_negatives=5)
     m = TwoTower(n, few, history_len=2, seed=3)
     m.seed_sampler(11)
     x = m.loss(hist, tgt)

@@ -70,15 +70,23 @@ def test_a_reply_missing_a_users_records_is_an_error_not_a_crash(instruction: Me
 
 def test_auto_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    ray, inproc = SimulationConfig(backend="ray"), SimulationConfig(backend="inprocess")
-    cluster = SimulationConfig(backend="ray", ray_address="auto")
+    # Per-user path: batches sized from the workers.
+    ray = SimulationConfig(backend="ray", vectorise=False)
+    inproc = SimulationConfig(backend="inprocess", vectorise=False)
+    cluster = SimulationConfig(backend="ray", ray_address="auto", vectorise=False)
     assert users_per_message(ray, 100) == 13  # 8 messages: 4 per actor
     assert users_per_message(ray, 10) == 5  # 2 messages: one per actor, >= 5 users each
     assert users_per_message(ray, 1) == 1
-    assert users_per_message(SimulationConfig(backend="ray", num_cpus_per_client=0.5), 1000) == 63
+    assert users_per_message(SimulationConfig(backend="ray", num_cpus_per_client=0.5,
+                                              vectorise=False), 1000) == 63
     assert users_per_message(inproc, 100) == 25 and users_per_message(inproc, 3) == 3
     assert users_per_message(cluster, 100) == 5 and users_per_message(cluster, 1000) == 32
     assert users_per_message(SimulationConfig(backend="inprocess", users_per_message=3), 100) == 3
+    # Vectorised: one cohort per message, the same on every backend (determinism).
+    for sim in (SimulationConfig(backend="ray"), SimulationConfig(backend="inprocess"),
+                SimulationConfig(backend="ray", ray_address="auto")):
+        assert users_per_message(sim, 100) == 25  # 4 cohorts of <= 32
+        assert users_per_message(sim, 32) == 32 and users_per_message(sim, 33) == 17
     with pytest.raises(ConfigError, match="simulation.users_per_message"):
         load_run_config(small_run(**{"simulation.users_per_message": -1}))
 
@@ -91,10 +99,12 @@ def test_auto_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
      "fault_injection": [{"kind": "raise", "users": list(range(0, 200, 7)), "rounds": [2]}]},
 ])
 def test_batching_users_changes_no_number(tmp_path: Path, extra: dict) -> None:
+    """On the per-user path; vectorised cohorts are the messages (test_cohort.py)."""
     rows = {}
     for per_message in (1, 6, 0):
         cfg = small_run(num_rounds=3, **{"devices.profile": "rf2-3tier"}, **extra,
-                        **{"simulation.users_per_message": per_message})
+                        **{"simulation.users_per_message": per_message,
+                           "simulation.vectorise": False})
         run_job(cfg, tmp_path / f"b{per_message}")
         rows[per_message] = without_timing(read_rows(tmp_path / f"b{per_message}"))
     assert rows[1] == rows[6] == rows[0]

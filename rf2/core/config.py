@@ -129,15 +129,33 @@ class ModelConfig:
     dim: int = 64
     use_genres: bool = True
     item_bias: bool = True
-    loss: Literal["full_softmax", "sampled_softmax"] = "full_softmax"
+    # full: softmax over the whole catalogue (exact; O(I) work and an O(I) update per
+    # client). sampled: ``num_negatives`` uniform negatives drawn once per client per
+    # round (seeded from the client's seed), shared by its examples, logQ-corrected;
+    # a client then touches only its own items and its negatives. auto: sampled when
+    # the catalogue has more than ``auto_sampled_above`` items (see README "Scale").
+    loss: Literal["full", "sampled", "auto"] = "auto"
     num_negatives: int = 200
+    # 5,000: below it full softmax costs a client about as much as the rest of its step
+    # and K=200 negatives would already be >4% of the catalogue (ML-100K, ML-1M, the
+    # synthetic default stay exact); above it the full softmax's O(I) scores and its
+    # O(I·D) dense update dominate a round (36k items: ~15x the 1.7k-item round).
+    auto_sampled_above: int = 5000
     init_scale: float = 0.1
     index: IndexConfig = field(default_factory=IndexConfig)
+
+    def loss_kind(self, num_items: int) -> Literal["full", "sampled"]:
+        """The loss actually trained for a catalogue of ``num_items`` (``auto`` resolved)."""
+        if self.loss == "auto":
+            return "sampled" if num_items > self.auto_sampled_above else "full"
+        return self.loss
 
     def validate(self, path: str = "model") -> None:
         check(self.dim >= 1, f"{path}.dim", self.dim, "an integer >= 1")
         check(self.num_negatives >= 1, f"{path}.num_negatives", self.num_negatives,
               "an integer >= 1")
+        check(self.auto_sampled_above >= 0, f"{path}.auto_sampled_above",
+              self.auto_sampled_above, "an integer >= 0")
         check(self.init_scale > 0, f"{path}.init_scale", self.init_scale, "a number > 0")
 
 
@@ -305,6 +323,13 @@ class SimulationConfig:
     # Flower internals for speed (rf2.fl.fast_transport): FastArray, and on Ray push-driven
     # delivery. false = public Flower APIs only (stock Array, engine and polling); same metrics.
     fast_transport: bool = True
+    # Train the users of a cohort in one stacked computation (rf2.model.cohort); false =
+    # one user at a time (the reference path). Each user is still its own client.
+    vectorise: bool = True
+    # Users per cohort. A cohort never spans two messages, and cohorts depend on this
+    # value alone (not on the backend or the worker count), so Ray and in-process runs
+    # stay identical. An explicit, smaller users_per_message caps it.
+    cohort_size: int = 32
 
     def validate(self, path: str = "simulation") -> None:
         check(self.num_cpus_per_client > 0, f"{path}.num_cpus_per_client",
@@ -315,6 +340,8 @@ class SimulationConfig:
               "a number > 0")
         check(self.users_per_message >= 0, f"{path}.users_per_message", self.users_per_message,
               "an integer >= 0 (0 = auto)")
+        check(self.cohort_size >= 1, f"{path}.cohort_size", self.cohort_size,
+              "an integer >= 1")
 
 
 # Metric families server-side evaluation can compute (rf2.eval.evaluation.FAMILIES):

@@ -36,8 +36,9 @@ from rf2.fl.params import (
 from rf2.fl.user_batch import pack_results, user_configs
 from rf2.hetero.faults import apply_injected_fault
 from rf2.model import build_model
+from rf2.model.cohort import ClientJob, train_cohort
 from rf2.model.examples import user_examples
-from rf2.model.local_training import train_locally
+from rf2.model.local_training import LocalTrainingResult, train_locally
 from rf2.optim.compression import compress_update
 from rf2.optim.heterofl import extract, kept, rules_for, slice_spec
 from rf2.optim.row_averaging import touched_items
@@ -52,6 +53,8 @@ class ClientSpec:
     seed: int
     torch_threads: int = 1
     fast_transport: bool = True  # simulation.fast_transport: FastArray or stock Array
+    # Train a message's users as one cohort (rf2.model.cohort); False: one at a time.
+    vectorise: bool = True
 
     @functools.cached_property
     def key(self) -> str:
@@ -102,48 +105,132 @@ def worker_state(spec: ClientSpec, dataset: FederatedDataset | None = None) -> _
 
 
 def client_spec_from(dataset_cfg: DatasetConfig, model_cfg: ModelConfig, seed: int,
-                     fast_transport: bool = True) -> ClientSpec:
+                     fast_transport: bool = True, vectorise: bool = True) -> ClientSpec:
     return ClientSpec(dataset=to_dict(dataset_cfg), model=to_dict(model_cfg), seed=seed,
-                      fast_transport=fast_transport)
+                      fast_transport=fast_transport, vectorise=vectorise)
 
 
 def handle_train(msg: Message, spec: ClientSpec) -> Message:
     """Train each user of the batch in ``msg`` on the global model; one reply for all.
 
-    A user whose training raises gets an error entry; the others still reply.
+    Vectorised (``spec.vectorise``): the batch's users of equal width and settings train
+    as one cohort; otherwise one after the other. Either way each user has its own seed,
+    loss and reply, and a user whose training raises gets an error entry while the others
+    still reply.
     """
     use_fast_arrays(spec.fast_transport)  # this worker's codec (Ray workers are processes)
     state = worker_state(spec)
     received = record_to_numpy(msg.content["arrays"])  # the global model, decoded once
+    configs = user_configs(msg)
+    trained: list[_Trained | BaseException | None] = [None] * len(configs)
+    if spec.vectorise:
+        for group in _cohorts(configs):
+            for i, out in zip(group, _train_cohort(state, received, [configs[i] for i in group]),
+                              strict=True):
+                trained[i] = out
     results: list[dict[str, Any] | BaseException] = []
-    for config in user_configs(msg):
+    for i, config in enumerate(configs):
         try:
-            results.append(train_user(state, received, config))
+            done = trained[i]
+            if isinstance(done, BaseException):
+                raise done
+            if done is None:
+                done = _train_one(state, received, config)
+            results.append(_reply(config, done))
         except Exception as ex:  # noqa: BLE001 - reported per user, as Flower reports a client
             results.append(ex)
     return Message(content=pack_results(results), reply_to=msg)
 
 
-def train_user(
-    state: _WorkerState, received: dict[str, np.ndarray], config: dict[str, Any]
-) -> dict[str, Any]:
-    """One user's local training from the global model; its reply records."""
-    user = int(config["partition-id"])
-    server_round = int(config["server-round"])
-    width = float(config.get("width", 1.0))
-    if width < 1.0:
-        # HeteroFL: this client holds the top-left slice of every width-scaled tensor.
-        # (The simulation ships the full model and slices here; traffic is logged as
-        # the slice's size, which is what a real server would send.)
-        shapes = {k: tuple(v.shape) for k, v in received.items()}
-        received = extract(received, slice_spec(shapes, width, rules_for(shapes, state.model_cfg.dim)))
-    model = state.model_for_width(width)
-    load_numpy_into(model, received)
+@dataclass
+class _Trained:
+    """One user's training outcome, before compression, faults and packing."""
+
+    user: int
+    received: dict[str, np.ndarray]  # the global model as this user holds it (its width)
+    arrays: dict[str, np.ndarray]  # its trained model
+    result: LocalTrainingResult
+    histories: np.ndarray  # (n, H)
+    targets: np.ndarray  # (n,)
+
+
+def _user_seed(config: dict[str, Any]) -> int:
+    """(run seed, user, round) -> the user's training seed (negatives, batch order)."""
+    user, server_round = int(config["partition-id"]), int(config["server-round"])
+    return int(config.get("seed", 0)) * 1_000_003 + user * 7919 + server_round
+
+
+def _width(config: dict[str, Any]) -> float:
+    return float(config.get("width", 1.0))
+
+
+def _received_at(state: _WorkerState, received: dict[str, np.ndarray], width: float
+                 ) -> dict[str, np.ndarray]:
+    if width >= 1.0:
+        return received
+    # HeteroFL: this client holds the top-left slice of every width-scaled tensor.
+    # (The simulation ships the full model and slices here; traffic is logged as the
+    # slice's size, which is what a real server would send.)
+    shapes = {k: tuple(v.shape) for k, v in received.items()}
+    return extract(received, slice_spec(shapes, width, rules_for(shapes, state.model_cfg.dim)))
+
+
+def _set_progress(model: torch.nn.Module, config: dict[str, Any]) -> None:
     # Schedules that depend on training progress (the index's temperature and loss
     # warm-up) follow the server round.
     set_progress = getattr(model, "set_training_progress", None)
     if callable(set_progress):
-        set_progress(server_round, int(config.get("num-rounds", 1)))
+        set_progress(int(config["server-round"]), int(config.get("num-rounds", 1)))
+
+
+_COHORT_KEYS = ("width", "lr", "local-epochs", "batch-size", "proximal-mu", "server-round",
+                "num-rounds")
+
+
+def _cohorts(configs: list[dict[str, Any]]) -> list[list[int]]:
+    """Positions of the batch's users grouped by what their training shares."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, config in enumerate(configs):
+        groups.setdefault(tuple(config.get(k) for k in _COHORT_KEYS), []).append(i)
+    return list(groups.values())
+
+
+def _train_cohort(state: _WorkerState, received: dict[str, np.ndarray],
+                  configs: list[dict[str, Any]]) -> list[_Trained | BaseException | None]:
+    """Train ``configs``' users together. If the cohort raises, each user is left to the
+    per-user path (None), so a user whose data breaks training fails alone."""
+    first = configs[0]
+    try:
+        width = _width(first)
+        held = _received_at(state, received, width)
+        model = state.model_for_width(width)
+        _set_progress(model, first)
+        examples = [user_examples(state.dataset, int(c["partition-id"])) for c in configs]
+        jobs = [ClientJob(h, t, _user_seed(c)) for (h, t), c in zip(examples, configs, strict=True)]
+        updates = train_cohort(
+            model, held, jobs,
+            lr=float(first["lr"]),
+            local_epochs=int(first["local-epochs"]),
+            batch_size=int(first["batch-size"]),
+            proximal_mu=float(first.get("proximal-mu", 0.0)),
+        )
+    except Exception:  # noqa: BLE001 - retried user by user
+        return [None] * len(configs)
+    return [
+        _Trained(int(c["partition-id"]), held, u.dense(held),
+                 LocalTrainingResult(u.num_examples, u.loss_before, u.loss_after), h, t)
+        for c, u, (h, t) in zip(configs, updates, examples, strict=True)
+    ]
+
+
+def _train_one(state: _WorkerState, received: dict[str, np.ndarray], config: dict[str, Any]
+               ) -> _Trained:
+    """One user's local training from the global model (the per-user reference path)."""
+    user = int(config["partition-id"])
+    held = _received_at(state, received, _width(config))
+    model = state.model_for_width(_width(config))
+    load_numpy_into(model, held)
+    _set_progress(model, config)
     histories, targets = user_examples(state.dataset, user)
     result = train_locally(
         model,
@@ -153,9 +240,22 @@ def train_user(
         local_epochs=int(config["local-epochs"]),
         batch_size=int(config["batch-size"]),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
-        seed=int(config.get("seed", 0)) * 1_000_003 + user * 7919 + server_round,
+        seed=_user_seed(config),
     )
-    arrays = state_to_numpy(model)
+    return _Trained(user, held, state_to_numpy(model), result, histories, targets)
+
+
+def train_user(
+    state: _WorkerState, received: dict[str, np.ndarray], config: dict[str, Any]
+) -> dict[str, Any]:
+    """One user's local training from the global model; its reply records."""
+    return _reply(config, _train_one(state, received, config))
+
+
+def _reply(config: dict[str, Any], done: _Trained) -> dict[str, Any]:
+    """A trained user's reply records: compression, injected faults, metrics."""
+    user, server_round = done.user, int(config["server-round"])
+    received, arrays, result = done.received, done.arrays, done.result
     bytes_up = num_bytes(arrays)
     prune, bits = config.get("prune-rate"), config.get("quant-bits")
     if prune is not None or bits is not None:
@@ -180,7 +280,7 @@ def train_user(
     records: dict[str, Any] = {"arrays": numpy_to_record(arrays), "metrics": metrics}
     if config.get("report-touched", False):
         # Per-row embedding averaging needs the rows this client's data touched.
-        touched = touched_items(histories, targets)
+        touched = touched_items(done.histories, done.targets)
         records["rf2"] = ConfigRecord({"touched-items": [int(i) for i in touched]})
     return records
 

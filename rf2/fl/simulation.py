@@ -136,7 +136,8 @@ CLUSTER_MESSAGES_PER_ROUND = 32
 
 
 def users_per_message(sim: SimulationConfig, clients_per_round: int) -> int:
-    """``sim.users_per_message``, or for 0 (auto) a batch size from the workers.
+    """``sim.users_per_message``, or for 0 (auto) a batch size: with ``sim.vectorise``
+    one cohort (<= ``sim.cohort_size`` users) per message; otherwise from the workers.
 
     Messages per round: about ``MIN_USERS_PER_MESSAGE`` users each, but at least one per
     client worker and at most 4 per worker (load balance: 100 clients on 2 actors ran
@@ -146,6 +147,12 @@ def users_per_message(sim: SimulationConfig, clients_per_round: int) -> int:
     """
     if sim.users_per_message > 0:
         return sim.users_per_message
+    if sim.vectorise:
+        # One cohort per message, sized from ``cohort_size`` alone: message (= cohort)
+        # composition must not depend on the backend or on the worker count, since a
+        # cohort's stacked arithmetic rounds differently from another grouping's.
+        messages = -(-clients_per_round // sim.cohort_size)
+        return max(1, -(-clients_per_round // messages))
     if sim.backend == "inprocess":
         fewest, most = 1, 4
     elif sim.ray_address:

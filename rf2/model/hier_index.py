@@ -51,7 +51,7 @@ from torch import nn
 
 from rf2.core.config import ModelConfig
 from rf2.model.retrieval import BeamSearchRetriever
-from rf2.model.two_tower import TwoTower
+from rf2.model.two_tower import LossSample, TwoTower
 
 # Joint prefix distributions for the balance term only while N x P stays this small.
 _JOINT_LIMIT = 1 << 23
@@ -265,12 +265,11 @@ class HierIndexModel(TwoTower):
         return assign, recon
 
     def balance_loss(self, keys: torch.Tensor, alpha: float) -> torch.Tensor:
-        """Mean over levels of K * sum p^2 - 1 for the catalogue's share per path prefix."""
+        """Mean over levels of K * sum p^2 - 1 for the share of ``keys`` per path prefix.
+
+        ``keys``: the catalogue's keys, or the client's balance sample of them.
+        """
         n = keys.shape[0]
-        cap = self.cfg.index.balance_sample
-        if n > cap:  # a fresh seeded sample per step keeps the cost flat in I
-            keys = keys[torch.randint(n, (cap,), generator=self._sampler)]
-            n = cap
         assign, _ = self.soft_assign(keys, alpha)
         terms, joint = [], keys.new_ones(n, 1)  # (N, P) soft prefix membership
         for a in assign:
@@ -282,11 +281,32 @@ class HierIndexModel(TwoTower):
             terms.append(share.numel() * (share * share).sum() - 1.0)
         return torch.stack(terms).mean()
 
-    def index_losses(self, user_emb: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    def item_keys_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """(N,) item ids -> (N, Dq) their keys, without building the catalogue's."""
+        items, bias = self.item_rows(ids)
+        if self.bias is None:
+            return items
+        return torch.cat([items, bias.unsqueeze(1)], dim=1)
+
+    def draw_sample(self, generator: torch.Generator) -> LossSample:
+        """Negatives (sampled softmax), then the balance term's items: ``balance_sample``
+        uniform draws when the catalogue is larger (a fresh seeded sample keeps the cost
+        flat in I), else all items."""
+        sample = super().draw_sample(generator)
+        cap = self.cfg.index.balance_sample
+        if self.num_items <= cap:
+            return sample
+        balance = torch.randint(self.num_items, (cap,), generator=generator)
+        return LossSample(negatives=sample.negatives, balance=balance)
+
+    def index_losses(
+        self, user_emb: torch.Tensor, target: torch.Tensor, sample: LossSample | None = None
+    ) -> dict[str, torch.Tensor]:
         """Unweighted index loss terms: ``level{l}`` (per level), ``rec``, ``bal``."""
+        if sample is None:
+            sample = self.draw_sample(self._sampler)
         alpha = self.alpha()
-        keys = self.item_keys()  # (I, Dq)
-        tk = keys[target]  # (B, Dq)
+        tk = self.item_keys_of(target)  # (B, Dq)
         q = self.query_vectors(user_emb)  # (B, Dq)
         assign, recon = self.soft_assign(tk, alpha)
         out: dict[str, torch.Tensor] = {}
@@ -295,22 +315,23 @@ class HierIndexModel(TwoTower):
             # Detached label: the CE moves nodes and the user tower, never the assignment.
             out[f"level{level}"] = -(a.detach() * logp).sum(1).mean()
         out["rec"] = ((recon - tk) ** 2).sum(1).mean()
-        out["bal"] = self.balance_loss(keys, alpha)
+        bal_keys = self.item_keys() if sample.balance is None else self.item_keys_of(sample.balance)
+        out["bal"] = self.balance_loss(bal_keys, alpha)
         return out
 
-    def item_loss(self, user_emb: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.cfg.loss == "full_softmax":
-            return F.cross_entropy(self.score_all(user_emb), target)
-        return self._sampled_softmax(user_emb, target)
-
-    def loss(self, history: torch.LongTensor, target: torch.LongTensor) -> torch.Tensor:
+    def loss(
+        self, history: torch.LongTensor, target: torch.LongTensor,
+        sample: LossSample | None = None,
+    ) -> torch.Tensor:
         """Item softmax + warmed-up index losses (see the module docstring)."""
+        if sample is None:
+            sample = self.draw_sample(self._sampler)
         user = self.user_embedding(history)  # (B, D)
-        total = self.item_loss(user, target)
+        total = self.item_loss(user, target, sample)
         w = self.index_weight()
         if w > 0 and target.numel() > 0:
             icfg = self.cfg.index
-            parts = self.index_losses(user, target)
+            parts = self.index_losses(user, target, sample)
             levels = sum(v for k, v in parts.items() if k.startswith("level"))
             index = levels + icfg.reconstruction_weight * parts["rec"]
             total = total + w * (index + icfg.balance_weight * parts["bal"])

@@ -8,9 +8,17 @@ The loss at the global model before training is reported too: q-FFL needs F_k(w_
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+
+
+def client_sample(model: torch.nn.Module, seed: int) -> Any:  # noqa: ANN401 - LossSample
+    """One client's loss sample (``TwoTower.draw_sample``) from its own seed; None for a
+    model without one (its ``loss`` then takes (history, target) only)."""
+    draw = getattr(model, "draw_sample", None)
+    return draw(torch.Generator().manual_seed(seed)) if callable(draw) else None
 
 
 @dataclass(frozen=True)
@@ -35,13 +43,13 @@ def train_locally(
     n = int(len(targets))
     hist_t = torch.from_numpy(np.asarray(histories, dtype=np.int64))
     tgt_t = torch.from_numpy(np.asarray(targets, dtype=np.int64))
-    # Sampled-softmax negatives must depend on (seed, user, round) only, not on which
-    # clients this worker happened to run before: otherwise Ray runs would not repeat.
-    seed_sampler = getattr(model, "seed_sampler", None)
-    if callable(seed_sampler):
-        seed_sampler(seed)
+    # The client's negatives (and the index's balance sample) are drawn once, from its
+    # own seed: they depend on (seed, user, round) only, not on which clients this worker
+    # ran before (Ray runs repeat), and the rows it touches are known before training.
+    sample = client_sample(model, seed)
+    extra = () if sample is None else (sample,)
     with torch.no_grad():
-        loss_before = float(model.loss(hist_t, tgt_t)) if n else 0.0
+        loss_before = float(model.loss(hist_t, tgt_t, *extra)) if n else 0.0
     if n == 0:
         return LocalTrainingResult(0, 0.0, 0.0)
     global_params = (
@@ -60,7 +68,7 @@ def train_locally(
             idx = order[start : start + bs]
             for p in params:
                 p.grad = None
-            loss = model.loss(hist_t[idx], tgt_t[idx])
+            loss = model.loss(hist_t[idx], tgt_t[idx], *extra)
             objective = loss
             if global_params is not None:
                 prox = sum(

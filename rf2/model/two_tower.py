@@ -14,6 +14,7 @@ Recall@20 at every round versus plain mean pooling.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,6 +24,20 @@ from torch import nn
 from rf2.core.config import ModelConfig
 
 PAD = -1
+
+
+@dataclass(frozen=True)
+class LossSample:
+    """The random item ids one client's loss uses, drawn once per client and round.
+
+    Drawn up front (from a generator seeded by the client's seed) so that the rows a
+    client touches are known before training: its history items, its targets, these
+    negatives and, for the index, the balance sample. ``None`` means "all items" (full
+    softmax; a catalogue no larger than the balance sample).
+    """
+
+    negatives: torch.Tensor | None = None  # (K,) int64, uniform with replacement
+    balance: torch.Tensor | None = None  # (S,) int64, items for the index's balance term
 
 
 class TwoTower(nn.Module):
@@ -106,18 +121,60 @@ class TwoTower(nn.Module):
             return self.item_table.new_zeros(self.num_items)
         return self.bias
 
+    def item_rows(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N,) item ids -> (N, D) item-tower outputs and (N,) biases of those items only.
+
+        O(N) work: the sampled loss never builds the whole catalogue's embeddings.
+        """
+        items = self.item_table[ids]  # (N, D)
+        if self.genre_table is not None and self.item_genres is not None:
+            items = items + self.item_genres[ids] @ self.genre_table  # (N, D)
+        bias = self.bias[ids] if self.bias is not None else items.new_zeros(ids.shape[0])
+        return items, bias
+
     def score_all(self, user_emb: torch.Tensor) -> torch.Tensor:
         """(B, D) user embeddings -> (B, I) scores for every item."""
         return user_emb @ self.item_embeddings().T + self.item_bias_vector()  # (B, I)
 
-    def loss(self, history: torch.LongTensor, target: torch.LongTensor) -> torch.Tensor:
-        """Mean softmax cross-entropy of the target item; full or sampled (``cfg.loss``)."""
-        user = self.user_embedding(history)  # (B, D)
-        if self.cfg.loss == "full_softmax":
-            return F.cross_entropy(self.score_all(user), target)
-        return self._sampled_softmax(user, target)
+    @property
+    def sampled(self) -> bool:
+        """True when this model trains with the sampled softmax (``model.loss``)."""
+        return self.cfg.loss_kind(self.num_items) == "sampled"
 
-    def _sampled_softmax(self, user: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def draw_sample(self, generator: torch.Generator) -> LossSample:
+        """The negatives of one client's loss (none for the full softmax)."""
+        if not self.sampled:
+            return LossSample()
+        k = self.cfg.num_negatives
+        return LossSample(negatives=torch.randint(0, self.num_items, (k,), generator=generator))
+
+    def loss(
+        self, history: torch.LongTensor, target: torch.LongTensor,
+        sample: LossSample | None = None,
+    ) -> torch.Tensor:
+        """Mean softmax cross-entropy of the target item; full or sampled (``cfg.loss``).
+
+        ``sample``: the client's pre-drawn negatives; None draws fresh ones from the
+        model's own sampler (central training: new negatives every step).
+        """
+        if sample is None:
+            sample = self.draw_sample(self._sampler)
+        user = self.user_embedding(history)  # (B, D)
+        return self.item_loss(user, target, sample)
+
+    def item_loss(
+        self, user: torch.Tensor, target: torch.Tensor, sample: LossSample | None = None
+    ) -> torch.Tensor:
+        """The item softmax part of the loss for (B, D) user embeddings."""
+        if sample is None:
+            sample = self.draw_sample(self._sampler)
+        if sample.negatives is None:
+            return F.cross_entropy(self.score_all(user), target)
+        return self._sampled_softmax(user, target, sample.negatives)
+
+    def _sampled_softmax(
+        self, user: torch.Tensor, target: torch.Tensor, neg: torch.Tensor
+    ) -> torch.Tensor:
         """K uniform negatives shared by the batch, logQ-corrected, accidental hits masked.
 
         Each logit is shifted by -log(expected count) = -log(K / I) (Bengio & Senecal;
@@ -125,13 +182,12 @@ class TwoTower(nn.Module):
         full-softmax partition function: the loss estimates the full-softmax loss rather
         than one that under-weights negatives by I / K.
         """
-        k = self.cfg.num_negatives
-        neg = torch.randint(0, self.num_items, (k,), generator=self._sampler)  # (K,)
-        items = self.item_embeddings()  # (I, D)
-        bias = self.item_bias_vector()  # (I,)
+        k = neg.shape[0]
         log_q = math.log(k / self.num_items)
-        pos = (user * items[target]).sum(-1) + bias[target]  # (B,) exact, not an estimate
-        negs = user @ items[neg].T + bias[neg] - log_q  # (B, K)
+        tgt_emb, tgt_bias = self.item_rows(target)  # (B, D), (B,)
+        neg_emb, neg_bias = self.item_rows(neg)  # (K, D), (K,)
+        pos = (user * tgt_emb).sum(-1) + tgt_bias  # (B,) exact, not an estimate
+        negs = user @ neg_emb.T + neg_bias - log_q  # (B, K)
         # A negative equal to the target would count the positive twice.
         negs = negs.masked_fill(neg.unsqueeze(0) == target.unsqueeze(1), float("-inf"))
         logits = torch.cat([pos.unsqueeze(1), negs], dim=1)  # (B, 1 + K)
