@@ -71,7 +71,7 @@ def test_central_run_learns_beyond_popularity_with_per_tier_rows(tmp_path: Path)
 
 
 def test_central_resume_repeats_an_uninterrupted_run(tmp_path: Path) -> None:
-    cfg = _central(**{"model.name": "hier_index", "model.loss": "sampled_softmax",
+    cfg = _central(**{"model.name": "hier_index", "model.loss": "sampled",
                       "model.num_negatives": 20})
     full = run_job(cfg, tmp_path / "full")
     # A run killed after round 3: its last checkpoint is round 3, rows after it are gone.
