@@ -25,6 +25,7 @@ from rf2.eval.evaluation import (
 )
 from rf2.model import build_model
 from rf2.model.examples import eval_histories
+from rf2.model.retrieval import BruteForceRetriever
 
 KS = [5, 10, 20]
 
@@ -106,7 +107,7 @@ def test_index_metrics_equal_retriever_and_brute_force(dataset: FederatedDataset
     with torch.no_grad():
         user = model.user_embedding(torch.from_numpy(eval_histories(dataset, users)))
         served = model.build_retriever().topk(model.query_vectors(user), max(KS), exclude)
-        brute = model.brute_force_retriever().topk(model.query_vectors(user), max(KS), exclude)
+        brute = BruteForceRetriever(model.item_keys()).topk(model.query_vectors(user), max(KS), exclude)
     want = topk_metrics(served.item_ids.numpy(), exclude, targets, KS, dataset.num_items,
                         prefix="index/")
     for key, values in want.items():
