@@ -77,3 +77,36 @@ def test_fairness_at_pass_compares_after_the_same_pass(tmp_path: Path) -> None:
     per2 = t2.per_tier.set_index(["population", "tier"])
     assert per2.loc[("rf2-random", "low"), "reference_round"] == 6  # first evaluated >= pass 2
     assert per2.loc[("rf2-random", "low"), "d"] == pytest.approx(0.1 / 0.6 - 1)
+
+
+def test_run_logs_passes_evaluates_at_pass_ends_and_stops_after_num_passes(
+        tmp_path: Path) -> None:
+    from conftest import read_rows, small_run
+
+    from rf2.cli.support import run_job
+
+    cfg = small_run(num_rounds=50, num_passes=2, clients_per_round=40,
+                    devices={"profile": "rf2-3tier"},
+                    population={"mode": "rf2-dirichlet", "leak_test": True},
+                    dataset={"name": "synthetic", "num_users": 100, "num_items": 80,
+                             "num_groups": 4, "protocol": "rf2"},
+                    eval={"ks": [10, 20], "every": 1000, "at_pass_end": True},
+                    round={"availability": False, "dropout": False})
+    run = run_job(cfg, tmp_path / "run")
+    rows = read_rows(run)
+    # 100 users (all with train clicks), 40 per round: pass 1 ends in round 3, pass 2 in 5
+    assert [r["pass"] for r in rows] == [0, 0, 0, 1, 1, 2]
+    assert [r["pass_end"] for r in rows] == [0, 0, 0, 1, 0, 1]
+    evaluated = [r["round"] for r in rows if "tier/low/rated_auc" in r]
+    assert evaluated == [0, 3, 5]
+    assert 0.0 <= rows[-1]["rated_auc"] <= 1.0 and rows[-1]["rated_samples"] > 0
+    # tiers.csv reads back as the same map, and the same run from it gives the same rows
+    tiers = (run / "tiers.csv").read_text().splitlines()
+    assert tiers[0] == "user_id,tier" and len(tiers) == 101
+    pop = json.loads((run / "population.json").read_text())
+    assert pop["tiering"]["leak_test"] is True and pop["tiering"]["uses_test_clicks"] is True
+    again = dict(cfg, population={"mode": "from-file", "path": str(run / "tiers.csv")})
+    rows2 = read_rows(run_job(again, tmp_path / "again"))
+    key = "tier/low/rated_auc"
+    assert [r.get(key) for r in rows] == [r.get(key) for r in rows2]
+    assert (tmp_path / "again" / "tiers.csv").read_text() == (run / "tiers.csv").read_text()

@@ -78,15 +78,18 @@ class FederatedServer:
             self._warm_up(grid, slots)
         if self.state.round == 0:
             row = {"round": 0, "num_clients_selected": 0, "num_clients_trained": 0,
-                   "num_examples": 0, "skipped": 0, **self.evaluate()}
+                   "num_examples": 0, "skipped": 0, "pass": 0, "pass_end": 0,
+                   **self.evaluate()}
             row.update(self.setup.evaluator.evaluate_popularity())
             self._finish_row(row, started, round_started=time.perf_counter(), trained=0)
         for rnd in range(self.state.round + 1, self.cfg.num_rounds + 1):
+            if self.passes_done():
+                break
             round_started = time.perf_counter()
             row = self.run_round(grid, slots, rnd)
             self._finish_row(row, started, round_started, trained=row["num_clients_trained"])
             self.state.round = rnd
-            if self.checkpointer.due(rnd):
+            if self.checkpointer.due(rnd) or self.passes_done():
                 self.state.wall_offset_s = time.perf_counter() - started
                 self.checkpointer.save(self.state)
         if self.tensorboard is not None:
@@ -121,8 +124,12 @@ class FederatedServer:
     # -- one round ---------------------------------------------------------------------
     def run_round(self, grid: Grid, slots: list[int], rnd: int) -> dict[str, Any]:
         cfg = self.cfg
+        passes_before = self.state.selector.passes_completed
         plan, offline = self._select_and_time(rnd)
-        row: dict[str, Any] = {"round": rnd, "num_clients_selected": int(len(plan.selected))}
+        passes = self.state.selector.passes_completed
+        # pass = passes over the eligible clients completed by the end of this round.
+        row: dict[str, Any] = {"round": rnd, "num_clients_selected": int(len(plan.selected)),
+                               "pass": passes, "pass_end": int(passes > passes_before)}
         row.update(tier_counts(plan, self.setup.tiers.population, offline))
 
         exchange = self.dispatcher.train(grid, slots, [int(u) for u in plan.completed], rnd,
@@ -147,9 +154,15 @@ class FederatedServer:
             row["skipped_reason"] = (
                 f"{len(usable)} usable replies < round.min_completed={cfg.round.min_completed}"
             )
-        if rnd % cfg.eval.every == 0 or rnd == cfg.num_rounds:
+        at_pass = row["pass_end"] and (cfg.eval.at_pass_end or self.passes_done())
+        if rnd % cfg.eval.every == 0 or rnd == cfg.num_rounds or at_pass:
             row.update(self.evaluate())
         return row
+
+    def passes_done(self) -> bool:
+        """``num_passes`` reached: the run ends (num_rounds is only an upper bound)."""
+        n = self.cfg.num_passes
+        return bool(n) and self.state.selector.passes_completed >= n
 
     def _select_and_time(self, rnd: int) -> tuple[RoundPlan, np.ndarray]:
         """Select clients, then let the simulated clock decide who finishes in time.
