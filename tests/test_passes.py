@@ -110,3 +110,27 @@ def test_run_logs_passes_evaluates_at_pass_ends_and_stops_after_num_passes(
     key = "tier/low/rated_auc"
     assert [r.get(key) for r in rows] == [r.get(key) for r in rows2]
     assert (tmp_path / "again" / "tiers.csv").read_text() == (run / "tiers.csv").read_text()
+
+
+def test_pass_study_tables_and_figure(tmp_path: Path) -> None:
+    from rf2.analysis.figures import main
+    from rf2.analysis.results import pass_study_tables
+
+    for pop, f in (("rf2-random", 1.0), ("rf2-dirichlet", 2.0)):
+        _write(tmp_path / pop / "none", "none", pop, _rows([3, 6], {3: 0.5, 6: 0.6}, 6))
+        rows = _rows([2, 4], {}, 4)
+        for r, (lo, hi) in {2: (0.4, 1.0 - 0.5 * 0.1 * f), 4: (0.3, 1.2)}.items():
+            rows[r]["tier/low/rated_auc"] = lo
+            rows[r]["tier/high/rated_auc"] = hi
+        _write(tmp_path / pop / "ex", "exclude-low", pop, rows)
+    tables = pass_study_tables(load(tmp_path), "rated_auc", passes=(1, 2))
+    # pass 1: D_low = 0.4/0.5 - 1 = -0.2; D_high = (1 - 0.05 f)/1.0 - 1 = -0.05 f
+    m = tables.mdac.set_index(["pass", "tiering"])["mdac"]
+    assert m[(1, "rf2-random")] == pytest.approx(0.15)
+    assert m[(1, "rf2-dirichlet-leaky")] == pytest.approx(0.1)
+    r = tables.ratio.set_index(["pass", "realistic"])["ratio"]
+    assert r[(1, "rf2-dirichlet-leaky")] == pytest.approx(0.1 / 0.15)
+    assert main([str(tmp_path), "--passes", "1,2", "--metric", "rated_auc",
+                 "--formats", "png"]) == 0
+    assert (tmp_path / "figures" / "pass_study_rated_auc.png").is_file()
+    assert (tmp_path / "figures" / "pass_mdac_ratio_rated_auc.csv").is_file()

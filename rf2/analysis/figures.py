@@ -24,15 +24,18 @@ from matplotlib.ticker import MaxNLocator
 from rf2.analysis.results import (
     MATCH_COLUMNS,
     FairnessTables,
+    PassStudyTables,
     ResultsError,
     fairness_gap_table,
     load,
     order_tiers,
+    pass_study_tables,
     tier_metric,
 )
 from rf2.core.errors import UserInputError
 
-__all__ = ["main", "plot_fairness_gap", "plot_participation", "plot_tier_curves"]
+__all__ = ["main", "plot_fairness_gap", "plot_participation", "plot_pass_study",
+           "plot_tier_curves"]
 
 STYLE = {
     "font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10,
@@ -230,6 +233,60 @@ def plot_participation(df: pd.DataFrame) -> Figure:
     return fig
 
 
+def plot_pass_study(tables: PassStudyTables, metric: str = "rated_auc") -> Figure:
+    """RF²'s comparison after whole passes (``rf2_reproduce_ml100k``).
+
+    Top row, one panel per optimization: MDAC of each tiering at each pass (bars = seed
+    mean, error bars = seed std, dots = single seeds). Bottom row: MDAC(realistic) /
+    MDAC(independent) per pass, one bar per realistic tiering side by side (e.g. the
+    leaky and the leak-free rf2-dirichlet map), with the per-seed quotients as dots.
+    """
+    m, ratio = tables.mdac, tables.ratio
+    opts = [o for o in _ordered(m["optimization"].unique(), ()) if o != "none"]
+    tierings = _ordered(m["tiering"].unique(), ("rf2-random",))
+    passes = sorted(m["pass"].unique())
+    reals = _ordered(ratio["realistic"].unique(), ())
+    spare = iter(matplotlib.colormaps["tab10"].colors)
+    color = {t: matplotlib.colors.to_hex(next(spare)) for t in [*tierings, *reals]}
+    with matplotlib.rc_context(STYLE):
+        fig = _grid(2, len(opts), width=1.6 + 1.3 * len(passes), height=3.4)
+        axes = fig.subplots(2, len(opts), squeeze=False, sharey="row")
+        for j, opt in enumerate(opts):
+            ax = axes[0, j]
+            width = 0.8 / max(len(tierings), 1)
+            for k, tiering in enumerate(tierings):
+                x0 = np.arange(len(passes)) + (k - (len(tierings) - 1) / 2) * width
+                for i, p in enumerate(passes):
+                    v = m[(m["optimization"] == opt) & (m["tiering"] == tiering)
+                          & (m["pass"] == p)]["mdac"].to_numpy(dtype=float)
+                    if v.size == 0:
+                        continue
+                    ax.bar(x0[i], np.nanmean(v), width, color=color[tiering],
+                           yerr=np.nanstd(v, ddof=1) if v.size > 1 else 0, capsize=3,
+                           label=tiering if i == 0 else None)
+                    ax.plot(np.full(v.size, x0[i]), v, "k.", ms=3)
+            ax.set_xticks(np.arange(len(passes)), [f"pass {p}" for p in passes])
+            ax.set_title(f"{opt}: MDAC of {metric}")
+            ax = axes[1, j]
+            width = 0.8 / max(len(reals), 1)
+            for k, real in enumerate(reals):
+                x0 = np.arange(len(passes)) + (k - (len(reals) - 1) / 2) * width
+                r = ratio[(ratio["optimization"] == opt) & (ratio["realistic"] == real)]
+                r = r.set_index("pass").reindex(passes)
+                ax.bar(x0, r["ratio"].to_numpy(dtype=float), width, color=color[real],
+                       yerr=r["ratio_seed_std"].fillna(0).to_numpy(dtype=float), capsize=3,
+                       label=real)
+            ax.axhline(1.0, color="black", lw=0.8)
+            ax.set_xticks(np.arange(len(passes)), [f"pass {p}" for p in passes])
+            ax.set_title(f"{opt}: MDAC realistic / random")
+        axes[0, 0].set_ylabel("MDAC (seed mean ± std)")
+        axes[1, 0].set_ylabel("ratio (of seed means)")
+        axes[0, 0].legend(title="tiering", fontsize=8)
+        axes[1, 0].legend(title="realistic", fontsize=8)
+        fig.suptitle(f"RF² after whole passes: MDAC of {metric} by tiering")
+    return fig
+
+
 def _print_tables(tables: FairnessTables, metric: str) -> None:
     def show(f: pd.DataFrame) -> pd.DataFrame:  # context columns only where they vary
         return f[[c for c in f if c not in MATCH_COLUMNS or f[c].nunique(dropna=False) > 1]]
@@ -256,6 +313,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--realistic", default="popularity-dirichlet",
                         help="population of its numerator (default popularity-dirichlet)")
     parser.add_argument("--formats", default="png,pdf", help="file types (default png,pdf)")
+    parser.add_argument("--passes", help="RF²'s pass study: compare at these passes, e.g. 1,2,10 "
+                        "(tierings from the 'tiering' column; --independent defaults to "
+                        "rf2-random, every other tiering is a realistic one)")
     args = parser.parse_args(argv)
     matplotlib.use("Agg")
     try:
@@ -266,6 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or args.multirun_dir / "figures"
     out.mkdir(parents=True, exist_ok=True)
     slug = _slug(args.metric)
+    if args.passes:
+        return _pass_study(df, args, out, slug)
     tables: FairnessTables | None = None
     try:
         tables = fairness_gap_table(df, args.metric, args.round, args.reference,
@@ -299,6 +361,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         written += 1
     print(f"wrote {written} figure(s) as {args.formats} to {out}")
     return 0 if written else 1
+
+
+def _pass_study(df: pd.DataFrame, args: argparse.Namespace, out: Path, slug: str) -> int:
+    """``--passes``: RF²'s comparison after whole passes, tables + one figure."""
+    try:
+        passes = [int(p) for p in args.passes.split(",")]
+    except ValueError:
+        print(f"--passes {args.passes!r}: expected integers like 1,2,10", file=sys.stderr)
+        return 2
+    independent = "rf2-random" if args.independent == "independent" else args.independent
+    try:
+        tables = pass_study_tables(df, args.metric, passes, independent,
+                                   reference_optimization=args.reference)
+    except ResultsError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    fmt = "{:.4g}".format
+    print(f"MDAC of {args.metric} by pass and tiering (mean ± std over seeds):")
+    print(tables.mdac_summary.to_string(index=False, float_format=fmt))
+    print(f"\nMDAC(realistic) / MDAC({independent}) by pass:")
+    print(tables.ratio.to_string(index=False, float_format=fmt))
+    tables.mdac.to_csv(out / f"pass_mdac_runs_{slug}.csv", index=False)
+    tables.mdac_summary.to_csv(out / f"pass_mdac_{slug}.csv", index=False)
+    tables.ratio.to_csv(out / f"pass_mdac_ratio_{slug}.csv", index=False)
+    fig = plot_pass_study(tables, args.metric)
+    for i, ext in enumerate(args.formats.split(",")):
+        fig.savefig(out / f"pass_study_{slug}.{ext}", dpi=150)
+        if i == 0:
+            fig.set_layout_engine("none")
+    print(f"wrote pass_study_{slug} as {args.formats} to {out}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -27,9 +27,9 @@ from rf2.core.errors import UserInputError
 from rf2.eval.fairness import mdac as mdac_of
 from rf2.eval.fairness import relative_change
 
-__all__ = ["CONFIG_COLUMNS", "FairnessTables", "ResultsError", "ResultsWarning",
+__all__ = ["CONFIG_COLUMNS", "FairnessTables", "PassStudyTables", "ResultsError", "ResultsWarning",
            "fairness_gap_table", "find_runs", "load", "load_population", "load_wide",
-           "order_tiers", "tier_metric", "to_parquet"]
+           "order_tiers", "pass_study_tables", "tier_metric", "to_parquet"]
 
 # Column -> dotted path in config.yaml: the axes a sweep usually varies.
 CONFIG_COLUMNS: dict[str, str] = {
@@ -407,3 +407,60 @@ def _ratio(mdac: pd.DataFrame, group: list[str], realistic: str, independent: st
     out["n_seeds"] = out["n_seeds"].fillna(0).astype("int64")
     return out[[*group, "mdac_independent", "mdac_realistic", "ratio", "ratio_seed_mean",
                 "ratio_seed_std", "n_seeds"]]
+
+
+@dataclass(frozen=True)
+class PassStudyTables:
+    """RF²'s comparison after whole passes, for several realistic tierings at once.
+
+    - ``mdac``: one row per (pass, optimization, tiering, seed, run): ``mdac``.
+    - ``mdac_summary``: per (pass, optimization, tiering): ``mdac_mean``, ``mdac_std``,
+      ``n_seeds``.
+    - ``ratio``: per (pass, optimization, realistic tiering): ``mdac_independent``,
+      ``mdac_realistic``, ``ratio`` (of the seed means), ``ratio_seed_mean``,
+      ``ratio_seed_std``, ``n_seeds`` (per-seed quotients).
+    """
+
+    mdac: pd.DataFrame
+    mdac_summary: pd.DataFrame
+    ratio: pd.DataFrame
+
+
+def pass_study_tables(df: pd.DataFrame | PathLike, metric: str = "rated_auc",
+                      passes: Sequence[int] = (1, 2, 10), independent: str = "rf2-random",
+                      realistic: Sequence[str] | None = None, population_column: str = "tiering",
+                      reference_optimization: str = "none") -> PassStudyTables:
+    """:func:`fairness_gap_table` at ``pass:K`` for every K and every realistic tiering.
+
+    ``realistic`` None = every tiering except ``independent`` (e.g. the leaky and the
+    leak-free rf2-dirichlet map side by side). Tierings come from ``population_column``.
+    """
+    frame = load(df) if not isinstance(df, pd.DataFrame) else df
+    if population_column not in frame:
+        raise ResultsError(f"no column {population_column!r} in the frame")
+    found = sorted(str(v) for v in frame[population_column].dropna().unique())
+    if independent not in found:
+        raise ResultsError(f"no {independent!r} runs (tierings found: {', '.join(found)})")
+    others = list(realistic) if realistic is not None else [t for t in found if t != independent]
+    mdacs, summaries, ratios = [], [], []
+    for k in passes:
+        for real in others:
+            tables = fairness_gap_table(frame, metric, at=f"pass:{k}", realistic=real,
+                                        independent=independent,
+                                        reference_optimization=reference_optimization,
+                                        population_column=population_column)
+            keep = tables.mdac["population"].isin([real] + ([independent] if real == others[0]
+                                                           else []))
+            mdacs.append(tables.mdac[keep].assign(**{"pass": k}))
+            sk = tables.mdac_summary["population"].isin(
+                [real] + ([independent] if real == others[0] else []))
+            summaries.append(tables.mdac_summary[sk].assign(**{"pass": k}))
+            ratios.append(tables.ratio.assign(**{"pass": k, "realistic": real}))
+
+    def tidy(parts: list[pd.DataFrame]) -> pd.DataFrame:
+        out = pd.concat(parts, ignore_index=True).rename(columns={"population": "tiering"})
+        lead = [c for c in ("pass", "optimization", "tiering", "realistic") if c in out]
+        return out[lead + [c for c in out if c not in lead]].sort_values(lead).reset_index(
+            drop=True)
+
+    return PassStudyTables(tidy(mdacs), tidy(summaries), tidy(ratios))
