@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import small_run
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from rf2.cli.support import GROUPS, group_options
+from rf2.cli.support import GROUPS, group_options, run_job
 from rf2.core.config import RunConfig, load_run_config
-from rf2.core.errors import ConfigError
+from rf2.core.errors import ConfigError, UserInputError
 
 
 def composed(*overrides: str) -> RunConfig:
@@ -92,18 +93,27 @@ def _rf2(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=300)
 
 
+# Each case starts a Python process that imports torch and Flower (2-15 s on a busy
+# 2-core machine): the inner loop keeps one per path (pre-check, schema, data-dependent
+# check in prepare); the checks themselves are covered in-process above and below.
+_SLOW_CLI = pytest.mark.slow
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
         (["strategy=fedsgd"], "strategy='fedsgd'"),
         (["client.lr=-1"], "client.lr=-1.0"),
-        (["dataset=movielens100k", "dataset.path=/nonexistent/ml"], "/nonexistent/ml"),
-        (["clients_per_round=5000", "simulation=inprocess"], "clients_per_round=5000"),
-        (["eval.ks=[10,5000]", "simulation=inprocess"], "eval.ks"),
+        pytest.param(["dataset=movielens100k", "dataset.path=/nonexistent/ml"], "/nonexistent/ml",
+                     marks=_SLOW_CLI),
+        pytest.param(["clients_per_round=5000", "simulation=inprocess"], "clients_per_round=5000",
+                     marks=_SLOW_CLI),
+        pytest.param(["eval.ks=[10,5000]", "simulation=inprocess"], "eval.ks", marks=_SLOW_CLI),
         (["devices=rf2-3tier", "optimization.exclude_tiers=[tiny]"], "optimization.exclude_tiers"),
-        (["client.momentum=0.9"], "client.momentum"),
-        (["devices=rf2-3tier", "optimization.prune_rate.low=2"], "optimization.prune_rate.low"),
-        (["devices=nokia"], "devices='nokia'"),
+        pytest.param(["client.momentum=0.9"], "client.momentum", marks=_SLOW_CLI),
+        pytest.param(["devices=rf2-3tier", "optimization.prune_rate.low=2"],
+                     "optimization.prune_rate.low", marks=_SLOW_CLI),
+        pytest.param(["devices=nokia"], "devices='nokia'", marks=_SLOW_CLI),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line_and_no_run_folder(
@@ -117,3 +127,24 @@ def test_cli_bad_input_exits_2_with_one_line_and_no_run_folder(
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.jsonl"))
     leftovers = list((tmp_path / "outputs").rglob("config.yaml")) if (tmp_path / "outputs").exists() else []
     assert leftovers == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"dataset": {"name": "movielens100k", "path": "/nonexistent/ml"}}, "/nonexistent/ml"),
+        ({"clients_per_round": 5000}, "clients_per_round=5000"),
+        ({"eval.ks": [10, 5000]}, "eval.ks"),
+        ({"devices.profile": "rf2-3tier", "optimization.exclude_tiers": ["tiny"]},
+         "optimization.exclude_tiers"),
+        ({"devices.profile": "rf2-3tier", "optimization.prune_rate": {"tiny": 0.5}},
+         "optimization.prune_rate.tiny"),
+    ],
+)
+def test_data_dependent_checks_fail_before_the_run_folder(tmp_path: Path, overrides: dict,
+                                                          needle: str) -> None:
+    """Checks that need the data or the profile (``runner.prepare``), in-process."""
+    with pytest.raises(UserInputError) as info:
+        run_job(small_run(**overrides), tmp_path / "run")
+    assert needle in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "run").exists()

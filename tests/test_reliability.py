@@ -149,6 +149,7 @@ def small_disk(tmp_path: Path):  # noqa: ANN201
         shutil.rmtree(mount, ignore_errors=True)
 
 
+@pytest.mark.slow  # trains until a 1 MB disk fills (tens of rounds)
 def test_full_disk_stops_with_one_line_and_keeps_earlier_rounds(small_disk: Path) -> None:
     run_dir = small_disk / "run"
     proc = subprocess.run([sys.executable, "-m", "rf2", "simulation=inprocess", "num_rounds=200",

@@ -184,6 +184,7 @@ def test_tier_file_errors_are_one_line(tmp_path: Path, text: str, needle: str) -
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.slow  # an rf2 subprocess; the check itself is tested in-process above
 def test_cli_from_file_bad_tier_exits_2_without_run_folder(tmp_path: Path) -> None:
     f = tmp_path / "tiers.csv"
     f.write_text("user_id,tier\n0,low\n1,nowhere\n")
