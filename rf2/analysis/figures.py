@@ -238,8 +238,9 @@ def plot_pass_study(tables: PassStudyTables, metric: str = "rated_auc") -> Figur
 
     Top row, one panel per optimization: MDAC of each tiering at each pass (bars = seed
     mean, error bars = seed std, dots = single seeds). Bottom row: MDAC(realistic) /
-    MDAC(independent) per pass, one bar per realistic tiering side by side (e.g. the
-    leaky and the leak-free rf2-dirichlet map), with the per-seed quotients as dots.
+    MDAC(independent) per pass (of the seed means), one bar per realistic tiering side
+    by side (e.g. the leaky and the leak-free rf2-dirichlet map); error bars = std of the
+    per-seed quotients.
     """
     m, ratio = tables.mdac, tables.ratio
     opts = [o for o in _ordered(m["optimization"].unique(), ()) if o != "none"]
@@ -377,11 +378,14 @@ def _pass_study(df: pd.DataFrame, args: argparse.Namespace, out: Path, slug: str
     except ResultsError as exc:
         print(exc, file=sys.stderr)
         return 1
+    def show(f: pd.DataFrame) -> pd.DataFrame:  # context columns only where they vary
+        return f[[c for c in f if c not in MATCH_COLUMNS or f[c].nunique(dropna=False) > 1]]
+
     fmt = "{:.4g}".format
     print(f"MDAC of {args.metric} by pass and tiering (mean ± std over seeds):")
-    print(tables.mdac_summary.to_string(index=False, float_format=fmt))
+    print(show(tables.mdac_summary).to_string(index=False, float_format=fmt))
     print(f"\nMDAC(realistic) / MDAC({independent}) by pass:")
-    print(tables.ratio.to_string(index=False, float_format=fmt))
+    print(show(tables.ratio).to_string(index=False, float_format=fmt))
     tables.mdac.to_csv(out / f"pass_mdac_runs_{slug}.csv", index=False)
     tables.mdac_summary.to_csv(out / f"pass_mdac_{slug}.csv", index=False)
     tables.ratio.to_csv(out / f"pass_mdac_ratio_{slug}.csv", index=False)

@@ -1,0 +1,71 @@
+"""The RF² reproduction study (issue 13): experiment files compose; the quick variant runs
+end to end through the CLI and ``rf2-figures --passes``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rf2.analysis.results import find_runs, load, pass_study_tables
+from rf2.core.config import load_run_config
+
+TIERINGS = ["rf2-random", "rf2-dirichlet", "rf2-dirichlet-leakfree"]
+OPTIMIZATIONS = ["none", "exclude-low", "over-select"]
+
+
+def _compose(experiment: str, *overrides: str) -> dict[str, Any]:
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    with initialize_config_module(config_module="rf2.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[f"+experiment={experiment}", *overrides],
+                      return_hydra_config=True)
+    data = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.mark.parametrize(("experiment", "dataset", "seeds"), [
+    ("rf2_reproduce_ml100k", "movielens100k", ["1", "2", "3", "4", "5"]),
+    ("rf2_reproduce_quick", "synthetic", ["1", "2"]),
+])
+def test_reproduce_experiments_compose(experiment: str, dataset: str, seeds: list[str]) -> None:
+    data = _compose(experiment, "dataset.path=/data/ml-100k")
+    params = {k: [v.strip() for v in str(p).split(",")]
+              for k, p in data["hydra"]["sweeper"]["params"].items()}
+    assert params == {"population": TIERINGS, "optimization": OPTIMIZATIONS, "seed": seeds}
+    cfg = load_run_config(data)
+    assert cfg.dataset.name == dataset and cfg.dataset.protocol == "rf2"
+    assert cfg.eval.at_pass_end and cfg.num_passes >= 2
+    assert cfg.client.lr == 1.0 and cfg.client.batch_size == 0 and cfg.client.local_epochs == 1
+    assert cfg.strategy.server_optimizer == "adagrad"
+    assert not cfg.round.availability and not cfg.round.dropout
+    leaky = load_run_config(_compose(experiment, "dataset.path=/x", "population=rf2-dirichlet"))
+    free = load_run_config(_compose(experiment, "dataset.path=/x",
+                                    "population=rf2-dirichlet-leakfree"))
+    assert leaky.population.leak_test and not free.population.leak_test
+
+
+@pytest.mark.slow
+def test_quick_reproduce_study_end_to_end(tmp_path: Path) -> None:
+    sweep = tmp_path / "study"
+    proc = subprocess.run(
+        [sys.executable, "-m", "rf2", "-m", "+experiment=rf2_reproduce_quick",
+         f"hydra.sweep.dir={sweep}"], cwd=tmp_path, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(find_runs(sweep)) == 18
+    tables = pass_study_tables(load(sweep), "rated_auc", passes=(1, 2))
+    assert set(tables.ratio["realistic"]) == {"rf2-dirichlet", "rf2-dirichlet-leaky"}
+    assert tables.mdac["mdac"].notna().all() and (tables.mdac["mdac"] >= 0).all()
+    assert (tables.mdac_summary["n_seeds"] == 2).all()
+    fig = subprocess.run(
+        [sys.executable, "-m", "rf2.analysis.figures", str(sweep), "--passes", "1,2",
+         "--metric", "rated_auc", "--formats", "png"], capture_output=True, text=True,
+        timeout=600)
+    assert fig.returncode == 0, fig.stderr
+    assert "MDAC(realistic) / MDAC(rf2-random)" in fig.stdout
+    assert (sweep / "figures" / "pass_study_rated_auc.png").is_file()
