@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Fields that measure wall-clock time: the only ones allowed to differ between two runs
 # of the same config and seed.
-TIMING = ("wall_time_s", "round_wall_s")
+TIMING = ("wall_time_s", "round_wall_s", "eval_wall_s")
 
 
 def read_rows(run_dir: Path) -> list[dict[str, Any]]:

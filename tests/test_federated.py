@@ -37,6 +37,23 @@ def test_run_folder_has_the_documented_files_and_keys(inprocess_run: Path) -> No
     assert all(r["num_clients_trained"] == 20 for r in rows[1:])
 
 
+def test_evaluation_time_is_logged_and_round_zero_is_not_free(inprocess_run: Path) -> None:
+    rows = read_rows(inprocess_run)
+    assert all(r["eval_wall_s"] > 0 for r in rows)  # eval.every = 1: every row evaluated
+    assert rows[0]["round_wall_s"] >= rows[0]["eval_wall_s"] > 0
+    assert all(r["round_wall_s"] >= r["eval_wall_s"] for r in rows)
+    assert all(r["eval_users"] == r["eval_users_total"] for r in rows)
+
+
+def test_sampled_evaluation_in_a_run(tmp_path: Path) -> None:
+    run_job(small_run(num_rounds=1, eval={"ks": [10, 20], "max_users": 50,
+                                          "metrics": ["recall", "auc"]}), tmp_path / "run")
+    rows = read_rows(tmp_path / "run")
+    assert all(r["eval_users"] == 50 and r["eval_users_total"] > 50 for r in rows)
+    assert all(r["se/recall@20"] > 0 and "ndcg@20" not in r and "loss" not in r for r in rows)
+    assert "popularity/recall@20" not in rows[0]
+
+
 def test_training_improves_recall_over_round_zero(inprocess_run: Path) -> None:
     rows = read_rows(inprocess_run)
     assert rows[-1]["recall@20"] > rows[0]["recall@20"] + 0.05

@@ -79,15 +79,18 @@ def execute_central(prep: PreparedRun, folder: RunFolder, resuming: bool = False
         row: dict[str, Any] = {"round": 0, "epoch": 0.0, "step": 0, "num_examples": 0,
                                "examples_seen": 0, **evaluator.evaluate_model(prep.model)}
         row.update(evaluator.evaluate_popularity())
+        row["eval_wall_s"] = time.perf_counter() - t0
         finish(row, t0)
     for rnd, step in enumerate(points, start=1):
         if rnd <= done_rounds:
             continue
         t0 = time.perf_counter()
         loss, examples = trainer.train_until(step)
+        t_eval = time.perf_counter()
         row = {"round": rnd, "epoch": step / trainer.steps_per_epoch, "step": step,
                "num_examples": examples, "examples_seen": trainer.examples_seen(step), "train/loss": loss,
                **evaluator.evaluate_model(prep.model)}
+        row["eval_wall_s"] = time.perf_counter() - t_eval
         finish(row, t0)
         if (cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0) or rnd == len(points):
             arrays, meta = trainer.state()

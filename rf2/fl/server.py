@@ -77,11 +77,13 @@ class FederatedServer:
         if self.state.round < self.cfg.num_rounds:
             self._warm_up(grid, slots)
         if self.state.round == 0:
+            # Round 0 is the evaluation of the initial model: its time is round time,
+            # not start-up.
+            round_started = time.perf_counter()
             row = {"round": 0, "num_clients_selected": 0, "num_clients_trained": 0,
                    "num_examples": 0, "skipped": 0, "pass": 0, "pass_end": 0,
-                   **self.evaluate()}
-            row.update(self.setup.evaluator.evaluate_popularity())
-            self._finish_row(row, started, round_started=time.perf_counter(), trained=0)
+                   **self.evaluate(popularity=True)}
+            self._finish_row(row, started, round_started, trained=0)
         for rnd in range(self.state.round + 1, self.cfg.num_rounds + 1):
             if self.passes_done():
                 break
@@ -183,6 +185,13 @@ class FederatedServer:
         return plan, offline
 
     # -- evaluation --------------------------------------------------------------------
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, popularity: bool = False) -> dict[str, float]:
+        """The global model's metrics (and at round 0 the popularity baseline), with
+        ``eval_wall_s``: the wall time they took."""
+        started = time.perf_counter()
         load_numpy_into(self.setup.model, self.state.arrays)
-        return self.setup.evaluator.evaluate_model(self.setup.model)
+        row = self.setup.evaluator.evaluate_model(self.setup.model)
+        if popularity:
+            row.update(self.setup.evaluator.evaluate_popularity())
+        row["eval_wall_s"] = time.perf_counter() - started
+        return row
