@@ -109,8 +109,9 @@ def stratified_sample(strata: np.ndarray, size: int, seed: int) -> np.ndarray:
     alloc = np.floor(quota).astype(np.int64)
     if size >= len(names):
         alloc = np.maximum(alloc, 1)
-    while alloc.sum() > size:  # the minimum of one overshot: take from the largest
-        alloc[np.argmax(alloc - quota)] -= 1
+    while alloc.sum() > size:  # the minimum of one overshot: take from the most
+        over = np.where(alloc > 1, alloc - quota, -np.inf)  # over-allocated of those above 1
+        alloc[np.argmax(over)] -= 1
     order = np.argsort(-(quota - alloc), kind="stable")  # largest remainder first
     for h in order[: size - int(alloc.sum())]:
         alloc[h] += 1
