@@ -216,5 +216,5 @@ def test_test_loss_is_each_users_mean_cross_entropy_over_all_items() -> None:
     log_probs = torch.log_softmax(scores.double(), dim=1)
     expected = [-float(log_probs[b, torch.from_numpy(t)].mean())
                 for b, t in enumerate(block.targets)]
-    got = FAMILIES["loss"].compute(ScoredBlock(block, torch.empty(0), scores), None)  # type: ignore[arg-type]
+    got = FAMILIES["loss"].compute(ScoredBlock(block, torch.empty(0), scores, scores), None)  # type: ignore[arg-type]
     np.testing.assert_allclose(got["loss"], expected, rtol=1e-5)

@@ -55,9 +55,16 @@ from rf2.core.config import METRIC_FAMILIES
 from rf2.data.base import FederatedDataset
 from rf2.eval.ctr import grouped_ctr_metrics
 from rf2.eval.fairness import activity_quartile, fairness_summary, group_means
-from rf2.eval.ranking import BlockRanking, HeldOut, positive_order, rank_block
+from rf2.eval.ranking import (
+    BlockRanking,
+    HeldOut,
+    finish_auc,
+    positive_order,
+    rank_block,
+    topk_list_metrics,
+)
 from rf2.model.examples import eval_histories
-from rf2.model.retrieval import Retriever
+from rf2.model.retrieval import BeamSearchRetriever, Retriever
 
 __all__ = ["FAMILIES", "Evaluator", "MetricFamily", "stratified_sample", "stratified_se",
            "topk_metrics", "torch_threads"]
@@ -68,6 +75,7 @@ FAIRNESS_METRICS = ("recall@20", "ndcg@20", "auc")
 BLOCK_FLOATS = 1 << 21
 # Families served by the shared top-k / AUC pass of ``rank_block``.
 RANKING_FAMILIES = ("recall", "ndcg", "auc")
+_NEG_INF = torch.tensor(float("-inf"))
 
 
 def resolve_threads(num_threads: int) -> int:
@@ -163,6 +171,7 @@ class ScoredBlock:
     block: EvalBlock
     user_emb: torch.Tensor  # (B, D)
     scores: torch.Tensor  # (B, I)
+    scratch: torch.Tensor  # (>= B, I) a second buffer families may overwrite
     ranking: BlockRanking | None = None
 
 
@@ -182,8 +191,9 @@ class MetricFamily:
     """A family of per-user metrics.
 
     ``stage``: ``raw`` families read the unmasked scores (before the ranking pass);
-    ``ranked`` ones may read ``ScoredBlock.ranking`` (the all-item top K) but not the
-    scores. ``compute`` returns key -> (B,) float64 per-user values (NaN = not defined).
+    ``ranked`` ones run after the top-k pass: ``ScoredBlock.ranking`` holds the all-item
+    top K, and the scores are raw except for -inf at the training items. ``compute``
+    returns key -> (B,) float64 per-user values (NaN = not defined).
     ``applies`` says whether the family means anything for this model.
     """
 
@@ -210,21 +220,42 @@ def _has_index(model: torch.nn.Module) -> bool:
 
 
 def _index_metrics(sb: ScoredBlock, ctx: EvalContext) -> dict[str, np.ndarray]:
-    """Per-user metrics of the index's top K against the targets and brute force."""
+    """Per-user metrics of the index's top K against the targets and brute force.
+
+    The beam search runs batched over the block (``leaves``); the exact scores of the
+    items under the kept leaves are the block's own scores (the index scores exactly
+    <query, key> = the model's score), so no item vector is gathered again: one masked
+    top-k over the block. A retriever without ``leaves``/``item_leaf`` is called as is.
+    """
     assert ctx.retriever is not None and sb.ranking is not None and sb.ranking.top_ids is not None
     b = sb.block
     k_max = min(max(ctx.ks), ctx.num_items)
     queries = ctx.model.query_vectors(sb.user_emb)  # (B, Dq)
-    result = ctx.retriever.topk(queries, k_max, b.exclude)
-    index_ids = result.item_ids.numpy()  # (B, K)
-    out = topk_metrics(index_ids, b.exclude, b.targets, ctx.ks, ctx.num_items, prefix="index/")
+    retriever = ctx.retriever
+    if isinstance(retriever, BeamSearchRetriever) and retriever.scan == "torch":
+        leaves, _ = retriever.leaves(queries)  # (B, beam), -1 = unused slot
+        valid = leaves >= 0
+        num_leaves = retriever.leaf_count.numel()
+        scored = torch.where(valid, retriever.leaf_count[leaves.clamp(min=0)], 0).sum(1)
+        kept = torch.zeros(leaves.shape[0], num_leaves + 1, dtype=torch.bool)  # (B, P + 1)
+        kept.scatter_(1, torch.where(valid, leaves, num_leaves), True)
+        allowed = kept.index_select(1, retriever.item_leaf)  # (B, I): under a kept leaf
+        # Training items are -inf in the block already (rank_block's top-k stage).
+        served = torch.where(allowed, sb.scores, _NEG_INF, out=sb.scratch[: len(leaves)])
+        top_s, top_i = torch.topk(served, k_max, dim=1, sorted=True)
+        index_ids = torch.where(torch.isfinite(top_s), top_i, -1).numpy()  # (B, K)
+        items_scored = scored.numpy()
+    else:
+        result = retriever.topk(queries, k_max, b.exclude)
+        index_ids, items_scored = result.item_ids.numpy(), result.items_scored.numpy()
+    out = topk_list_metrics(index_ids, b.held, ctx.ks, prefix="index/")
     brute = sb.ranking.top_ids  # (B, K): the all-item ranking's own top K
+    rows = np.arange(len(brute), dtype=np.int64)[:, None] * ctx.num_items
     for k in ctx.ks:
         kk = min(k, k_max)
-        same = [np.intersect1d(a[:kk], c[:kk]).size for a, c in zip(index_ids, brute,
-                                                                    strict=True)]
-        out[f"exactness@{k}"] = np.asarray(same, dtype=np.float64) / kk
-    out["items_scored_frac"] = result.items_scored.numpy() / ctx.num_items
+        same = np.isin(rows + index_ids[:, :kk], rows + brute[:, :kk]) & (index_ids[:, :kk] >= 0)
+        out[f"exactness@{k}"] = same.sum(1).astype(np.float64) / kk
+    out["items_scored_frac"] = items_scored / ctx.num_items
     return out
 
 
@@ -377,25 +408,36 @@ class Evaluator:
         keys = results[0].keys() if results else []
         return {k: np.concatenate([r[k] for r in results]) for k in keys}
 
-    def _ranking(self, sb: ScoredBlock, families: Sequence[MetricFamily],
-                 cmp: torch.Tensor) -> dict[str, np.ndarray]:
+    def _scored(self, sb: ScoredBlock, families: Sequence[MetricFamily]) -> dict[str, np.ndarray]:
+        """Every selected family on one scored block, in stage order, one score buffer:
+        raw families -> top-k (training items -inf) -> ranked families -> AUC (NaN mask)."""
+        out: dict[str, np.ndarray] = {}
+        for fam in families:
+            if fam.stage == "raw":
+                out.update(fam.compute(sb, self._ctx))
         want = [m for m in RANKING_FAMILIES if m in self.metrics]
         need_topk = "recall" in want or "ndcg" in want or any(f.needs_topk for f in families)
-        if not need_topk and "auc" not in want:
-            return {}
-        sb.ranking = rank_block(sb.scores, sb.block.held, self.ks, topk=need_topk,
-                                auc="auc" in want, cmp_buffer=cmp)
-        return {k: v for k, v in sb.ranking.metrics.items() if k.split("@")[0] in want}
+        if need_topk or "auc" in want:
+            sb.ranking = rank_block(sb.scores, sb.block.held, self.ks, topk=need_topk,
+                                    auc="auc" in want, cmp_buffer=sb.scratch, defer_auc=True)
+        for fam in families:
+            if fam.stage == "ranked":
+                out.update(fam.compute(sb, self._ctx))
+        if sb.ranking is not None:
+            finish_auc(sb.scores, sb.ranking, sb.block.held, sb.scratch)
+            out.update({k: v for k, v in sb.ranking.metrics.items()
+                        if k.split("@")[0] in want})
+        return out
 
     @torch.no_grad()
     def evaluate_model(self, model: torch.nn.Module) -> dict[str, float]:
         model.eval()
         families = [FAMILIES[m] for m in self.metrics if m in FAMILIES
                     and FAMILIES[m].applies(model)]
-        ctx = EvalContext(model, self.ks, self.dataset.num_items)
+        self._ctx = EvalContext(model, self.ks, self.dataset.num_items)
         with torch_threads(self.num_threads):
             if any(f.name == "index" for f in families):
-                ctx.retriever = model.build_retriever()  # type: ignore[operator]
+                self._ctx.retriever = model.build_retriever()  # type: ignore[operator]
             items = model.item_embeddings().detach()  # (I, D), once per evaluation
             bias = model.item_bias_vector().detach()  # (I,)
 
@@ -404,16 +446,7 @@ class Evaluator:
             user = model.user_embedding(block.histories)  # (B, D)
             scores = torch.matmul(user, items.T, out=buf[:n])  # (B, I)
             scores.add_(bias)  # = model.score_all(user), into a reused buffer
-            sb = ScoredBlock(block, user, scores)
-            out: dict[str, np.ndarray] = {}
-            for fam in families:
-                if fam.stage == "raw":
-                    out.update(fam.compute(sb, ctx))
-            out.update(self._ranking(sb, families, cmp))
-            for fam in families:
-                if fam.stage == "ranked":
-                    out.update(fam.compute(sb, ctx))
-            return out
+            return self._scored(ScoredBlock(block, user, scores, cmp), families)
 
         row = self.summarise(self._map_blocks(score))
         if "rated" in self.metrics:
@@ -427,12 +460,13 @@ class Evaluator:
         if "popularity" not in self.metrics:
             return {}
         pop = torch.from_numpy(self.dataset.item_popularity().astype(np.float32))  # (I,)
+        self._ctx = EvalContext(torch.nn.Module(), self.ks, self.dataset.num_items)
 
         def score(block: EvalBlock, buf: torch.Tensor, cmp: torch.Tensor) -> dict[str, np.ndarray]:
             n = block.held.num_users
             scores = buf[:n]
             scores.copy_(pop.unsqueeze(0).expand(n, -1))  # (B, I)
-            return self._ranking(ScoredBlock(block, torch.empty(0), scores), [], cmp)
+            return self._scored(ScoredBlock(block, torch.empty(0), scores, cmp), [])
 
         per_user = self._map_blocks(score)
         return {f"popularity/{k}": float(np.nanmean(v)) for k, v in per_user.items()}

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["HeldOut", "rank_block", "ranking_metrics"]
+__all__ = ["BlockRanking", "HeldOut", "finish_auc", "rank_block", "ranking_metrics",
+           "topk_list_metrics"]
 
 
 def _flat_keys(rows: Sequence[np.ndarray], num_items: int, name: str) -> np.ndarray:
@@ -101,12 +102,17 @@ def positive_order(exclude: Sequence[np.ndarray], targets: Sequence[np.ndarray])
     return np.argsort(np.asarray(n_pos, dtype=np.int64), kind="stable")
 
 
-@dataclass(frozen=True)
+@dataclass
 class BlockRanking:
-    """What :func:`rank_block` found: per-user metrics and the all-item top K."""
+    """What :func:`rank_block` found: per-user metrics and the all-item top K.
+
+    Between :func:`rank_block` and :func:`finish_auc` the scores hold -inf at the
+    training items and are otherwise raw: the state in which served (index) rankings
+    are read from the same block."""
 
     metrics: dict[str, np.ndarray]  # key -> (B,) float64; NaN for users without targets
     top_ids: np.ndarray | None  # (B, K) best-first item ids (training items removed)
+    packed: torch.Tensor | None = None  # (B, P_max) positive scores, until finish_auc
 
 
 def rank_block(
@@ -116,9 +122,12 @@ def rank_block(
     topk: bool = True,
     auc: bool = True,
     cmp_buffer: torch.Tensor | None = None,  # (>= B, I) scratch for AUC comparisons
+    defer_auc: bool = False,
 ) -> BlockRanking:
     """Recall@k/NDCG@k (``topk``) and AUC (``auc``) of one block, definitions as in
-    :func:`ranking_metrics`. Reads and then masks ``scores`` in place."""
+    :func:`ranking_metrics`. Reads and then masks ``scores`` in place. With
+    ``defer_auc`` the AUC is left to :func:`finish_auc` (scores then still hold raw
+    values outside the training items)."""
     num_users, num_items = scores.shape
     if (num_users, num_items) != (held.num_users, held.num_items):
         raise ValueError(f"scores {tuple(scores.shape)} do not match the held-out block "
@@ -135,17 +144,28 @@ def rank_block(
         flat[held.ex_keys] = float("-inf")
         k_max = min(max(ks), num_items)
         top_ids = torch.topk(scores, k_max, dim=1, sorted=True).indices.numpy()  # (B, K)
-        out.update(_topk_metrics(top_ids, held, ks))
-    if auc:
-        assert packed is not None
-        out["auc"] = _auc(scores, packed, held, cmp_buffer)
-    return BlockRanking(out, top_ids)
+        out.update(topk_list_metrics(top_ids, held, ks))
+    ranking = BlockRanking(out, top_ids, packed)
+    if auc and not defer_auc:
+        finish_auc(scores, ranking, held, cmp_buffer)
+    return ranking
 
 
-def _topk_metrics(top_ids: np.ndarray, held: HeldOut, ks: Sequence[int]) -> dict[str, np.ndarray]:
+def finish_auc(scores: torch.Tensor, ranking: BlockRanking, held: HeldOut,
+               cmp_buffer: torch.Tensor | None = None) -> None:
+    """The AUC pass of :func:`rank_block` (``ranking.metrics["auc"]``); masks ``scores``."""
+    if ranking.packed is None:
+        return
+    ranking.metrics["auc"] = _auc(scores, ranking.packed, held, cmp_buffer)
+    ranking.packed = None
+
+
+def topk_list_metrics(top_ids: np.ndarray, held: HeldOut, ks: Sequence[int],
+                      prefix: str = "") -> dict[str, np.ndarray]:
+    """Recall@k/NDCG@k of (B, K) best-first item lists (-1 = empty slot, never a hit)."""
     num_users, k_max = top_ids.shape
     keys = np.arange(num_users, dtype=np.int64)[:, None] * held.num_items + top_ids
-    hits = np.isin(keys, held.pos_keys).astype(np.float64)  # (B, K)
+    hits = (np.isin(keys, held.pos_keys) & (top_ids >= 0)).astype(np.float64)  # (B, K)
     gains = 1.0 / np.log2(np.arange(2, k_max + 2, dtype=np.float64))  # (K,)
     cum_hits, cum_dcg, cum_ideal = hits.cumsum(1), (hits * gains).cumsum(1), gains.cumsum()
     has_targets = held.n_targets > 0
@@ -155,8 +175,8 @@ def _topk_metrics(top_ids: np.ndarray, held: HeldOut, ks: Sequence[int]) -> dict
         recall = cum_hits[:, kk - 1] / np.maximum(held.n_targets, 1)
         n_ideal = np.clip(held.n_targets, 1, kk).astype(np.int64)  # (B,)
         ndcg = cum_dcg[:, kk - 1] / cum_ideal[n_ideal - 1]
-        out[f"recall@{k}"] = np.where(has_targets, recall, np.nan)
-        out[f"ndcg@{k}"] = np.where(has_targets, ndcg, np.nan)
+        out[f"{prefix}recall@{k}"] = np.where(has_targets, recall, np.nan)
+        out[f"{prefix}ndcg@{k}"] = np.where(has_targets, ndcg, np.nan)
     return out
 
 

@@ -151,6 +151,7 @@ class BeamSearchRetriever:
             occ = torch.zeros(num_paths, dtype=torch.bool)
             occ[prefix] = True
             self.occupied.append(occ)
+        self.item_leaf = prefix  # (I,) leaf (full code path) of each item
         order = torch.argsort(prefix, stable=True)  # (I,) items grouped by leaf
         self.sorted_ids = order
         # A zero row at the end: padded candidate slots point at it and are masked.
