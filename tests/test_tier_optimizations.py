@@ -33,9 +33,11 @@ def test_exclude_low_trains_no_low_tier_client(tmp_path: Path) -> None:
 
 
 def test_quantize_and_prune_cut_the_low_tiers_upload(tmp_path: Path) -> None:
-    plain = run(tmp_path, "plain")
-    quant = run(tmp_path, "quant", **{"optimization.quant_bits": {"low": 8}})
-    prune = run(tmp_path, "prune", **{"optimization.prune_rate": {"low": 0.9}})
+    # Whole-model replies: every element is a value the compressor sees.
+    dense = {"simulation.sparse_updates": False}
+    plain = run(tmp_path, "plain", **dense)
+    quant = run(tmp_path, "quant", **{"optimization.quant_bits": {"low": 8}}, **dense)
+    prune = run(tmp_path, "prune", **{"optimization.prune_rate": {"low": 0.9}}, **dense)
 
     def per_client(rows: list[dict], tier: str) -> float:
         return totals(rows, f"tier/{tier}/bytes_up") / totals(rows, f"tier/{tier}/trained")
@@ -47,6 +49,13 @@ def test_quantize_and_prune_cut_the_low_tiers_upload(tmp_path: Path) -> None:
     # Untouched tiers keep the full upload.
     assert per_client(quant, "high") == pytest.approx(per_client(plain, "high"))
     assert quant[-1]["recall@20"] > quant[0]["recall@20"]
+    # Sparse replies (the default) ship the changed rows; compression then shrinks their
+    # values, not the row ids.
+    small = {"model.name": "two_tower", "model.loss": "sampled", "model.num_negatives": 10}
+    sparse_plain = run(tmp_path, "sparse", **small)
+    sparse_quant = run(tmp_path, "squant", **small, **{"optimization.quant_bits": {"low": 8}})
+    assert per_client(sparse_plain, "low") < 0.5 * full
+    assert per_client(sparse_quant, "low") < 0.6 * per_client(sparse_plain, "low")
 
 
 def test_over_select_keeps_k_of_more_selected(tmp_path: Path) -> None:

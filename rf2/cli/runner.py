@@ -150,7 +150,7 @@ def execute(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Pat
                         num_slots=num_slots, users_per_message=per_message)
     server = FederatedServer(setup, state)
     spec = client_spec_from(cfg.dataset, cfg.model, cfg.seed, cfg.simulation.fast_transport,
-                            cfg.simulation.vectorise)
+                            cfg.simulation.vectorise, cfg.simulation.sparse_updates)
     if cfg.simulation.backend == "inprocess":
         worker_state(spec, prep.dataset)  # clients run here: share the loaded dataset
     if state.round < cfg.num_rounds or not folder.read_metrics():

@@ -330,6 +330,9 @@ class SimulationConfig:
     # value alone (not on the backend or the worker count), so Ray and in-process runs
     # stay identical. An explicit, smaller users_per_message caps it.
     cohort_size: int = 32
+    # Clients reply only the rows of the item tables they changed (rf2.optim.sparse);
+    # aggregation is exactly the dense one. false = whole models (the reference).
+    sparse_updates: bool = True
 
     def validate(self, path: str = "simulation") -> None:
         check(self.num_cpus_per_client > 0, f"{path}.num_cpus_per_client",

@@ -1,6 +1,9 @@
 """Aggregation routing: which rule computes the round's mean.
 
 * Plain runs: the strategy's own ``aggregate_train`` (FedAvg, FedProx, q-FFL, FedOpt).
+  Sparse replies (``rf2.optim.sparse``): the FedAvg family gets the weighted mean
+  computed from the rows (one merged reply, as below); q-FFL and strategies rf2 does not
+  know get every reply densified.
 * HeteroFL (some tier trains a narrower slice) and per-row embedding averaging: rf2
   computes the mean itself (``rf2.optim``) and hands it to the strategy through
   ``rf2.strategies.merge.aggregate_precomputed``, so server optimizers and q-FFL apply.
@@ -11,14 +14,16 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import FedAvg, Strategy
 
 from rf2.fl.params import record_to_numpy
 from rf2.fl.screening import UsableReply
 from rf2.fl.tier_settings import TierSettings
+from rf2.optim import sparse
 from rf2.optim.heterofl import aggregate_heterofl, full_spec, pad
 from rf2.optim.row_averaging import aggregate_rows, item_row_params, mask_untouched, touched_rows_for
-from rf2.strategies.merge import aggregate_precomputed
+from rf2.strategies.merge import aggregate_precomputed, with_arrays
+from rf2.strategies.qffl import needs_each_reply
 
 
 class Aggregator:
@@ -26,6 +31,19 @@ class Aggregator:
         self.strategy = strategy
         self.tiers = tiers
         self.num_items = num_items
+
+    def _takes_a_mean(self) -> bool:
+        """True for rf2's and Flower's FedAvg-family strategies: their aggregate is a
+        function of the weighted mean alone, so one merged reply may stand for all."""
+        module = type(self.strategy).__module__
+        known = module.startswith(("flwr.", "rf2.strategies"))
+        return known and isinstance(self.strategy, FedAvg) and not needs_each_reply(self.strategy)
+
+    def _full(self, reply: UsableReply, g: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A reply's whole arrays (its HeteroFL slice of w_t with its rows written in)."""
+        if not sparse.is_sparse(reply.arrays):
+            return reply.arrays
+        return sparse.densify(sparse.decode(reply.arrays), self.tiers.reference_arrays(reply.user, g))
 
     def aggregate(
         self, rnd: int, global_arrays: dict[str, np.ndarray], usable: list[UsableReply]
@@ -38,10 +56,22 @@ class Aggregator:
     def _route(self, rnd: int, g: dict[str, np.ndarray], usable: list[UsableReply]
                ) -> tuple[Any, Any]:
         replies = [r.message for r in usable]
-        if not self.tiers.custom_aggregation:
-            return self.strategy.aggregate_train(rnd, replies)
-        clients = [r.arrays for r in usable]
         weights = [float(m.content["metrics"]["num-examples"]) for m in replies]
+        any_sparse = any(sparse.is_sparse(r.arrays) for r in usable)
+        if not self.tiers.custom_aggregation and not any_sparse:
+            return self.strategy.aggregate_train(rnd, replies)
+        if not self.tiers.custom_aggregation:
+            updates = [sparse.decode(r.arrays) for r in usable]
+            dense = lambda: [sparse.densify(u, g) for u in updates]  # noqa: E731
+            if self._takes_a_mean():
+                # FedAvg/FedProx/FedOpt: the weighted mean from the sparse deltas, O(rows).
+                return aggregate_precomputed(
+                    self.strategy, rnd, replies,
+                    mean=lambda: sparse.weighted_mean(g, updates, weights), padded=dense)
+            # q-FFL or a user's strategy: one full reply per client, as before.
+            return self.strategy.aggregate_train(
+                rnd, [with_arrays(r, a) for r, a in zip(replies, dense(), strict=True)])
+        clients = [self._full(r, g) for r in usable]
         if self.tiers.heterofl:
             specs = [self.tiers.spec_of(r.user) or full_spec(g) for r in usable]
             return aggregate_precomputed(

@@ -36,12 +36,13 @@ from rf2.fl.params import (
 from rf2.fl.user_batch import pack_results, user_configs
 from rf2.hetero.faults import apply_injected_fault
 from rf2.model import build_model
-from rf2.model.cohort import ClientJob, train_cohort
+from rf2.model.cohort import ClientJob, ClientUpdate, train_cohort
 from rf2.model.examples import user_examples
 from rf2.model.local_training import LocalTrainingResult, train_locally
 from rf2.optim.compression import compress_update
 from rf2.optim.heterofl import extract, kept, rules_for, slice_spec
 from rf2.optim.row_averaging import touched_items
+from rf2.optim.sparse import ROWS, VALUES, encode, encode_dense
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class ClientSpec:
     fast_transport: bool = True  # simulation.fast_transport: FastArray or stock Array
     # Train a message's users as one cohort (rf2.model.cohort); False: one at a time.
     vectorise: bool = True
+    # Reply only the changed rows of the item tables (rf2.optim.sparse); False: dense.
+    sparse_updates: bool = True
 
     @functools.cached_property
     def key(self) -> str:
@@ -105,9 +108,11 @@ def worker_state(spec: ClientSpec, dataset: FederatedDataset | None = None) -> _
 
 
 def client_spec_from(dataset_cfg: DatasetConfig, model_cfg: ModelConfig, seed: int,
-                     fast_transport: bool = True, vectorise: bool = True) -> ClientSpec:
+                     fast_transport: bool = True, vectorise: bool = True,
+                     sparse_updates: bool = True) -> ClientSpec:
     return ClientSpec(dataset=to_dict(dataset_cfg), model=to_dict(model_cfg), seed=seed,
-                      fast_transport=fast_transport, vectorise=vectorise)
+                      fast_transport=fast_transport, vectorise=vectorise,
+                      sparse_updates=sparse_updates)
 
 
 def handle_train(msg: Message, spec: ClientSpec) -> Message:
@@ -136,7 +141,7 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
                 raise done
             if done is None:
                 done = _train_one(state, received, config)
-            results.append(_reply(config, done))
+            results.append(_reply(config, done, spec.sparse_updates))
         except Exception as ex:  # noqa: BLE001 - reported per user, as Flower reports a client
             results.append(ex)
     return Message(content=pack_results(results), reply_to=msg)
@@ -148,10 +153,20 @@ class _Trained:
 
     user: int
     received: dict[str, np.ndarray]  # the global model as this user holds it (its width)
-    arrays: dict[str, np.ndarray]  # its trained model
     result: LocalTrainingResult
     histories: np.ndarray  # (n, H)
     targets: np.ndarray  # (n,)
+    arrays: dict[str, np.ndarray] | None = None  # per-user path: the whole trained model
+    update: ClientUpdate | None = None  # cohort path: its rows and values
+
+    def reply_arrays(self, sparse: bool) -> dict[str, np.ndarray]:
+        """Changed rows only (``rf2.optim.sparse``) or the whole model."""
+        if self.update is not None:
+            if sparse:
+                return encode(self.received, self.update.rows, self.update.values)
+            return self.update.dense(self.received)
+        assert self.arrays is not None
+        return encode_dense(self.received, self.arrays) if sparse else self.arrays
 
 
 def _user_seed(config: dict[str, Any]) -> int:
@@ -217,8 +232,8 @@ def _train_cohort(state: _WorkerState, received: dict[str, np.ndarray],
     except Exception:  # noqa: BLE001 - retried user by user
         return [None] * len(configs)
     return [
-        _Trained(int(c["partition-id"]), held, u.dense(held),
-                 LocalTrainingResult(u.num_examples, u.loss_before, u.loss_after), h, t)
+        _Trained(int(c["partition-id"]), held,
+                 LocalTrainingResult(u.num_examples, u.loss_before, u.loss_after), h, t, update=u)
         for c, u, (h, t) in zip(configs, updates, examples, strict=True)
     ]
 
@@ -242,31 +257,37 @@ def _train_one(state: _WorkerState, received: dict[str, np.ndarray], config: dic
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         seed=_user_seed(config),
     )
-    return _Trained(user, held, state_to_numpy(model), result, histories, targets)
+    return _Trained(user, held, result, histories, targets, arrays=state_to_numpy(model))
 
 
 def train_user(
     state: _WorkerState, received: dict[str, np.ndarray], config: dict[str, Any]
 ) -> dict[str, Any]:
     """One user's local training from the global model; its reply records."""
-    return _reply(config, _train_one(state, received, config))
+    return _reply(config, _train_one(state, received, config), sparse=False)
 
 
-def _reply(config: dict[str, Any], done: _Trained) -> dict[str, Any]:
+def _reply(config: dict[str, Any], done: _Trained, sparse: bool) -> dict[str, Any]:
     """A trained user's reply records: compression, injected faults, metrics."""
     user, server_round = done.user, int(config["server-round"])
-    received, arrays, result = done.received, done.arrays, done.result
+    received, result = done.received, done.result
+    arrays = done.reply_arrays(sparse)
     bytes_up = num_bytes(arrays)
     prune, bits = config.get("prune-rate"), config.get("quant-bits")
     if prune is not None or bits is not None:
         # Compress the update (not the weights); the server sees the decompressed,
-        # unbiased update, and the clock and traffic log see the compressed size.
+        # unbiased update, and the clock and traffic log see the compressed size. A
+        # sparse reply compresses the deltas of its rows; the row ids travel as they are.
         rng = np.random.default_rng([int(config.get("seed", 0)), user, server_round, 1])
-        delta = {k: arrays[k] - received[k] for k in arrays}
+        base = _reference_values(received, arrays)
+        delta = {k: arrays[k] - base[k] for k in base}
         delta_hat, bytes_up = compress_update(
             delta, None if prune is None else float(prune), None if bits is None else int(bits), rng
         )
-        arrays = {k: (received[k] + delta_hat[k]).astype(arrays[k].dtype) for k in arrays}
+        ids = {k: v for k, v in arrays.items() if k not in base}
+        bytes_up += num_bytes(ids)
+        arrays = {k: ids[k] if k in ids else (base[k] + delta_hat[k]).astype(arrays[k].dtype)
+                  for k in arrays}
     arrays = apply_injected_fault(config, arrays)
     metrics = MetricRecord(
         {
@@ -283,6 +304,21 @@ def _reply(config: dict[str, Any], done: _Trained) -> dict[str, Any]:
         touched = touched_items(done.histories, done.targets)
         records["rf2"] = ConfigRecord({"touched-items": [int(i) for i in touched]})
     return records
+
+
+def _reference_values(received: dict[str, np.ndarray], arrays: dict[str, np.ndarray]
+                      ) -> dict[str, np.ndarray]:
+    """For each value array of a reply, what the client received there (w_t)."""
+    out = {}
+    for key in arrays:
+        if key.endswith(ROWS):
+            continue
+        if key.endswith(VALUES):
+            name = key[: -len(VALUES)]
+            out[key] = received[name][arrays[name + ROWS]]
+        else:
+            out[key] = received[key]
+    return out
 
 
 def make_client_app(spec: ClientSpec) -> ClientApp:

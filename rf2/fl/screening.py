@@ -18,13 +18,15 @@ from flwr.app import Message
 from rf2.fl.params import record_to_numpy
 from rf2.fl.tier_settings import TierSettings
 from rf2.hetero.faults import FAULT_REASONS, screen_reply
+from rf2.optim import sparse
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class UsableReply:
-    """A client reply that passed screening, with its arrays decoded once."""
+    """A client reply that passed screening, with its arrays decoded once (a sparse
+    reply's ``<name>.rows``/``<name>.values`` as they came: ``rf2.optim.sparse``)."""
 
     user: int
     message: Message
@@ -66,7 +68,8 @@ class ReplyScreen:
                 continue
             reference = self.tiers.reference_arrays(user, global_arrays)
             arrays = record_to_numpy(reply.content["arrays"])
-            reason = screen_reply(arrays, reference)
+            screen_fn = sparse.screen if sparse.is_sparse(arrays) else screen_reply
+            reason = screen_fn(arrays, reference)
             if reason is not None:
                 faults[reason] += 1
                 continue

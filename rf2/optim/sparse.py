@@ -1,0 +1,164 @@
+"""Row-sparse client updates: the wire format and the exact aggregation maths.
+
+A client's reply carries, for each row table (parameters indexed by item id:
+``history_table``, ``item_table``, ``bias``), only the rows it changed:
+``<name>.rows`` (R,) int64 sorted unique ids and ``<name>.values`` (R, ...) their new
+values; every other parameter travels whole under its own name. A row that is not in
+the reply is the global row: a zero update. With a sampled softmax a client changes its
+history items, its targets and its negatives (and the index's balance sample), so a
+reply is O(rows touched · D) instead of O(catalogue · D).
+
+Aggregation keeps the dense semantics exactly: the FedAvg mean of w_t + Δ_k with
+Δ_k = 0 outside the client's rows is w_t + Σ_k w_k Δ_k / Σ_k w_k, computed by
+scatter-adding each reply's deltas (O(Σ rows) + one pass over the tables). Server
+optimizers then step on the dense pseudo-gradient (mean − w_t) as before, so Adam/Yogi
+still decay the moments of rows nobody touched. Rules that need one array per client
+(q-FFL, HeteroFL, per-row averaging) get :func:`densify`'d replies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+ROW_TABLES = ("item_table", "bias", "history_table")  # reply order: a values array first
+ROWS, VALUES = ".rows", ".values"
+
+Arrays = Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class SparseUpdate:
+    """A decoded reply: row tables as (rows, values), the rest whole."""
+
+    rows: dict[str, np.ndarray]  # name -> (R,) int64
+    values: dict[str, np.ndarray]  # name -> (R, ...) for row tables
+    dense: dict[str, np.ndarray]  # name -> full array
+
+    def num_rows(self) -> int:
+        return int(sum(len(r) for r in self.rows.values()))
+
+
+def changed_rows(new: np.ndarray, old: np.ndarray) -> np.ndarray:
+    """(R,) sorted ids of the rows where ``new`` differs from ``old``."""
+    diff = new != old
+    if diff.ndim > 1:
+        diff = diff.reshape(diff.shape[0], -1).any(axis=1)
+    return np.flatnonzero(diff).astype(np.int64)
+
+
+def encode(received: Arrays, rows: Mapping[str, np.ndarray], values: Mapping[str, np.ndarray]
+           ) -> dict[str, np.ndarray]:
+    """Reply arrays: only the rows (of ``rows``) whose values differ from ``received``.
+
+    ``rows[name]``/``values[name]``: candidate rows of a row table and their new values;
+    other names of ``values`` are whole parameters.
+    """
+    out: dict[str, np.ndarray] = {}
+    for name in ROW_TABLES:
+        if name in received:
+            cand = np.asarray(rows[name], dtype=np.int64)
+            vals = np.asarray(values[name])
+            # Compared in the client's dtype: a float64 w_t (q-FFL's aggregate) would
+            # otherwise differ from its own float32 copy in every row.
+            old = np.asarray(received[name])[cand].astype(vals.dtype, copy=False)
+            keep = changed_rows(vals, old) if len(cand) else cand
+            out[name + VALUES] = np.ascontiguousarray(vals[keep])
+            out[name + ROWS] = cand[keep]
+    for name in received:
+        if name not in ROW_TABLES:
+            out[name] = values[name]
+    return out
+
+
+def encode_dense(received: Arrays, arrays: Arrays) -> dict[str, np.ndarray]:
+    """Reply arrays from a full trained state (the per-user path): the changed rows."""
+    rows = {name: np.arange(np.shape(received[name])[0]) for name in ROW_TABLES if name in received}
+    return encode(received, rows, arrays)
+
+
+def is_sparse(arrays: Arrays) -> bool:
+    return any(k.endswith(ROWS) for k in arrays)
+
+
+def decode(arrays: Arrays) -> SparseUpdate:
+    rows, values, dense = {}, {}, {}
+    for key, value in arrays.items():
+        if key.endswith(ROWS):
+            rows[key[: -len(ROWS)]] = np.asarray(value)
+        elif key.endswith(VALUES):
+            values[key[: -len(VALUES)]] = np.asarray(value)
+        else:
+            dense[key] = np.asarray(value)
+    return SparseUpdate(rows, values, dense)
+
+
+def screen(arrays: Arrays, reference: Arrays) -> str | None:
+    """The fault reason of a sparse reply against the arrays its user was sent, or None.
+
+    ``wrong_shape``: names differ, rows not sorted unique int ids inside the table,
+    values not (R, *row shape), a whole parameter of the wrong shape; ``non_finite``:
+    NaN/Inf anywhere.
+    """
+    upd = decode(arrays)
+    names = set(upd.dense) | set(upd.rows)
+    if names != set(reference) or set(upd.rows) != set(upd.values):
+        return "wrong_shape"
+    for name, rows in upd.rows.items():
+        ref = np.shape(reference[name])
+        vals = upd.values[name]
+        if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer):
+            return "wrong_shape"
+        if vals.shape != (len(rows), *ref[1:]):
+            return "wrong_shape"
+        if len(rows) and (rows[0] < 0 or rows[-1] >= ref[0] or np.any(np.diff(rows) <= 0)):
+            return "wrong_shape"
+    for name, value in upd.dense.items():
+        if value.shape != np.shape(reference[name]):
+            return "wrong_shape"
+    for value in (*upd.values.values(), *upd.dense.values()):
+        if not np.isfinite(value).all():
+            return "non_finite"
+    return None
+
+
+def densify(update: SparseUpdate, received: Arrays) -> dict[str, np.ndarray]:
+    """Full arrays: ``received`` with the update's rows written in (O(catalogue))."""
+    out: dict[str, np.ndarray] = {}
+    for name, g in received.items():
+        if name in update.rows:
+            full = np.array(g, dtype=update.values[name].dtype, copy=True)
+            full[update.rows[name]] = update.values[name]
+            out[name] = full
+        else:
+            out[name] = update.dense[name]
+    return out
+
+
+def weighted_mean(
+    global_arrays: Arrays, updates: Sequence[SparseUpdate], weights: Sequence[float]
+) -> dict[str, np.ndarray]:
+    """FedAvg's weighted mean of the clients' full models, from their sparse updates.
+
+    Row tables: w_t + Σ_k w_k (x_k − w_t)[rows_k] / Σ_k w_k (untouched rows: Δ = 0).
+    Whole parameters: Σ_k w_k x_k / Σ_k w_k.
+    """
+    if not updates or len(updates) != len(weights):
+        raise ValueError("need one weight per update, and at least one update")
+    w = np.asarray(weights, dtype=np.float64)  # (K,)
+    total = float(w.sum())
+    out: dict[str, np.ndarray] = {}
+    for name, g in global_arrays.items():
+        g = np.asarray(g)
+        if name in updates[0].rows:
+            acc = np.zeros(g.shape, dtype=np.float64)  # (I, ...) Σ_k w_k Δ_k
+            for wk, u in zip(w, updates, strict=True):
+                rows = u.rows[name]
+                acc[rows] += wk * (u.values[name].astype(np.float64) - g[rows])  # unique rows
+            out[name] = (g + acc / total).astype(np.float32)
+        else:
+            acc = sum(wk * u.dense[name].astype(np.float64) for wk, u in zip(w, updates, strict=True))
+            out[name] = (acc / total).astype(np.float32)
+    return out
