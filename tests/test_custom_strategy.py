@@ -74,7 +74,10 @@ def test_a_strategy_class_from_outside_the_package_aggregates_the_run(plugin, tm
     # shift = 0 is FedAvg exactly; shift = 0.25 is FedAvg's model + 0.25 everywhere.
     a = torch.load(ref / "model.pt")
     b = torch.load(custom / "model.pt")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    # (Equal to rounding: rf2's FedAvg averages sparse replies from their row deltas in
+    # float64, a strategy rf2 does not know gets them densified and sums in float32.)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-6)
     base = torch.load(one_round / "model.pt")
     moved = torch.load(shifted / "model.pt")
     for k in base:
