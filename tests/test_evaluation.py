@@ -23,7 +23,7 @@ from rf2.eval.evaluation import (
     topk_metrics,
     torch_threads,
 )
-from rf2.model import BruteForceRetriever, build_model
+from rf2.model import build_model
 from rf2.model.examples import eval_histories
 
 KS = [5, 10, 20]
