@@ -25,6 +25,7 @@ from rf2.eval.evaluation import (
 )
 from rf2.model import build_model
 from rf2.model.examples import eval_histories
+from rf2.model.retrieval import BruteForceRetriever
 
 KS = [5, 10, 20]
 
