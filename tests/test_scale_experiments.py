@@ -1,0 +1,30 @@
+"""The large-catalogue recipe and the fairness study at scale compose as documented."""
+
+from __future__ import annotations
+
+from test_config import composed
+
+
+def test_large_catalogue_composes_with_any_dataset_and_model() -> None:
+    for dataset in ("synthetic", "movielens100k", "recbole"):
+        for model in ("two_tower", "hier_index"):
+            extra = [] if dataset == "synthetic" else ["dataset.path=/some/where"]
+            cfg = composed(f"dataset={dataset}", f"model={model}", "+experiment=large_catalogue",
+                           *extra)
+            assert (cfg.dataset.name, cfg.model.name) == (dataset, model)
+            assert cfg.model.loss == "sampled" and cfg.model.num_negatives == 200
+            assert (cfg.strategy.server_optimizer, cfg.strategy.server_lr) == ("adam", 0.1)
+            assert cfg.strategy.beta_2 == 0.999
+            assert (cfg.client.lr, cfg.client.local_epochs, cfg.client.batch_size) == (1.0, 1, 0)
+
+
+def test_fairness_gap_scale_is_one_pass_on_amazon_cds_with_the_recipe() -> None:
+    cfg = composed("+experiment=rf2_fairness_gap_scale", "dataset.path=/data/amazon-cds")
+    assert cfg.dataset.name == "recbole" and cfg.devices.profile == "rf2-3tier"
+    assert cfg.num_rounds * cfg.clients_per_round >= 43_169  # every user trains once
+    assert cfg.model.loss == "sampled" and cfg.strategy.server_optimizer == "adam"
+    assert (cfg.eval.every, cfg.eval.max_users) == (50, 5000)
+    assert cfg.simulation.backend == "inprocess"
+    # a command-line override still wins over the experiment
+    assert composed("+experiment=rf2_fairness_gap_scale", "dataset.path=/x",
+                    "strategy.server_lr=0.03").strategy.server_lr == 0.03
