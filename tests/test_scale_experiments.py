@@ -13,6 +13,7 @@ def test_large_catalogue_composes_with_any_dataset_and_model() -> None:
                            *extra)
             assert (cfg.dataset.name, cfg.model.name) == (dataset, model)
             assert cfg.model.loss == "sampled" and cfg.model.num_negatives == 200
+            assert cfg.model.index.index_loss_weight == 0.1
             assert (cfg.strategy.server_optimizer, cfg.strategy.server_lr) == ("adam", 0.1)
             assert cfg.strategy.beta_2 == 0.999
             assert (cfg.client.lr, cfg.client.local_epochs, cfg.client.batch_size) == (1.0, 1, 0)
