@@ -10,6 +10,10 @@ done, minus one steady round) and the process tree's peak RSS.
     python benchmarks/sim_overhead.py                 # full table (takes minutes)
     python benchmarks/sim_overhead.py --quick         # 10 clients, 1k users, both backends
     python benchmarks/sim_overhead.py --repeat 3      # each setting 3x: median and range
+    python benchmarks/sim_overhead.py --ml100k ../shared/data/ml-100k   # on MovieLens-100K
+
+rf2 runs with each client path (``--paths``): ``vectorised`` (cohort-vectorised training,
+sparse replies: the default) and ``per-user`` (one user at a time, whole-model replies).
 """
 
 from __future__ import annotations
@@ -102,18 +106,27 @@ def plain_loop_round_s(cfg_map: dict, rounds: int) -> float:
     return statistics.median(times[1:])
 
 
-def measure_one(backend: str, clients: int, users: int) -> dict:
+# rf2's client paths: cohort-vectorised training with sparse replies (the default), and
+# the per-user reference path with whole-model replies.
+PATHS = {"vectorised": {"vectorise": True, "sparse_updates": True},
+         "per-user": {"vectorise": False, "sparse_updates": False}}
+
+
+def measure_one(backend: str, clients: int, users: int, path: str = "vectorised",
+                ml100k: str | None = None, loss: str = "auto") -> dict:
     from rf2.cli.support import quiet_frameworks, run_job
 
     quiet_frameworks(False)
+    dataset = ({"name": "movielens100k", "path": ml100k} if ml100k else
+               {"name": "synthetic", "num_users": users, "num_items": 1000})
     cfg_map: dict = {
         "seed": 1, "num_rounds": ROUNDS, "clients_per_round": clients, "progress": False,
         "checkpoint_every": 0,
-        "dataset": {"name": "synthetic", "num_users": users, "num_items": 1000},
+        "dataset": dataset,
         # The light two-tower client is the strict case for transport overhead.
-        "model": {"name": "two_tower"},
+        "model": {"name": "two_tower", "loss": loss},
         "eval": {"every": 10_000},
-        "simulation": {"backend": backend},
+        "simulation": {"backend": backend, **PATHS[path]},
     }
     if backend == "ray":
         cfg_map["simulation"]["ray_temp_dir"] = tempfile.mkdtemp(prefix="rf2b")
@@ -132,7 +145,8 @@ def measure_one(backend: str, clients: int, users: int) -> dict:
     # worker spin-up (the excess of round 1 over a steady round), final save.
     startup = total - sum(r["round_wall_s"] for r in rows) + (by_round[1]["round_wall_s"] - steady)
     plain = plain_loop_round_s(cfg_map, ROUNDS)
-    return {"backend": backend, "clients": clients, "users": users,
+    return {"backend": backend, "clients": clients, "users": "ml100k" if ml100k else users,
+            "path": path if loss == "auto" else f"{path}, loss={loss}",
             "rf2_round_s": steady, "plain_round_s": plain, "ratio": steady / plain,
             "startup_s": startup, "first_round_done_s": first_done,
             "peak_rss_gb": mem.peak / 1e9}
@@ -141,6 +155,14 @@ def measure_one(backend: str, clients: int, users: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--one", nargs=3, metavar=("BACKEND", "CLIENTS", "USERS"))
+    parser.add_argument("--path", default="vectorised", choices=sorted(PATHS),
+                        help="with --one: rf2's client path")
+    parser.add_argument("--paths", default="vectorised,per-user",
+                        help="client paths to measure (comma-separated)")
+    parser.add_argument("--ml100k", default=None,
+                        help="MovieLens-100K folder: measure on it instead of synthetic users")
+    parser.add_argument("--loss", default="auto", choices=["auto", "full", "sampled"],
+                        help="model.loss (auto: full softmax below 5,000 items)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per setting; the table shows the median-ratio run and the range")
@@ -148,16 +170,22 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         backend, clients, users = args.one
-        print(json.dumps(measure_one(backend, int(clients), int(users))))
+        print(json.dumps(measure_one(backend, int(clients), int(users), args.path, args.ml100k,
+                                     args.loss)))
         return
-    settings = [(b, c, u) for b in ("inprocess", "ray") for c in (10, 100) for u in (1000, 100_000)]
+    user_counts = (943,) if args.ml100k else (1000, 100_000)
+    settings = [(b, c, u, p) for b in ("inprocess", "ray") for c in (10, 100) for u in user_counts
+                for p in args.paths.split(",")]
     if args.quick:
-        settings = [("inprocess", 10, 1000), ("ray", 10, 1000)]
+        settings = [(b, 10, 1000, p) for b in ("inprocess", "ray") for p in args.paths.split(",")]
     results = []
-    for backend, clients, users in settings:
+    for backend, clients, users, path in settings:
         tries = []
+        extra = ["--path", path, "--loss", args.loss] + (
+            ["--ml100k", args.ml100k] if args.ml100k else [])
         for _ in range(args.repeat):
-            proc = subprocess.run([sys.executable, __file__, "--one", backend, str(clients), str(users)],
+            proc = subprocess.run([sys.executable, __file__, "--one", backend, str(clients),
+                                   str(users), *extra],
                                   capture_output=True, text=True, check=False)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
             if proc.returncode != 0 or not line:
@@ -172,10 +200,11 @@ def main() -> None:
             row = dict(tries[len(tries) // 2])
             row["ratio_range"] = (tries[0]["ratio"], tries[-1]["ratio"])
             results.append(row)
-    header = ("| backend | clients/round | users | rf2 s/round | plain loop s/round | ratio "
-              "| ratio range | start-up s | peak RSS GB |\n|---|---|---|---|---|---|---|---|---|")
+    header = ("| backend | clients/round | users | rf2 client path | rf2 s/round | plain loop s/round "
+              "| ratio | ratio range | start-up s | peak RSS GB |\n"
+              "|---|---|---|---|---|---|---|---|---|---|")
     lines = [header] + [
-        f"| {r['backend']} | {r['clients']} | {r['users']} | {r['rf2_round_s']:.3f} | "
+        f"| {r['backend']} | {r['clients']} | {r['users']} | {r['path']} | {r['rf2_round_s']:.3f} | "
         f"{r['plain_round_s']:.3f} | {r['ratio']:.2f}x | {r['ratio_range'][0]:.2f}-"
         f"{r['ratio_range'][1]:.2f}x | {r['startup_s']:.1f} | {r['peak_rss_gb']:.2f} |"
         for r in results
