@@ -156,7 +156,10 @@ def weighted_mean(
             acc = np.zeros(g.shape, dtype=np.float64)  # (I, ...) Σ_k w_k Δ_k
             for wk, u in zip(w, updates, strict=True):
                 rows = u.rows[name]
-                acc[rows] += wk * (u.values[name].astype(np.float64) - g[rows])  # unique rows
+                if len(rows) == g.shape[0]:  # sorted unique ids of every row: 0..I-1
+                    acc += wk * (u.values[name].astype(np.float64) - g)
+                else:
+                    acc[rows] += wk * (u.values[name].astype(np.float64) - g[rows])  # unique
             out[name] = (g + acc / total).astype(np.float32)
         else:
             acc = sum(wk * u.dense[name].astype(np.float64) for wk, u in zip(w, updates, strict=True))
