@@ -14,7 +14,7 @@ def test_large_catalogue_composes_with_any_dataset_and_model() -> None:
             assert (cfg.dataset.name, cfg.model.name) == (dataset, model)
             assert cfg.model.loss == "sampled" and cfg.model.num_negatives == 200
             assert cfg.model.index.index_loss_weight == 0.1
-            assert (cfg.strategy.server_optimizer, cfg.strategy.server_lr) == ("adam", 0.1)
+            assert (cfg.strategy.server_optimizer, cfg.strategy.server_lr) == ("adam", 0.03)
             assert cfg.strategy.beta_2 == 0.999
             assert (cfg.client.lr, cfg.client.local_epochs, cfg.client.batch_size) == (1.0, 1, 0)
 
@@ -28,4 +28,4 @@ def test_fairness_gap_scale_is_one_pass_on_amazon_cds_with_the_recipe() -> None:
     assert cfg.simulation.backend == "inprocess"
     # a command-line override still wins over the experiment
     assert composed("+experiment=rf2_fairness_gap_scale", "dataset.path=/x",
-                    "strategy.server_lr=0.03").strategy.server_lr == 0.03
+                    "strategy.server_lr=0.1").strategy.server_lr == 0.1
