@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -128,23 +130,55 @@ def test_worker_loads_the_dataset_once_per_process(monkeypatch: pytest.MonkeyPat
 
 @pytest.mark.slow
 def test_joins_an_existing_ray_cluster(tmp_path: Path) -> None:
-    """`simulation.ray_address` joins a cluster started with `ray start --head`."""
+    """`simulation.ray_address` joins a cluster started with `ray start --head`.
+
+    The test starts its own head (own temp dir, free ports, ``--block`` in its own
+    session) and stops only that: never ``ray stop``, which kills every Ray process on
+    the host, including a researcher's running experiment.
+    """
     ray_bin = Path(sys.executable).parent / "ray"
     temp = tempfile.mkdtemp(prefix="rf2clu")
     env = dict(os.environ, RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0")
-    start = subprocess.run([str(ray_bin), "start", "--head", "--num-cpus=2", "--port=0",
-                            "--include-dashboard=false", f"--temp-dir={temp}"],
-                           capture_output=True, text=True, timeout=180, env=env)
-    assert start.returncode == 0, start.stderr
-    match = re.search(r"ray start --address='([^']+)'", start.stdout)
-    assert match, start.stdout
+    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--num-cpus=2",
+                             "--port=0", "--include-dashboard=false", f"--temp-dir={temp}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True)
     try:
+        address = _head_address(head, timeout_s=180)
         cfg = small_run(num_rounds=2)
-        cfg["simulation"] = {"backend": "ray", "ray_address": match.group(1)}
+        cfg["simulation"] = {"backend": "ray", "ray_address": address}
         run_job(cfg, tmp_path / "run")
     finally:
-        subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, timeout=120)
+        _stop_own_head(head)
         shutil.rmtree(temp, ignore_errors=True)
     rows = read_rows(tmp_path / "run")
     assert rows[-1]["num_clients_trained"] == 20
     assert rows[-1]["recall@20"] > rows[0]["recall@20"]
+
+
+def _head_address(head: subprocess.Popen[str], timeout_s: float) -> str:
+    """The GCS address a `ray start --head --block` prints, read from its output."""
+    assert head.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    seen = []
+    while time.monotonic() < deadline:
+        line = head.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        match = re.search(r"ray start --address='([^']+)'", line)
+        if match:
+            return match.group(1)
+    raise AssertionError("ray start --head printed no address:\n" + "".join(seen))
+
+
+def _stop_own_head(head: subprocess.Popen[str]) -> None:
+    """SIGTERM to the head's own session: `ray start --block` then stops the processes it
+    started (and they die with it); nothing else on the host is touched."""
+    if head.poll() is None:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
