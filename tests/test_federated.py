@@ -89,9 +89,9 @@ def test_resume_continues_to_the_same_result(inprocess_run: Path, tmp_path: Path
 
 
 def test_refuses_to_overwrite_an_existing_run(inprocess_run: Path) -> None:
-    from rf2.runs.run_folder import RunFolderError
+    from rf2.runs.run_folder import RunExists
 
-    with pytest.raises(RunFolderError, match="already holds a run"):
+    with pytest.raises(RunExists, match="already holds a run"):
         run_job(small_run(num_rounds=1), inprocess_run)
 
 

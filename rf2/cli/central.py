@@ -46,7 +46,7 @@ def execute_central(prep: PreparedRun, folder: RunFolder, resuming: bool = False
     checkpoint = folder.latest_checkpoint() if resuming else None
     done_rounds, wall_offset = 0, 0.0
     if checkpoint is not None:
-        done_rounds, arrays, meta = checkpoint
+        done_rounds, arrays, meta = checkpoint.round, checkpoint.arrays, checkpoint.state
         trainer.load_state(arrays, meta)
         wall_offset = float(meta.get("wall_offset_s", 0.0))
         folder.truncate_to_round(done_rounds)
@@ -98,7 +98,7 @@ def execute_central(prep: PreparedRun, folder: RunFolder, resuming: bool = False
             folder.save_checkpoint(rnd, arrays, meta)
     if tensorboard is not None:
         tensorboard.close()
-    torch.save(prep.model.state_dict(), folder.path / "model.pt")
+    folder.save_model(lambda fh: torch.save(prep.model.state_dict(), fh))
     ttt = ttt_if_enabled(prep.model, prep.dataset, evaluator.evaluate_model, cfg.model, cfg.seed)
     if ttt is not None:
         folder.write_json("ttt.json", ttt)

@@ -12,6 +12,7 @@ with status 2 (``debug=true`` shows the traceback).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -56,13 +57,41 @@ _hydra_main = hydra.main(version_base="1.3", config_path="pkg://rf2.conf", confi
 )
 
 
+def _fail(ex: UserInputError, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    print(f"rf2: {ex}", file=sys.stderr, flush=True)
+    sys.exit(ex.exit_code)
+
+
 def main() -> None:
+    try:
+        _main()
+    except BrokenPipeError:
+        # `rf2 --help | head -1`: the reader left. Point stdout at /dev/null so the
+        # interpreter's final flush does not raise again, and say it once on stderr.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        print("rf2: output closed early (broken pipe)", file=sys.stderr, flush=True)
+        sys.exit(141)  # 128 + SIGPIPE, as a shell reports it
+
+
+def _main() -> None:
     from rf2.cli.support import precheck_overrides, preflight_output_dir
 
     sys.argv[1:] = precheck_overrides(sys.argv[1:])
-    if not any(a in ("--help", "-h", "--cfg", "-c", "--info") for a in sys.argv[1:]):
-        preflight_output_dir(sys.argv[1:])
+    argv = sys.argv[1:]
+    if not any(a in ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help") for a in argv):
+        preflight_output_dir(argv)
+        debug = any(a.lstrip("+") in ("debug=true", "debug=True") for a in argv)
+        try:
+            from rf2.cli.precheck import check_command
+
+            check_command(argv)
+        except UserInputError as ex:
+            _fail(ex, debug)
     _hydra_main()
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

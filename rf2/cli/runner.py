@@ -8,15 +8,17 @@ leaves a folder that looks like a run.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from rf2.core.config import RunConfig
+from rf2.core.errors import DataError
 from rf2.core.typed import check, to_dict
 from rf2.data import load_dataset
 from rf2.data.base import FederatedDataset
@@ -35,7 +37,7 @@ from rf2.hetero.tier_file import tier_csv_text
 from rf2.model import build_model
 from rf2.model.examples import num_training_examples
 from rf2.model.ttt import ttt_if_enabled
-from rf2.runs.run_folder import RunFolder
+from rf2.runs.run_folder import Checkpoint, RunFolder
 from rf2.strategies import instantiate_strategy
 
 if TYPE_CHECKING:  # Flower is imported by rf2.fl and rf2.strategies only
@@ -55,16 +57,8 @@ class PreparedRun:
     num_examples: np.ndarray  # (num_users,)
 
 
-def prepare(cfg: RunConfig) -> PreparedRun:
-    """Load and cross-check every input; raises UserInputError before any training."""
-    if cfg.dataset.path:
-        resolved = str(Path(cfg.dataset.path).resolve())
-        cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, path=resolved))
-    dataset = load_dataset(cfg.dataset, cfg.seed)
-    check(max(cfg.eval.ks) <= dataset.num_items, "eval.ks", cfg.eval.ks,
-          f"cut-offs <= the number of items ({dataset.num_items})")
-    check(cfg.clients_per_round <= dataset.num_users, "clients_per_round", cfg.clients_per_round,
-          f"an integer in [1, {dataset.num_users}] (the number of users)")
+def check_profile(cfg: RunConfig) -> DeviceProfile:
+    """The device profile and the tier names the config uses (needs no data: cheap)."""
     profile = load_profile(cfg.devices.profile)
     tier_names = [t.name for t in profile.tiers]
     opt = cfg.optimization
@@ -75,6 +69,42 @@ def prepare(cfg: RunConfig) -> PreparedRun:
     for tier in opt.exclude_tiers:
         check(tier in tier_names, "optimization.exclude_tiers", tier,
               f"tiers of profile {profile.name}: {', '.join(tier_names)}")
+    return profile
+
+
+def check_against_data(cfg: RunConfig, dataset: FederatedDataset) -> None:
+    """Config values whose allowed range depends on the loaded dataset."""
+    check(max(cfg.eval.ks) <= dataset.num_items, "eval.ks", cfg.eval.ks,
+          f"cut-offs <= the number of items ({dataset.num_items})")
+    check(cfg.clients_per_round <= dataset.num_users, "clients_per_round", cfg.clients_per_round,
+          f"an integer in [1, {dataset.num_users}] (the number of users)")
+    if cfg.model.name == "hier_index":
+        # k-means initialises each level from the items: more nodes than items is empty
+        # clusters at best.
+        check(max(cfg.model.index.nodes_per_level) <= dataset.num_items,
+              "model.index.nodes_per_level", cfg.model.index.nodes_per_level,
+              f"node counts <= the number of items ({dataset.num_items})")
+    for i, fi in enumerate(cfg.fault_injection):
+        bad = [u for u in fi.users if not 0 <= u < dataset.num_users]
+        check(not bad, f"fault_injection[{i}].users", bad[:5],
+              f"user ids in [0, {dataset.num_users - 1}]")
+        late = [r for r in fi.rounds if not 1 <= r <= cfg.num_rounds]
+        check(not late, f"fault_injection[{i}].rounds", late[:5],
+              f"rounds in [1, num_rounds={cfg.num_rounds}]")
+
+
+def prepare(cfg: RunConfig) -> PreparedRun:
+    """Load and cross-check every input; raises UserInputError before any training.
+
+    The device profile is checked first: it needs no data, so its errors come back
+    before a large dataset has loaded.
+    """
+    if cfg.dataset.path:
+        resolved = str(Path(cfg.dataset.path).resolve())
+        cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, path=resolved))
+    profile = check_profile(cfg)
+    dataset = load_dataset(cfg.dataset, cfg.seed)
+    check_against_data(cfg, dataset)
     population = assign_tiers(dataset, profile, cfg.population, cfg.seed)
     model = build_model(cfg.model, dataset, cfg.seed)
     strategy = instantiate_strategy(cfg.strategy, cfg.client)
@@ -119,8 +149,12 @@ def execute(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Pat
     # Per-user sizes come from TierSettings each round; these are the defaults.
     clock = SimClock(prep.population, seed=cfg.seed, model_bytes_down=model_bytes,
                      update_bytes_up=model_bytes, local_epochs=cfg.client.local_epochs)
+    fingerprint = prep.dataset.fingerprint()
+    if resuming:
+        check_same_data(folder, fingerprint)
     checkpoint = folder.latest_checkpoint() if resuming else None
     if checkpoint is not None:
+        check_same_shapes(checkpoint, prep.model)
         state = restore_state(checkpoint, selector, clock, prep.strategy)
         folder.truncate_to_round(state.round)
     else:
@@ -128,6 +162,7 @@ def execute(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Pat
             folder.truncate_to_round(-1)
         else:
             folder.create(to_dict(cfg))
+            folder.write_json(DATASET, fingerprint)
         summary = population_summary(prep.dataset, prep.population)
         summary["tiering"] = tiering_info(cfg)
         folder.write_json("population.json", summary)
@@ -156,7 +191,7 @@ def execute(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Pat
     if state.round < cfg.num_rounds or not folder.read_metrics():
         launch(server.main, make_client_app(spec), num_slots, cfg.simulation)
     load_numpy_into(prep.model, server.state.arrays)
-    torch.save(prep.model.state_dict(), folder.path / "model.pt")
+    folder.save_model(lambda fh: torch.save(prep.model.state_dict(), fh))
     # Test-time training (model.index.ttt): a fine-tune of the final global model on
     # (user, node-on-path) pairs; its metric change goes to ttt.json, model.pt stays
     # the federated result.
@@ -165,3 +200,31 @@ def execute(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Pat
         folder.write_json("ttt.json", ttt)
     folder.mark_done()
     return folder.path
+
+
+DATASET = "data_fingerprint.json"  # the data's sizes and SHA-256, checked on resume
+
+
+def check_same_data(folder: RunFolder, now: dict[str, Any]) -> None:
+    """A resume must see the data the run started with (else rows and shapes mix)."""
+    path = folder.path / DATASET
+    if not path.exists():
+        return  # a run folder from before dataset.json
+    then = json.loads(path.read_text(encoding="utf-8"))
+    if then == now:
+        return
+    changed = [f"{k} {then.get(k)} -> {now.get(k)}" for k in now
+               if k != "sha256" and then.get(k) != now.get(k)] or ["same sizes, other clicks"]
+    raise DataError(str(folder.path / DATASET), "the dataset changed since the run started ("
+                    + ", ".join(changed) + "); resume needs the same data: restore it or "
+                    "start a new run")
+
+
+def check_same_shapes(checkpoint: Checkpoint, model: torch.nn.Module) -> None:
+    """The checkpoint's model arrays must fit the model built from today's data."""
+    for name, tensor in model.state_dict().items():
+        saved = checkpoint.arrays.get(f"model/{name}")
+        if saved is not None and tuple(saved.shape) != tuple(tensor.shape):
+            raise DataError(str(checkpoint.path), f"model/{name} has shape {tuple(saved.shape)} "
+                            f"but the data now gives {tuple(tensor.shape)}: the dataset changed "
+                            "since the run started; restore it or start a new run")

@@ -10,10 +10,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from rf2.core.config import RunConfig, load_run_config
 from rf2.core.errors import ConfigError, UserInputError
 from rf2.core.typed import to_dict
-from rf2.runs.run_folder import METRICS, RunFolder
+from rf2.runs.lock import LOCK, RunLock
+from rf2.runs.run_folder import CONFIG, RunExists, RunFolder
 
 GROUPS = ("dataset", "model", "strategy", "devices", "population", "optimization",
           "simulation", "experiment")
@@ -110,16 +113,32 @@ def quiet_frameworks(debug: bool) -> None:
 
 
 def remove_unused_run_dir(run_dir: Path) -> None:
-    """Remove Hydra's fresh output dir when nothing of a run was written into it."""
-    if not run_dir.exists() or (run_dir / METRICS).exists():
+    """Remove Hydra's fresh output dir when nothing of a run was written into it, and
+    the date folder above it (``outputs/<date>/``) when that is left empty."""
+    if not run_dir.exists() or RunFolder(run_dir).holds_run or (run_dir / LOCK).exists():
         return
     leftovers = [p for p in run_dir.iterdir() if p.name not in (".hydra",) and p.suffix != ".log"]
-    if not leftovers:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    if leftovers:
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cwd = Path.cwd().resolve()
+    parent = run_dir.resolve().parent
+    for _ in range(2):  # <date>/ then outputs/ (or multirun/), never above the cwd
+        if parent == cwd or cwd not in parent.parents:
+            break
+        try:
+            parent.rmdir()  # only if empty
+        except OSError:
+            break
+        parent = parent.parent
 
 
 def run_job(data: dict[str, Any], run_dir: Path, overrides: list[str] | None = None) -> Path:
-    """Validate ``data`` (a composed config), then run it (or resume) into ``run_dir``."""
+    """Validate ``data`` (a composed config), then run it (or resume) into ``run_dir``.
+
+    The run folder is locked (``rf2.runs.lock``) from before the data loads until the
+    run ends: a second writer gets RunFolderBusy (exit status 2).
+    """
     cfg = load_run_config(data)  # before the heavy imports: config errors come back fast
     if cfg.tensorboard:
         # An environment pre-check, not a config rule: the core layer stays dependency-free.
@@ -127,24 +146,56 @@ def run_job(data: dict[str, Any], run_dir: Path, overrides: list[str] | None = N
 
         check_available()
     from rf2.cli.central import execute_central
-    from rf2.cli.runner import execute, prepare
+    from rf2.cli.runner import check_profile, execute, prepare
 
     quiet_frameworks(cfg.debug)
+    check_profile(cfg)
     if cfg.resume:
-        folder = RunFolder(cfg.resume)
-        if not (folder.path / "config.yaml").exists():
-            raise ConfigError("resume", cfg.resume, "a run folder (containing config.yaml)")
-        saved = folder.read_config()
-        saved["resume"] = None
-        if any(o.startswith("num_rounds=") for o in (overrides or [])):
-            saved["num_rounds"] = cfg.num_rounds
-        prep = prepare(load_run_config(saved))
+        return _resume(cfg, data, run_dir, overrides or [])
+    folder = RunFolder(run_dir)
+    if folder.holds_run:
+        raise RunExists(f"{run_dir} already holds a run; pass resume={run_dir} to continue it "
+                        "or choose another output directory")
+    try:
+        with RunLock(run_dir):
+            prep = prepare(cfg)
+            run = execute_central if prep.cfg.mode == "central" else execute
+            return run(prep, folder)
+    except UserInputError:
+        remove_unused_run_dir(run_dir)  # the lock made the folder; bad input leaves none
+        raise
+
+
+def _resume(cfg: RunConfig, data: dict[str, Any], run_dir: Path, overrides: list[str]) -> Path:
+    from rf2.cli.central import execute_central
+    from rf2.cli.resume import resumed_config
+    from rf2.cli.runner import execute, prepare
+
+    folder = RunFolder(cfg.resume or "")
+    if not (folder.path / "config.yaml").exists():
+        raise ConfigError("resume", cfg.resume, "a run folder (containing config.yaml)")
+    saved = folder.read_config()
+    merged = resumed_config(saved, data, overrides, str(folder.path))
+    merged["resume"] = None
+    new_cfg = load_run_config(merged)
+    rows = folder.read_metrics()
+    last = int(rows[-1]["round"]) if rows else -1
+    if new_cfg.num_rounds < last:
+        raise ConfigError("num_rounds", new_cfg.num_rounds,
+                          f"an integer >= {last} (the rounds {folder.path} already holds)")
+    with RunLock(folder.path):
+        if folder.done and new_cfg.num_rounds <= last:
+            remove_unused_run_dir(run_dir)
+            print(f"rf2: {folder.path} is finished ({last} rounds, DONE); nothing to do "
+                  f"(num_rounds=N with N > {last} extends it)", flush=True)
+            return folder.path
+        prep = prepare(new_cfg)
         remove_unused_run_dir(run_dir)
+        if merged != {**saved, "resume": None}:
+            folder.write_text(CONFIG, yaml.safe_dump(to_dict(new_cfg), sort_keys=False))
+        folder.undo_done()
         run = execute_central if prep.cfg.mode == "central" else execute
         return run(prep, folder, resuming=True)
-    prep = prepare(cfg)
-    run = execute_central if prep.cfg.mode == "central" else execute
-    return run(prep, RunFolder(run_dir))
 
 
 __all__ = ["UserInputError", "precheck_overrides", "run_job", "remove_unused_run_dir"]

@@ -441,10 +441,19 @@ class RunConfig:
     tensorboard: bool = False
 
     def validate(self, path: str = "") -> None:
-        check(self.num_rounds >= 0, "num_rounds", self.num_rounds, "an integer >= 0")
+        # numpy's SeedSequence rejects negatives; torch and Flower's records take 64 bits;
+        # 32 bits is the range every consumer of the seed accepts.
+        check(0 <= self.seed < 2**32, "seed", self.seed, f"an integer in [0, {2**32 - 1}]")
+        # Round 0 (the untrained model) is always evaluated; a run trains >= 1 round.
+        check(self.num_rounds >= 1, "num_rounds", self.num_rounds, "an integer >= 1")
         check(self.num_passes >= 0, "num_passes", self.num_passes, "an integer >= 0 (0 = no limit)")
         check(self.clients_per_round >= 1, "clients_per_round", self.clients_per_round,
               "an integer >= 1")
+        # At most clients_per_round replies arrive (over-commit keeps the first K): a
+        # larger minimum would skip every round.
+        check(self.round.min_completed <= self.clients_per_round, "round.min_completed",
+              self.round.min_completed,
+              f"an integer in [1, clients_per_round={self.clients_per_round}]")
         check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every,
               "an integer >= 0")
 

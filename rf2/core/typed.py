@@ -7,6 +7,7 @@ paths; rf2 promises one line naming the field, the bad value and what is allowed
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, TypeVar, Union, get_args, get_origin
@@ -49,8 +50,10 @@ def _convert(value: Any, tp: Any, path: str, error: type[ConfigError]) -> Any:
                 continue
         raise error(path, value, _type_name(tp))
     if origin is typing.Literal:
-        if value in get_args(tp):
+        if value in get_args(tp) and not isinstance(value, bool):
             return value
+        if isinstance(value, float) and str(value) in get_args(tp):
+            return str(value)  # YAML reads an unquoted `nan` / `inf` as a float
         raise error(path, value, _type_name(tp))
     if origin in (list, tuple):
         if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") or isinstance(
@@ -81,7 +84,14 @@ def _convert(value: Any, tp: Any, path: str, error: type[ConfigError]) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise error(path, value, "a number")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            raise error(path, value, "a finite number") from None
+        if not math.isfinite(number):
+            # No field means anything by inf or nan; they only poison training silently.
+            raise error(path, value, "a finite number")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise error(path, value, "a string")

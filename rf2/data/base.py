@@ -6,7 +6,9 @@ workers and one user's slice is O(1).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -133,3 +135,12 @@ class FederatedDataset:
     def item_popularity(self) -> np.ndarray:
         """(num_items,) train click counts per item."""
         return np.bincount(self.train_items, minlength=self.num_items)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Sizes and a SHA-256 of the split: a resumed run checks it has the same data."""
+        h = hashlib.sha256()
+        for arr in (self.train_indptr, self.train_items, self.test_indptr, self.test_items):
+            h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
+        return {"num_users": int(self.num_users), "num_items": int(self.num_items),
+                "train_clicks": int(len(self.train_items)),
+                "test_clicks": int(len(self.test_items)), "sha256": h.hexdigest()}

@@ -9,14 +9,13 @@ it and running on gives the same ``metrics.jsonl`` as an uninterrupted run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from flwr.serverapp.strategy import Strategy
 
 from rf2.fl.selection import ClientSelector
 from rf2.hetero.clock import SimClock
-from rf2.runs.run_folder import RunFolder
+from rf2.runs.run_folder import Checkpoint, RunFolder
 from rf2.strategies.state import load_strategy_state, strategy_state
 
 
@@ -58,13 +57,13 @@ class Checkpointer:
 
 
 def restore_state(
-    checkpoint: tuple[int, dict[str, np.ndarray], dict[str, Any]],
+    checkpoint: Checkpoint,
     selector: ClientSelector,
     clock: SimClock,
     strategy: Strategy,
 ) -> ServerState:
     """Load a checkpoint into ``selector``, ``clock`` and ``strategy``; return the state."""
-    round_, arrays, state = checkpoint
+    round_, arrays, state = checkpoint.round, checkpoint.arrays, checkpoint.state
     selector.load_state_dict(state["selector"])
     clock.load_state_dict(state["clock"])
     model = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}

@@ -198,7 +198,17 @@ def load_profile(name_or_path: str) -> DeviceProfile:
         path = Path(name_or_path)
         if not path.is_file():
             raise ProfileError(name_or_path, "path", name_or_path, "an existing YAML file")
-        text, label = path.read_text(encoding="utf-8"), path.stem
+        label = path.stem
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            line = path.read_bytes()[: err.start].count(b"\n") + 1
+            raise ProfileError(f"{name_or_path}:{line}", "encoding",
+                               f"byte 0x{err.object[err.start]:02x}",
+                               "UTF-8 text (save the file as UTF-8)") from None
+        except OSError as err:
+            raise ProfileError(name_or_path, "path", name_or_path,
+                               f"a readable YAML file ({err.strerror or err})") from None
     else:
         res = _shipped_dir() / f"{name_or_path}.yaml"
         if not res.is_file():
@@ -209,5 +219,8 @@ def load_profile(name_or_path: str) -> DeviceProfile:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ProfileError(label, "yaml", str(err).splitlines()[0], "valid YAML") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f"{name_or_path}:{mark.line + 1}" if mark is not None else name_or_path
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ProfileError(where, "yaml", problem, "valid YAML") from None
     return profile_from_dict(data, label)

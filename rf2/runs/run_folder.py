@@ -6,7 +6,9 @@ Layout (the stable format; ``rf2.analysis.results`` reads it)::
     population.json    per-tier population summary
     data.json          dataset sizes and the train/test split used (chronological/random/given)
     metrics.jsonl      one JSON object per round (round 0 = before training)
-    checkpoints/round_NNNNNN/{arrays.npz,state.json}   resumable state, atomic
+    checkpoints/round_NNNNNN/{arrays.npz,state.json,manifest.json}   resumable state, atomic;
+                       the manifest holds each file's size and SHA-256, checked on load
+    .lock              held while a process writes the folder (``rf2.runs.lock``)
     model.pt           final global model (state_dict of tensors only)
     DONE               written last: the run finished
 
@@ -16,22 +18,51 @@ drops such a line and :meth:`RunFolder.truncate_to_round` rewrites nothing but t
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
+from rf2.core.errors import UserInputError
+
+log = logging.getLogger("rf2")
+
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
 DONE = "DONE"
+MANIFEST = "manifest.json"
+CHECKPOINT_FILES = ("arrays.npz", "state.json")
 
 
 class RunFolderError(OSError):
     """The run folder cannot be written (full disk, read-only, missing)."""
+
+
+class RunExists(UserInputError):
+    """A new run was pointed at a folder that already holds one."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    round: int
+    arrays: dict[str, np.ndarray]
+    state: dict[str, Any]
+    path: Path
+
+
+def _digest(path: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return path.stat().st_size, h.hexdigest()
 
 
 class RunFolder:
@@ -40,10 +71,10 @@ class RunFolder:
 
     # -- creation --------------------------------------------------------------------
     def create(self, config: dict[str, Any]) -> None:
-        """Start a new run here; refuse to overwrite another run's metrics."""
-        if (self.path / METRICS).exists():
-            raise RunFolderError(
-                f"{self.path} already holds a run ({METRICS} exists); pass resume={self.path} "
+        """Start a new run here; refuse to overwrite another run."""
+        if self.holds_run:
+            raise RunExists(
+                f"{self.path} already holds a run; pass resume={self.path} "
                 "to continue it or choose another output directory"
             )
         self.path.mkdir(parents=True, exist_ok=True)
@@ -62,6 +93,27 @@ class RunFolder:
         except OSError as ex:
             _cleanup(tmp)
             raise RunFolderError(f"cannot write {target}: {ex.strerror or ex}") from ex
+
+    @property
+    def holds_run(self) -> bool:
+        return (self.path / METRICS).exists() or (self.path / CONFIG).exists()
+
+    def save_model(self, write: Any, name: str = "model.pt") -> None:
+        """``write(file_object)`` into ``name`` atomically; a full disk is one line."""
+        target = self.path / name
+        tmp = target.with_name(target.name + ".tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except OSError as ex:
+            _cleanup(tmp)
+            raise RunFolderError(f"cannot write {target}: {ex.strerror or ex}") from ex
+        except RuntimeError as ex:  # torch.save wraps a failed write in RuntimeError
+            _cleanup(tmp)
+            raise RunFolderError(f"cannot write {target}: {ex}") from ex
 
     def write_json(self, name: str, obj: Any) -> None:
         self.write_text(name, json.dumps(obj, indent=2, sort_keys=True) + "\n")
@@ -139,6 +191,14 @@ class RunFolder:
                 json.dump(state, fh)
                 fh.flush()
                 os.fsync(fh.fileno())
+            manifest = {}
+            for name in CHECKPOINT_FILES:
+                size, sha = _digest(tmp / name)
+                manifest[name] = {"size": size, "sha256": sha}
+            with open(tmp / MANIFEST, "w", encoding="utf-8") as fh:
+                json.dump(manifest, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
             _cleanup(final)
             os.replace(tmp, final)
         except OSError as ex:
@@ -148,26 +208,78 @@ class RunFolder:
             _cleanup(old)
         return final
 
-    def latest_checkpoint(self) -> tuple[int, dict[str, np.ndarray], dict[str, Any]] | None:
+    def latest_checkpoint(self) -> Checkpoint | None:
+        """The newest checkpoint that passes :meth:`verify_checkpoint`.
+
+        Damaged newer ones are skipped with one warning line naming them; when
+        checkpoints exist but none is valid, one warning line says so and None is
+        returned (the run restarts from round 0, which gives the same rows again).
+        """
         root = self.path / "checkpoints"
         candidates = sorted(root.glob("round_*")) if root.exists() else []
+        damaged = []
         for ckpt in reversed(candidates):
-            try:
-                with np.load(ckpt / "arrays.npz") as npz:
-                    arrays = {k: npz[k] for k in npz.files}
-                with open(ckpt / "state.json", encoding="utf-8") as fh:
-                    state = json.load(fh)
-                return int(ckpt.name.split("_")[1]), arrays, state
-            except (OSError, ValueError):
-                continue
+            problem = verify_checkpoint(ckpt)
+            if problem is None:
+                try:
+                    loaded = _load_checkpoint(ckpt)
+                except Exception as ex:  # noqa: BLE001 - any unreadable file means damaged
+                    problem = f"unreadable ({type(ex).__name__}: {ex})"
+                else:
+                    if damaged:
+                        log.warning("rf2: warning: skipped damaged checkpoint(s) %s; resuming "
+                                    "from %s", "; ".join(damaged), ckpt.name)
+                    return loaded
+            damaged.append(f"{ckpt.name}: {problem}")
+        if damaged:
+            log.warning("rf2: warning: no valid checkpoint in %s (%s); resuming from round 0",
+                        root, "; ".join(damaged))
         return None
 
     def mark_done(self) -> None:
         self.write_text(DONE, "")
 
+    def undo_done(self) -> None:
+        """A finished run is being extended: it is not finished until it ends again."""
+        _cleanup(self.path / DONE)
+
     @property
     def done(self) -> bool:
         return (self.path / DONE).exists()
+
+
+def verify_checkpoint(ckpt: Path) -> str | None:
+    """None if ``ckpt``'s files match its manifest (sizes, SHA-256), else the problem.
+
+    Checkpoints written before manifests existed are accepted if their files load.
+    """
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None if all((ckpt / n).is_file() for n in CHECKPOINT_FILES) else "files missing"
+    except (OSError, ValueError) as ex:
+        return f"unreadable {MANIFEST} ({ex})"
+    for name in CHECKPOINT_FILES:
+        want = manifest.get(name) if isinstance(manifest, dict) else None
+        if not isinstance(want, dict):
+            return f"{MANIFEST} lacks {name}"
+        try:
+            size, sha = _digest(ckpt / name)
+        except OSError as ex:
+            return f"{name}: {ex.strerror or ex}"
+        if size != want.get("size"):
+            return f"{name} has {size} bytes, expected {want.get('size')}"
+        if sha != want.get("sha256"):
+            return f"{name} does not match its SHA-256"
+    return None
+
+
+def _load_checkpoint(ckpt: Path) -> Checkpoint:
+    with np.load(ckpt / "arrays.npz") as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    with open(ckpt / "state.json", encoding="utf-8") as fh:
+        state = json.load(fh)
+    return Checkpoint(int(ckpt.name.split("_")[1]), arrays, state, ckpt)
 
 
 def _cleanup(path: Path) -> None:
