@@ -76,6 +76,14 @@ def test_main_on_a_folder_without_runs(tmp_path: Path, capsys: pytest.CaptureFix
     assert "no run folder" in capsys.readouterr().err
 
 
+def test_main_with_an_unknown_metric_is_one_line_and_exit_2(
+        multirun: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(multirun), "--metric", "foo", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'foo'" in err[0] and "recall@20" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
 def test_plot_functions_return_figures(multirun: Path) -> None:
     df = load(multirun)
     fig = plot_fairness_gap(df)

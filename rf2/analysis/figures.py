@@ -324,6 +324,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserInputError as exc:
         print(exc, file=sys.stderr)
         return exc.exit_code
+    known = set(df["metric"].unique())
+    if args.metric not in known and not any(m.endswith("/" + args.metric) for m in known):
+        overall = sorted(m for m in known if "/" not in m)
+        print(f"rf2-figures: --metric {args.metric!r} is not logged in {args.multirun_dir}; "
+              f"known: {', '.join(overall)}", file=sys.stderr)
+        return 2
     out = args.out or args.multirun_dir / "figures"
     out.mkdir(parents=True, exist_ok=True)
     slug = _slug(args.metric)

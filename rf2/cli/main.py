@@ -22,34 +22,60 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from rf2.core.errors import UserInputError
-from rf2.runs.run_folder import RunFolderError
+from rf2.fl.interrupt import RunInterrupted
+from rf2.runs.run_folder import RunFolder, RunFolderError
 
 log = logging.getLogger("rf2")
 
 
 def run_from_hydra(cfg: DictConfig) -> Path | None:
     from rf2.cli.support import remove_unused_run_dir, run_job
+    from rf2.runs.console import console_copied_to, run_summary
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     data = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(data, dict)
     debug = bool(data.get("debug", False))
-    try:
-        overrides = list(HydraConfig.get().overrides.task)
-        return run_job(data, run_dir, overrides)  # type: ignore[arg-type]
-    except RunFolderError as ex:
-        # Full disk, read-only folder: earlier rounds stay intact (appends are whole
-        # lines, checkpoints are renamed into place) and `resume=` can continue later.
-        if debug:
-            traceback.print_exc()
-        print(f"rf2: {ex}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    except UserInputError as ex:
-        remove_unused_run_dir(run_dir)
-        if debug:
-            traceback.print_exc()
-        print(f"rf2: {ex}", file=sys.stderr, flush=True)
-        sys.exit(ex.exit_code)
+    resume = data.get("resume")
+    # The console goes to the run's rf2.log: the resumed folder's when resuming.
+    target = Path(resume) if resume and (Path(resume) / "config.yaml").is_file() else run_dir
+    with console_copied_to(target):
+        try:
+            overrides = list(HydraConfig.get().overrides.task)
+            folder = run_job(data, run_dir, overrides)  # type: ignore[arg-type]
+            for line in run_summary(RunFolder(folder)):
+                print(line, flush=True)
+            return folder
+        except RunFolderError as ex:
+            # Full disk, read-only folder: earlier rounds stay intact (appends are whole
+            # lines, checkpoints are renamed into place) and `resume=` can continue later.
+            if debug:
+                traceback.print_exc()
+            print(f"rf2: {ex}", file=sys.stderr, flush=True)
+            sys.exit(1)
+        except UserInputError as ex:
+            remove_unused_run_dir(run_dir)
+            if debug:
+                traceback.print_exc()
+            print(f"rf2: {ex}", file=sys.stderr, flush=True)
+            sys.exit(ex.exit_code)
+        except (RunInterrupted, KeyboardInterrupt):
+            if debug:
+                traceback.print_exc()
+            rows = RunFolder(target).read_metrics() if target.is_dir() else []
+            if rows:
+                print(f"rf2: interrupted after round {int(rows[-1]['round'])}; resume with: "
+                      f"rf2 resume={target}", file=sys.stderr, flush=True)
+            else:
+                remove_unused_run_dir(run_dir)
+                print("rf2: interrupted before round 0; nothing to resume", file=sys.stderr,
+                      flush=True)
+            # Everything is on disk (rows and checkpoints are fsynced, the lock released):
+            # leave now rather than wait seconds for library exit hooks (Flower's
+            # telemetry, Ray) that could make a Ctrl-C feel ignored.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
 
 
 _hydra_main = hydra.main(version_base="1.3", config_path="pkg://rf2.conf", config_name="config")(
@@ -67,6 +93,9 @@ def _fail(ex: UserInputError, debug: bool) -> None:
 def main() -> None:
     try:
         _main()
+    except KeyboardInterrupt:  # before the run started (composing, checking, importing)
+        print("rf2: interrupted before round 0; nothing to resume", file=sys.stderr, flush=True)
+        sys.exit(130)
     except BrokenPipeError:
         # `rf2 --help | head -1`: the reader left. Point stdout at /dev/null so the
         # interpreter's final flush does not raise again, and say it once on stderr.

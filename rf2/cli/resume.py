@@ -3,7 +3,7 @@
 A resumed run continues the saved config. Only keys that change how long the run goes
 or how it is carried out, never a number it produces, may differ from the saved ones:
 
-* ``num_rounds`` (extend a run; the index's temperature schedule is absolute,
+* ``num_rounds`` and ``num_passes`` (extend a run; the index's temperature schedule is absolute,
   ``model.index.anneal_steps``, so an extended run matches a longer one from the
   start), ``checkpoint_every``, ``progress``, ``debug``, ``tensorboard``;
 * ``simulation.*``: the backend and its transport (both backends give identical rows).
@@ -18,7 +18,7 @@ from typing import Any
 
 from rf2.core.errors import UserInputError
 
-RESUMABLE_KEYS = ("num_rounds", "checkpoint_every", "progress", "debug", "tensorboard",
+RESUMABLE_KEYS = ("num_rounds", "num_passes", "checkpoint_every", "progress", "debug", "tensorboard",
                   "simulation")
 
 

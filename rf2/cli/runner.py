@@ -24,7 +24,8 @@ from rf2.data import load_dataset
 from rf2.data.base import FederatedDataset
 from rf2.eval.evaluation import Evaluator
 from rf2.fl.checkpointing import ServerState, restore_state
-from rf2.fl.client import client_spec_from, make_client_app, worker_state
+from rf2.fl.client import client_spec_from, make_client_app, retire_worker_model, worker_state
+from rf2.fl.interrupt import RunInterrupted, stop_on_sigint, stop_requested
 from rf2.fl.params import load_numpy_into, state_to_numpy
 from rf2.fl.selection import ClientSelector
 from rf2.fl.server import FederatedServer, ServerSetup
@@ -189,7 +190,11 @@ def execute(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Pat
     if cfg.simulation.backend == "inprocess":
         worker_state(spec, prep.dataset)  # clients run here: share the loaded dataset
     if state.round < cfg.num_rounds or not folder.read_metrics():
-        launch(server.main, make_client_app(spec), num_slots, cfg.simulation)
+        with stop_on_sigint():
+            launch(server.main, make_client_app(spec), num_slots, cfg.simulation,
+                   on_abandoned=lambda: retire_worker_model(spec))
+        if stop_requested() and server.state.round < cfg.num_rounds:
+            raise RunInterrupted
     load_numpy_into(prep.model, server.state.arrays)
     folder.save_model(lambda fh: torch.save(prep.model.state_dict(), fh))
     # Test-time training (model.index.ttt): a fine-tune of the final global model on

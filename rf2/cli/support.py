@@ -184,7 +184,9 @@ def _resume(cfg: RunConfig, data: dict[str, Any], run_dir: Path, overrides: list
         raise ConfigError("num_rounds", new_cfg.num_rounds,
                           f"an integer >= {last} (the rounds {folder.path} already holds)")
     with RunLock(folder.path):
-        if folder.done and new_cfg.num_rounds <= last:
+        longer = (new_cfg.num_rounds > max(last, int(saved.get("num_rounds", 0)))
+                  or new_cfg.num_passes != int(saved.get("num_passes", 0)))
+        if folder.done and not longer:
             remove_unused_run_dir(run_dir)
             print(f"rf2: {folder.path} is finished ({last} rounds, DONE); nothing to do "
                   f"(num_rounds=N with N > {last} extends it)", flush=True)

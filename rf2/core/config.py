@@ -314,8 +314,13 @@ class SimulationConfig:
     # Join an existing Ray cluster (e.g. "auto" or "ray://host:10001") instead of starting one.
     ray_address: str | None = None
     ray_temp_dir: str | None = None
-    # Seconds to wait for one round's replies before counting the missing ones as faults.
+    # Seconds to wait for one round's replies before counting the missing ones as faults
+    # (both backends: in-process, clients run in a worker thread the server stops waiting
+    # for; rf2.fl.deadline).
     round_timeout_s: float = 600.0
+    # Seconds one user's training may take inside its batch message; past it that user
+    # alone counts as fault/timeout and the batch goes on. null = only the round budget.
+    client_timeout_s: float | None = None
     # Users carried by one Flower message (each still trains and replies on its own;
     # rf2.fl.user_batch). 0 = auto: ~5 users per message, 1 to 4 messages per client worker
     # (rf2.fl.simulation.users_per_message).
@@ -341,6 +346,8 @@ class SimulationConfig:
               self.num_gpus_per_client, "a number >= 0")
         check(self.round_timeout_s > 0, f"{path}.round_timeout_s", self.round_timeout_s,
               "a number > 0")
+        check(self.client_timeout_s is None or self.client_timeout_s > 0,
+              f"{path}.client_timeout_s", self.client_timeout_s, "null or a number > 0")
         check(self.users_per_message >= 0, f"{path}.users_per_message", self.users_per_message,
               "an integer >= 0 (0 = auto)")
         check(self.cohort_size >= 1, f"{path}.cohort_size", self.cohort_size,

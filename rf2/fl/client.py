@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ from rf2.core.config import DatasetConfig, ModelConfig
 from rf2.core.typed import from_dict, to_dict
 from rf2.data import load_dataset
 from rf2.data.base import FederatedDataset
+from rf2.fl.deadline import DeadlineExceeded, call_with_deadline
 from rf2.fl.params import (
     load_numpy_into,
     num_bytes,
@@ -134,17 +136,51 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
                               strict=True):
                 trained[i] = out
     results: list[dict[str, Any] | BaseException] = []
+    started = time.monotonic()
     for i, config in enumerate(configs):
+        # Each user's own part (its training when not in a cohort, compression, reply)
+        # has its own deadline: a hanging user times out alone, the batch goes on.
+        timeout = user_timeout(config, time.monotonic() - started)
         try:
-            done = trained[i]
-            if isinstance(done, BaseException):
-                raise done
-            if done is None:
-                done = _train_one(state, received, config)
-            results.append(_reply(config, done, spec.sparse_updates))
+            results.append(call_with_deadline(
+                lambda s=state, c=config, d=trained[i]: _user_reply(s, received, c, d,
+                                                                    spec.sparse_updates),
+                timeout))
+        except DeadlineExceeded as ex:
+            results.append(ex)
+            state = retire_worker_model(spec)  # the late call may still write the old one
         except Exception as ex:  # noqa: BLE001 - reported per user, as Flower reports a client
             results.append(ex)
     return Message(content=pack_results(results), reply_to=msg)
+
+
+def _user_reply(state: _WorkerState, received: dict[str, np.ndarray], config: dict[str, Any],
+                done: _Trained | BaseException | None, sparse: bool) -> dict[str, Any]:
+    if isinstance(done, BaseException):
+        raise done
+    if done is None:
+        done = _train_one(state, received, config)
+    return _reply(config, done, sparse)
+
+
+def user_timeout(config: dict[str, Any], elapsed_s: float) -> float | None:
+    """Seconds this user may take: its own deadline (``client-timeout-s``), within what
+    is left of the round's budget for the message, less a margin for the reply."""
+    round_s = float(config.get("round-timeout-s", -1.0))
+    user_s = float(config.get("client-timeout-s", -1.0))
+    limits = []
+    if round_s > 0:
+        limits.append(round_s - min(2.0, 0.1 * round_s) - elapsed_s)
+    if user_s > 0:
+        limits.append(user_s)
+    return max(0.0, min(limits)) if limits else None
+
+
+def retire_worker_model(spec: ClientSpec) -> _WorkerState:
+    """A fresh model skeleton for ``spec`` on the same dataset: an abandoned late call
+    may still be writing into the old one (``rf2.fl.deadline``)."""
+    old = _WORKER_CACHE.pop(spec.key, None)
+    return worker_state(spec, old.dataset if old is not None else None)
 
 
 @dataclass

@@ -51,6 +51,9 @@ class TrainDispatcher:
                 "batch-size": int(self.cfg.client.batch_size),
                 "seed": int(self.cfg.seed),
                 "num-rounds": int(self.cfg.num_rounds),
+                # Deadlines per user inside a batch (rf2.fl.deadline); -1 = none.
+                "round-timeout-s": float(self.cfg.simulation.round_timeout_s),
+                "client-timeout-s": float(self.cfg.simulation.client_timeout_s or -1.0),
             }
         )
         messages = self.strategy.configure_train(

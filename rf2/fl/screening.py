@@ -62,7 +62,8 @@ class ReplyScreen:
         usable = []
         for user, reply in sorted(replies, key=lambda p: p[0]):
             if reply.has_error():
-                faults["client_error"] += 1
+                late = "DeadlineExceeded" in (reply.error.reason or "")
+                faults["timeout" if late else "client_error"] += 1
                 log.warning("client %d failed in round %s: %s", user,
                             reply.metadata.group_id or "?", reply.error.reason)
                 continue

@@ -28,6 +28,7 @@ from rf2.eval.evaluation import Evaluator
 from rf2.fl.aggregation import Aggregator
 from rf2.fl.checkpointing import Checkpointer, ServerState
 from rf2.fl.dispatch import TrainDispatcher
+from rf2.fl.interrupt import STOP, RunInterrupted, register_server_thread, stop_requested
 from rf2.fl.params import load_numpy_into
 from rf2.fl.progress import ProgressPrinter
 from rf2.fl.screening import ReplyScreen
@@ -72,6 +73,18 @@ class FederatedServer:
 
     # -- the ServerApp main ------------------------------------------------------------
     def main(self, grid: Grid, context: Context) -> None:  # noqa: ARG002 - Flower signature
+        register_server_thread()  # Ctrl-C abandons a round by interrupting this thread
+        try:
+            self._rounds(grid)
+        except RunInterrupted:
+            # Ctrl-C and the round in flight did not end in time: it is dropped (nothing
+            # of it was written); return normally so the launcher shuts down at once.
+            STOP.requested.set()
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+
+    def _rounds(self, grid: Grid) -> None:
         started = time.perf_counter() - self.state.wall_offset_s
         slots = self._wait_for_slots(grid)
         if self.state.round < self.cfg.num_rounds:
@@ -91,11 +104,14 @@ class FederatedServer:
             row = self.run_round(grid, slots, rnd)
             self._finish_row(row, started, round_started, trained=row["num_clients_trained"])
             self.state.round = rnd
-            if self.checkpointer.due(rnd) or self.passes_done():
+            stopping = (stop_requested() and rnd < self.cfg.num_rounds
+                        and not self.passes_done())
+            if self.checkpointer.due(rnd) or self.passes_done() or stopping:
+                # Ctrl-C: checkpoint this round too, so no completed round is lost.
                 self.state.wall_offset_s = time.perf_counter() - started
                 self.checkpointer.save(self.state)
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+            if stopping:
+                return
 
     def _wait_for_slots(self, grid: Grid, timeout_s: float = 300.0) -> list[int]:
         """Flower's simulation engine registers its SuperNodes after the ServerApp starts."""

@@ -32,6 +32,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from rf2.core.config import SimulationConfig
 from rf2.core.flower_version import FlowerCompatError
 from rf2.fl import fast_transport
+from rf2.fl.deadline import DeadlineExceeded, call_with_deadline
+from rf2.fl.interrupt import children_ignore_sigint
 
 ServerMain = Callable[[Grid, Context], None]
 
@@ -48,7 +50,8 @@ class InProcessGrid(Grid):
     written into Flower's read-only metadata): nothing downstream reads them.
     """
 
-    def __init__(self, client_app: ClientApp, num_nodes: int) -> None:
+    def __init__(self, client_app: ClientApp, num_nodes: int,
+                 on_abandoned: Callable[[], None] | None = None) -> None:
         run_id = secrets.randbits(63)
         self._run = Run.create_empty(run_id=run_id)
         self._run.primary_task_id = 1
@@ -69,6 +72,8 @@ class InProcessGrid(Grid):
             for i, node_id in enumerate(self._node_ids)
         }
         self._replies: dict[str, Message] = {}
+        self._on_abandoned = on_abandoned
+        self._deadline: float | None = None  # monotonic time a round's replies are due
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -93,18 +98,28 @@ class InProcessGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid4())
             context = self._contexts[msg.metadata.dst_node_id]
+            remaining = None if self._deadline is None else self._deadline - time.monotonic()
             try:
-                reply = self._client_app(msg, context)
+                reply = call_with_deadline(lambda m=msg, c=context: self._client_app(m, c),
+                                           remaining)
+            except DeadlineExceeded:
+                # No reply: its users count as fault/timeout. The late call may still run
+                # in its thread; it gets a retired model (rf2.fl.deadline).
+                if self._on_abandoned is not None:
+                    self._on_abandoned()
+                ids.append(msg.metadata.message_id)
+                continue
             except Exception as ex:  # noqa: BLE001 - reported as an error reply, like Flower
                 reason = f"{type(ex)}:<'{ex}'>"
                 reply = Message(
                     Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
                     reply_to=msg,
                 )
-            message_id = str(uuid4())
-            self._replies[message_id] = reply
-            ids.append(message_id)
+            reply.metadata.__dict__["_message_id"] = str(uuid4())
+            self._replies[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -113,7 +128,13 @@ class InProcessGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        return list(self.pull_messages(list(self.push_messages(messages))))
+        # The round's deadline holds in-process too: each ClientApp call runs in a worker
+        # thread that is waited for only until then (rf2.fl.deadline).
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            return list(self.pull_messages(list(self.push_messages(messages))))
+        finally:
+            self._deadline = None
 
 
 def verify_task_identity(run_id: int) -> None:
@@ -170,11 +191,16 @@ def launch(
     client_app: ClientApp,
     num_supernodes: int,
     sim: SimulationConfig,
+    on_abandoned: Callable[[], None] | None = None,
 ) -> None:
-    """Run ``server_main`` against ``num_supernodes`` client slots on the chosen backend."""
+    """Run ``server_main`` against ``num_supernodes`` client slots on the chosen backend.
+
+    ``on_abandoned``: called in-process when a ClientApp call misses the round deadline
+    (retire the model it may still be writing; ``rf2.fl.deadline``).
+    """
     fast_transport.prepare(sim)
     if sim.backend == "inprocess":
-        grid = InProcessGrid(client_app, num_supernodes)
+        grid = InProcessGrid(client_app, num_supernodes, on_abandoned)
         server_main(grid, Context(run_id=grid.run.run_id, node_id=0, node_config={},
                                   state=RecordDict(), run_config={}))
         return
@@ -205,7 +231,8 @@ def _init_ray(ray: object, sim: SimulationConfig) -> None:
                                      "log_to_driver": False}
         if sim.ray_temp_dir:
             kwargs["_temp_dir"] = os.path.abspath(sim.ray_temp_dir)
-        ray.init(**kwargs)  # type: ignore[attr-defined]
+        with children_ignore_sigint():  # rf2 decides how a Ctrl-C stops the run
+            ray.init(**kwargs)  # type: ignore[attr-defined]
     finally:
         for key, value in saved.items():
             if value is None:

@@ -1,0 +1,154 @@
+"""Ctrl-C (SIGINT) stops a run within 5 s, keeps every completed round, says how to
+resume (exit 130); client deadlines hold in-process and per user inside a batch;
+the end-of-run summary and rf2.log."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import read_rows, small_run, without_timing
+
+from rf2.cli.support import run_job
+from rf2.fl.deadline import DeadlineExceeded, call_with_deadline
+from rf2.runs.console import run_summary
+from rf2.runs.run_folder import RunFolder
+
+ARGS = ["num_rounds=400", "checkpoint_every=50", "dataset.num_users=400",
+        "clients_per_round=40", "model.dim=16", "progress=false"]
+
+
+def _interrupt(tmp_path: Path, backend: list[str], wait_rows: int) -> tuple[int, float, str]:
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "rf2", *backend, *ARGS,
+                             f"hydra.run.dir={run}"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= wait_rows:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
+    sent = time.monotonic()
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, time.monotonic() - sent, err
+
+
+def _check_interrupted(tmp_path: Path, code: int, seconds: float, err: str) -> int:
+    run = tmp_path / "run"
+    assert code == 130, err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    rows = read_rows(run)
+    n = rows[-1]["round"]
+    assert last == f"rf2: interrupted after round {n}; resume with: rf2 resume={run}"
+    assert seconds < 5.0, seconds
+    # Every completed round is kept: the newest checkpoint is the last row's round.
+    newest = sorted((run / "checkpoints").glob("round_*"))[-1]
+    assert int(newest.name.split("_")[1]) == n
+    assert not (run / "DONE").exists() and not (run / ".lock").exists()
+    return n
+
+
+def test_ctrl_c_in_process_stops_keeps_rounds_and_resumes_identically(tmp_path: Path) -> None:
+    code, seconds, err = _interrupt(tmp_path, ["simulation=inprocess"], wait_rows=3)
+    n = _check_interrupted(tmp_path, code, seconds, err)
+    run = tmp_path / "run"
+    resumed = subprocess.run([sys.executable, "-m", "rf2", f"resume={run}",
+                              f"num_rounds={n + 2}", f"hydra.run.dir={tmp_path / 'r'}"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    reference = tmp_path / "reference"
+    cfg = small_run(num_rounds=n + 2, checkpoint_every=50, clients_per_round=40,
+                    progress=False)
+    cfg["dataset"] = {"name": "synthetic", "num_users": 400}
+    cfg["model"] = {"dim": 16}
+    cfg["seed"] = 123
+    cfg["eval"] = {}
+    run_job(cfg, reference)
+    assert without_timing(read_rows(run)) == without_timing(read_rows(reference))
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_ray_stops_within_5_s(tmp_path: Path) -> None:
+    ray_tmp = tempfile.mkdtemp(prefix="rf2cc")
+    code, seconds, err = _interrupt(tmp_path, ["simulation=ray",
+                                               f"simulation.ray_temp_dir={ray_tmp}"],
+                                    wait_rows=3)
+    _check_interrupted(tmp_path, code, seconds, err)
+
+
+def test_deadline_returns_or_raises() -> None:
+    assert call_with_deadline(lambda: 3, 1.0) == 3
+    assert call_with_deadline(lambda: 4, None) == 4
+    with pytest.raises(DeadlineExceeded):
+        call_with_deadline(lambda: time.sleep(5), 0.2)
+    with pytest.raises(ZeroDivisionError):
+        call_with_deadline(lambda: 1 / 0, 1.0)
+
+
+def test_in_process_hanging_client_times_out_and_the_run_goes_on(tmp_path: Path) -> None:
+    cfg = small_run(num_rounds=2, fault_injection=[
+        {"kind": "hang", "users": list(range(0, 200, 2)), "rounds": [1], "hang_s": 60.0}])
+    cfg["simulation"] = {"backend": "inprocess", "round_timeout_s": 3.0,
+                         "client_timeout_s": 0.5, "users_per_message": 5}
+    started = time.monotonic()
+    run_job(cfg, tmp_path / "run")
+    assert time.monotonic() - started < 40
+    rows = read_rows(tmp_path / "run")
+    r1 = rows[1]
+    # Per-user deadlines: only the hanging users of a batch time out, the others train.
+    assert r1["fault/timeout"] > 0 and r1["num_clients_trained"] > 0
+    assert r1["fault/timeout"] + r1["num_clients_trained"] == r1["tier/all/completed"]
+    assert rows[2]["fault/timeout"] == 0 and rows[2]["skipped"] == 0
+
+
+def test_in_process_round_deadline_without_per_user_deadline(tmp_path: Path) -> None:
+    cfg = small_run(num_rounds=2, fault_injection=[
+        {"kind": "hang", "users": list(range(200)), "rounds": [1], "hang_s": 60.0}])
+    cfg["simulation"] = {"backend": "inprocess", "round_timeout_s": 2.0}
+    started = time.monotonic()
+    run_job(cfg, tmp_path / "run")
+    assert time.monotonic() - started < 40
+    rows = read_rows(tmp_path / "run")
+    assert rows[1]["fault/timeout"] == 20 and rows[1]["skipped"] == 1
+    assert rows[2]["num_clients_trained"] == 20  # a retired model: the next round is fine
+
+
+def test_summary_names_folder_rounds_final_and_best(tmp_path: Path) -> None:
+    run_job(small_run(num_rounds=3), tmp_path / "run")
+    lines = run_summary(RunFolder(tmp_path / "run"))
+    text = "\n".join(lines)
+    assert str(tmp_path / "run") in lines[0]
+    assert "rounds 3" in text and "simulated" in text
+    rows = read_rows(tmp_path / "run")
+    best = max(r["recall@20"] for r in rows)
+    assert f"best {best:.4f}" in text and "tier all" in text and "ndcg@20" in text
+
+
+def test_cli_prints_the_summary_and_rf2_log_holds_the_console(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "rf2", "simulation=inprocess",
+                           "dataset.num_users=200", "dataset.num_items=150",
+                           "clients_per_round=10", "num_rounds=2", "model.dim=16",
+                           "hydra.run.dir=run"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"rf2: run finished: {tmp_path / 'run'}" in proc.stdout
+    log = (tmp_path / "run" / "rf2.log").read_text()
+    for line in proc.stdout.strip().splitlines():
+        assert line in log
+    assert "round 2/2" in log
+    json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
