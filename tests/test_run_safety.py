@@ -327,3 +327,14 @@ def test_help_into_a_closed_pipe_is_one_line(tmp_path: Path) -> None:
                           shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) <= 1
+
+
+def test_resume_of_a_running_run_or_with_fewer_rounds_or_no_folder_is_refused(
+        tmp_path: Path) -> None:
+    run = _crashed_run(tmp_path, rounds=3)
+    with RunLock(run), pytest.raises(RunFolderBusy):
+        run_job(small_run(resume=str(run)), tmp_path / "unused")
+    with pytest.raises(ConfigError, match="num_rounds=2 .*>= 3"):
+        run_job(small_run(resume=str(run), num_rounds=2), tmp_path / "unused", ["num_rounds=2"])
+    with pytest.raises(ConfigError, match="resume="):
+        run_job(small_run(resume=str(tmp_path / "nothing")), tmp_path / "unused")

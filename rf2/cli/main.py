@@ -37,15 +37,18 @@ def run_from_hydra(cfg: DictConfig) -> Path | None:
     assert isinstance(data, dict)
     debug = bool(data.get("debug", False))
     resume = data.get("resume")
-    # The console goes to the run's rf2.log: the resumed folder's when resuming.
-    target = Path(resume) if resume and (Path(resume) / "config.yaml").is_file() else run_dir
+    # The console goes to the run's rf2.log: the resumed folder's when resuming (but not
+    # a finished one's: resuming it changes nothing there, its log included).
+    resumable = resume and (Path(resume) / "config.yaml").is_file()
+    folder = Path(resume) if resumable else run_dir  # the run this command writes
+    target = run_dir if (folder / "DONE").exists() else folder
     with console_copied_to(target):
         try:
             overrides = list(HydraConfig.get().overrides.task)
-            folder = run_job(data, run_dir, overrides)  # type: ignore[arg-type]
-            for line in run_summary(RunFolder(folder)):
+            written = run_job(data, run_dir, overrides)  # type: ignore[arg-type]
+            for line in run_summary(RunFolder(written)):
                 print(line, flush=True)
-            return folder
+            return written
         except RunFolderError as ex:
             # Full disk, read-only folder: earlier rounds stay intact (appends are whole
             # lines, checkpoints are renamed into place) and `resume=` can continue later.
@@ -62,10 +65,10 @@ def run_from_hydra(cfg: DictConfig) -> Path | None:
         except (RunInterrupted, KeyboardInterrupt):
             if debug:
                 traceback.print_exc()
-            rows = RunFolder(target).read_metrics() if target.is_dir() else []
+            rows = RunFolder(folder).read_metrics() if folder.is_dir() else []
             if rows:
                 print(f"rf2: interrupted after round {int(rows[-1]['round'])}; resume with: "
-                      f"rf2 resume={target}", file=sys.stderr, flush=True)
+                      f"rf2 resume={folder}", file=sys.stderr, flush=True)
             else:
                 remove_unused_run_dir(run_dir)
                 print("rf2: interrupted before round 0; nothing to resume", file=sys.stderr,

@@ -6,8 +6,10 @@ returns; the launcher then raises :class:`RunInterrupted` and the CLI prints
 ``rf2: interrupted after round N; resume with: rf2 resume=<dir>`` (exit status 130).
 If the round is not over within ``grace_s`` seconds (or on a second Ctrl-C), the round
 is abandoned: :class:`RunInterrupted` is raised in the thread running the ServerApp
-(the main thread in-process; Flower's ServerApp thread on Ray), so nothing of that
-round is written and a resume recomputes it from the newest checkpoint.
+(the main thread in-process; Flower's ServerApp thread on Ray, via
+``PyThreadState_SetAsyncExc``); the server catches it and returns normally (so
+Flower's engine shuts down at once), nothing of that round is written, and a resume
+recomputes it from the newest checkpoint.
 
 Why a grace period and not an immediate stop: a round stopped half-way would leave the
 selector and clock advanced without a row, so only a round boundary can be checkpointed.
