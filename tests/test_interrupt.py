@@ -102,12 +102,13 @@ def test_deadline_returns_or_raises() -> None:
 
 def test_in_process_hanging_client_times_out_and_the_run_goes_on(tmp_path: Path) -> None:
     cfg = small_run(num_rounds=2, fault_injection=[
-        {"kind": "hang", "users": list(range(0, 200, 2)), "rounds": [1], "hang_s": 60.0}])
-    cfg["simulation"] = {"backend": "inprocess", "round_timeout_s": 3.0,
-                         "client_timeout_s": 0.5, "users_per_message": 5}
+        {"kind": "hang", "users": list(range(0, 200, 4)), "rounds": [1], "hang_s": 120.0}])
+    # Generous limits: a busy shared machine must not make the healthy users late.
+    cfg["simulation"] = {"backend": "inprocess", "round_timeout_s": 100.0,
+                         "client_timeout_s": 3.0, "users_per_message": 5}
     started = time.monotonic()
     run_job(cfg, tmp_path / "run")
-    assert time.monotonic() - started < 40
+    assert time.monotonic() - started < 100
     rows = read_rows(tmp_path / "run")
     r1 = rows[1]
     # Per-user deadlines: only the hanging users of a batch time out, the others train.
