@@ -82,24 +82,19 @@ class RunFolder:
 
     def write_text(self, name: str, text: str) -> None:
         """Write a whole file atomically (temp file + rename)."""
-        target = self.path / name
-        tmp = target.with_name(target.name + ".tmp")
-        try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except OSError as ex:
-            _cleanup(tmp)
-            raise RunFolderError(f"cannot write {target}: {ex.strerror or ex}") from ex
+        self.write_atomic(name, lambda fh: fh.write(text.encode("utf-8")))
 
     @property
     def holds_run(self) -> bool:
         return (self.path / METRICS).exists() or (self.path / CONFIG).exists()
 
     def save_model(self, write: Any, name: str = "model.pt") -> None:
-        """``write(file_object)`` into ``name`` atomically; a full disk is one line."""
+        """``write(file_object)`` the model into ``name`` atomically."""
+        self.write_atomic(name, write)
+
+    def write_atomic(self, name: str, write: Any) -> None:
+        """``write(binary_file_object)`` into ``name`` atomically (temp file + fsync +
+        rename); a full disk or read-only folder is one line, and no partial file stays."""
         target = self.path / name
         tmp = target.with_name(target.name + ".tmp")
         try:
