@@ -19,14 +19,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from rf2.core.typed import to_dict
 from rf2.eval.evaluation import Evaluator
 from rf2.fl.progress import ProgressPrinter
 from rf2.hetero.population import population_summary
 from rf2.model.central import CentralTrainer, pooled_examples
-from rf2.model.ttt import ttt_if_enabled
 from rf2.runs.run_folder import RunFolder
 
 if TYPE_CHECKING:
@@ -35,7 +32,7 @@ if TYPE_CHECKING:
 
 def execute_central(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Path:
     """Train centrally and write the run folder; with ``resuming``, continue its checkpoint."""
-    from rf2.cli.runner import data_summary
+    from rf2.cli.runner import data_summary, finish_run
 
     cfg = prep.cfg
     hist, tgt = pooled_examples(prep.dataset)
@@ -98,9 +95,4 @@ def execute_central(prep: PreparedRun, folder: RunFolder, resuming: bool = False
             folder.save_checkpoint(rnd, arrays, meta)
     if tensorboard is not None:
         tensorboard.close()
-    folder.save_model(lambda fh: torch.save(prep.model.state_dict(), fh))
-    ttt = ttt_if_enabled(prep.model, prep.dataset, evaluator.evaluate_model, cfg.model, cfg.seed)
-    if ttt is not None:
-        folder.write_json("ttt.json", ttt)
-    folder.mark_done()
-    return folder.path
+    return finish_run(prep, folder, evaluator)

@@ -196,10 +196,18 @@ def execute(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Pat
         if stop_requested() and server.state.round < cfg.num_rounds:
             raise RunInterrupted
     load_numpy_into(prep.model, server.state.arrays)
+    return finish_run(prep, folder, evaluator)
+
+
+def finish_run(prep: PreparedRun, folder: RunFolder, evaluator: Evaluator) -> Path:
+    """Save the final model, run test-time training if enabled, mark the run done.
+
+    Test-time training (model.index.ttt) fine-tunes the final model on (user,
+    node-on-path) pairs; its metric change goes to ttt.json, model.pt stays the trained
+    (federated or central) result.
+    """
+    cfg = prep.cfg
     folder.save_model(lambda fh: torch.save(prep.model.state_dict(), fh))
-    # Test-time training (model.index.ttt): a fine-tune of the final global model on
-    # (user, node-on-path) pairs; its metric change goes to ttt.json, model.pt stays
-    # the federated result.
     ttt = ttt_if_enabled(prep.model, prep.dataset, evaluator.evaluate_model, cfg.model, cfg.seed)
     if ttt is not None:
         folder.write_json("ttt.json", ttt)
