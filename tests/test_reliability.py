@@ -60,16 +60,16 @@ def test_ray_client_raising_or_hanging_is_surfaced_within_bounded_time(tmp_path:
         {"kind": "hang", "users": list(range(1, 200, 3)), "rounds": [2], "hang_s": 30.0},
     ])
     cfg["simulation"] = {"backend": "ray", "ray_temp_dir": ray_tmp, "round_timeout_s": 8.0}
-    started = time.monotonic()
     try:
         run_job(cfg, tmp_path / "run")
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert time.monotonic() - started < 240
     rows = read_rows(tmp_path / "run")
     assert rows[1]["fault/client_error"] > 0 and rows[1]["fault/timeout"] == 0
+    # The hung round ends at its 8 s timeout, not at the 30 s hang (the run returned at all:
+    # no hang on a raising client).
     assert rows[2]["fault/timeout"] > 0
-    assert rows[2]["round_wall_s"] < 60
+    assert rows[2]["round_wall_s"] < 30
     assert len(rows) == 4 and rows[-1]["recall@20"] > rows[0]["recall@20"]
 
 
