@@ -85,6 +85,19 @@ def small_run(**overrides: Any) -> dict[str, Any]:
     return cfg
 
 
+def compose_experiment(experiment: str, *overrides: str) -> dict[str, Any]:
+    """``+experiment=NAME`` composed by Hydra (with its sweep settings), as a plain mapping."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    with initialize_config_module(config_module="rf2.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[f"+experiment={experiment}", *overrides],
+                      return_hydra_config=True)
+    data = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(data, dict)
+    return data
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # One torch thread: on a busy 2-core machine two threads made SGD loops ~60x slower.
     import torch

@@ -133,8 +133,8 @@ def test_joins_an_existing_ray_cluster(tmp_path: Path) -> None:
     """`simulation.ray_address` joins a cluster started with `ray start --head`.
 
     The test starts its own head (own temp dir, free ports, ``--block`` in its own
-    session) and stops only that: never ``ray stop``, which kills every Ray process on
-    the host, including a researcher's running experiment.
+    session) and stops only that, never every Ray process on the host (that would
+    include a researcher's running experiment).
     """
     ray_bin = Path(sys.executable).parent / "ray"
     temp = tempfile.mkdtemp(prefix="rf2clu")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
+from conftest import compose_experiment
 
 from rf2.analysis.results import find_runs, load, pass_study_tables
 from rf2.core.config import load_run_config
@@ -17,24 +17,12 @@ TIERINGS = ["rf2-random", "rf2-dirichlet", "rf2-dirichlet-leakfree"]
 OPTIMIZATIONS = ["none", "exclude-low", "over-select"]
 
 
-def _compose(experiment: str, *overrides: str) -> dict[str, Any]:
-    from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf
-
-    with initialize_config_module(config_module="rf2.conf", version_base="1.3"):
-        cfg = compose("config", overrides=[f"+experiment={experiment}", *overrides],
-                      return_hydra_config=True)
-    data = OmegaConf.to_container(cfg, resolve=False)
-    assert isinstance(data, dict)
-    return data
-
-
 @pytest.mark.parametrize(("experiment", "dataset", "seeds"), [
     ("rf2_reproduce_ml100k", "movielens100k", ["1", "2", "3", "4", "5"]),
     ("rf2_reproduce_quick", "synthetic", ["1", "2"]),
 ])
-def test_reproduce_experiments_compose(experiment: str, dataset: str, seeds: list[str]) -> None:
-    data = _compose(experiment, "dataset.path=/data/ml-100k")
+def test_reproduce_experimentscompose_experiment(experiment: str, dataset: str, seeds: list[str]) -> None:
+    data = compose_experiment(experiment, "dataset.path=/data/ml-100k")
     params = {k: [v.strip() for v in str(p).split(",")]
               for k, p in data["hydra"]["sweeper"]["params"].items()}
     assert params == {"population": TIERINGS, "optimization": OPTIMIZATIONS, "seed": seeds}
@@ -44,8 +32,8 @@ def test_reproduce_experiments_compose(experiment: str, dataset: str, seeds: lis
     assert cfg.client.lr == 1.0 and cfg.client.batch_size == 0 and cfg.client.local_epochs == 1
     assert cfg.strategy.server_optimizer == "adagrad"
     assert not cfg.round.availability and not cfg.round.dropout
-    leaky = load_run_config(_compose(experiment, "dataset.path=/x", "population=rf2-dirichlet"))
-    free = load_run_config(_compose(experiment, "dataset.path=/x",
+    leaky = load_run_config(compose_experiment(experiment, "dataset.path=/x", "population=rf2-dirichlet"))
+    free = load_run_config(compose_experiment(experiment, "dataset.path=/x",
                                     "population=rf2-dirichlet-leakfree"))
     assert leaky.population.leak_test and not free.population.leak_test
 

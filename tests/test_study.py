@@ -20,6 +20,7 @@ from typing import Any
 import nbformat
 import pytest
 import yaml
+from conftest import compose_experiment
 
 from rf2.analysis.results import find_runs
 from rf2.cli.support import precheck_overrides
@@ -37,18 +38,6 @@ FIGURES = ("tier_curves_recall_at_20", "fairness_gap_recall_at_20", "participati
 
 # -- the experiment files -------------------------------------------------------------------
 
-def _compose(experiment: str, *overrides: str) -> dict[str, Any]:
-    from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf
-
-    with initialize_config_module(config_module="rf2.conf", version_base="1.3"):
-        cfg = compose("config", overrides=[f"+experiment={experiment}", *overrides],
-                      return_hydra_config=True)
-    data = OmegaConf.to_container(cfg, resolve=False)
-    assert isinstance(data, dict)
-    return data
-
-
 def _sweep(params: dict[str, str]) -> dict[str, list[str]]:
     return {key: [v.strip() for v in str(value).split(",")] for key, value in params.items()}
 
@@ -58,7 +47,7 @@ def _sweep(params: dict[str, str]) -> dict[str, list[str]]:
     ("rf2_fairness_gap_quick", "synthetic", ["1", "2"]),
 ])
 def test_experiment_composes_and_validates(experiment: str, dataset: str, seeds: list[str]) -> None:
-    data = _compose(experiment, "dataset.path=/data/ml-100k")
+    data = compose_experiment(experiment, "dataset.path=/data/ml-100k")
     params = _sweep(data["hydra"]["sweeper"]["params"])
     assert params == {"optimization": list(OPTIMIZATIONS), "population": list(POPULATIONS),
                       "seed": seeds}
