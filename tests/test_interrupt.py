@@ -63,6 +63,7 @@ def _check_interrupted(tmp_path: Path, code: int, seconds: float, err: str) -> i
     return n
 
 
+@pytest.mark.slow  # an rf2 subprocess or a client hang: seconds each
 def test_ctrl_c_in_process_stops_keeps_rounds_and_resumes_identically(tmp_path: Path) -> None:
     code, seconds, err = _interrupt(tmp_path, ["simulation=inprocess"], wait_rows=3)
     n = _check_interrupted(tmp_path, code, seconds, err)
@@ -100,6 +101,7 @@ def test_deadline_returns_or_raises() -> None:
         call_with_deadline(lambda: 1 / 0, 1.0)
 
 
+@pytest.mark.slow  # an rf2 subprocess or a client hang: seconds each
 def test_in_process_hanging_client_times_out_and_the_run_goes_on(tmp_path: Path) -> None:
     cfg = small_run(num_rounds=2, fault_injection=[
         {"kind": "hang", "users": list(range(0, 200, 4)), "rounds": [1], "hang_s": 120.0}])
@@ -140,6 +142,7 @@ def test_summary_names_folder_rounds_final_and_best(tmp_path: Path) -> None:
     assert f"best {best:.4f}" in text and "tier all" in text and "ndcg@20" in text
 
 
+@pytest.mark.slow  # an rf2 subprocess or a client hang: seconds each
 def test_cli_prints_the_summary_and_rf2_log_holds_the_console(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "rf2", "simulation=inprocess",
                            "dataset.num_users=200", "dataset.num_items=150",

@@ -71,6 +71,7 @@ def test_lock_of_a_reused_pid_is_stale_and_other_hosts_lock_is_not(tmp_path: Pat
     assert "delete" in lock.busy_message({**me, "host": "elsewhere"})
 
 
+@pytest.mark.slow  # an rf2 subprocess or a client hang: seconds each
 def test_two_cli_runs_into_one_folder_one_wins_one_line_exit_2(tmp_path: Path) -> None:
     args = [*SMALL, "num_rounds=4", "dataset.num_users=600", "clients_per_round=60",
             f"hydra.run.dir={tmp_path / 'run'}"]
@@ -275,6 +276,7 @@ def test_non_ascii_override_gets_a_quoting_hint() -> None:
         check_command(["dataset.path=/data/mövie"])
 
 
+@pytest.mark.slow  # an rf2 subprocess or a client hang: seconds each
 def test_cli_rejected_sweep_leaves_no_folder(tmp_path: Path) -> None:
     proc = _rf2(["-m", *SMALL, "client.lr=0.1,0"], tmp_path)
     assert proc.returncode == 2
@@ -282,12 +284,14 @@ def test_cli_rejected_sweep_leaves_no_folder(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # an rf2 subprocess or a client hang: seconds each
 def test_cli_data_error_leaves_no_outputs_date_folder(tmp_path: Path) -> None:
     proc = _rf2([*SMALL, "clients_per_round=500"], tmp_path)
     assert proc.returncode == 2 and "clients_per_round" in _one_line(proc)
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # an rf2 subprocess or a client hang: seconds each
 def test_cli_second_sweep_into_a_fixed_sweep_dir_is_refused_up_front(tmp_path: Path) -> None:
     sweep = tmp_path / "sw"
     first = _rf2(["-m", *SMALL, "seed=1,2", f"hydra.sweep.dir={sweep}"], tmp_path)
@@ -299,6 +303,7 @@ def test_cli_second_sweep_into_a_fixed_sweep_dir_is_refused_up_front(tmp_path: P
 # -- environment faults -------------------------------------------------------------------
 
 
+@pytest.mark.slow  # an rf2 subprocess or a client hang: seconds each
 def test_disk_full_writing_model_pt_is_one_line(tmp_path: Path) -> None:
     code = ("import errno, sys, torch\n"
             "def full(*a, **k):\n    raise OSError(errno.ENOSPC, 'No space left on device')\n"
