@@ -57,7 +57,8 @@ def job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
             parser.parse_overrides([arg])
         except OverrideParseException as ex:
             raise OverrideError(_parse_hint(arg, ex)) from None
-    task = [a for a in overrides if not a.lstrip("+~").startswith("hydra.")]
+    # hydra.* keys and hydra/* groups (hydra/launcher=joblib) configure Hydra, not a job.
+    task = [a for a in overrides if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
     if not multirun:
         return [task]
     parsed = parser.parse_overrides(task)

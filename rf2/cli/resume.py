@@ -46,7 +46,7 @@ def override_keys(overrides: list[str]) -> list[str]:
         if "=" not in arg:
             continue
         key = arg.split("=", 1)[0].lstrip("+~")
-        if key in ("resume", "hydra") or key.startswith("hydra."):
+        if key in ("resume", "hydra") or key.startswith(("hydra.", "hydra/")):
             continue
         keys.append("" if key == "experiment" else key)  # an experiment may set anything
     return keys

@@ -73,7 +73,7 @@ def precheck_overrides(argv: list[str]) -> list[str]:
             for choice in ([v.strip() for v in value.split(",")] if sweep else [value]):
                 if choice and choice not in allowed:
                     _fail(ConfigError(key, choice, ", ".join(allowed)))
-        elif not key.startswith("hydra.") and key != "hydra":
+        elif not key.startswith(("hydra.", "hydra/")) and key != "hydra":
             if _check_key(key.split("."), value):
                 arg = "++" + arg
         out.append(arg)

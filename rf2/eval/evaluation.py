@@ -79,12 +79,16 @@ _NEG_INF = torch.tensor(float("-inf"))
 
 
 def resolve_threads(num_threads: int) -> int:
-    """``num_threads``, or for 0 the number of cores this process may use."""
+    """``num_threads``, or for 0 the number of cores this process may use: its CPU
+    affinity, capped by ``OMP_NUM_THREADS`` when set (a parallel launcher such as Hydra's
+    joblib gives each job its share of the cores that way)."""
     if num_threads > 0:
         return num_threads
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    limit = os.environ.get("OMP_NUM_THREADS", "")
+    if limit.isdigit() and int(limit) > 0:
+        return min(cores, int(limit))
+    return cores
 
 
 @contextmanager

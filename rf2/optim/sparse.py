@@ -153,14 +153,18 @@ def weighted_mean(
     for name, g in global_arrays.items():
         g = np.asarray(g)
         if name in updates[0].rows:
-            acc = np.zeros(g.shape, dtype=np.float64)  # (I, ...) Σ_k w_k Δ_k
+            # Only the union of the replies' rows can move; the others stay w_t exactly
+            # (g + 0 in float64 rounds back to g), so accumulate over the union alone:
+            # O(Σ rows) instead of a float64 pass over the whole catalogue.
+            touched = np.unique(np.concatenate([u.rows[name] for u in updates]))  # (U,)
+            acc = np.zeros((len(touched), *g.shape[1:]), dtype=np.float64)  # Σ_k w_k Δ_k
+            base = g[touched].astype(np.float64)  # (U, ...)
             for wk, u in zip(w, updates, strict=True):
-                rows = u.rows[name]
-                if len(rows) == g.shape[0]:  # sorted unique ids of every row: 0..I-1
-                    acc += wk * (u.values[name].astype(np.float64) - g)
-                else:
-                    acc[rows] += wk * (u.values[name].astype(np.float64) - g[rows])  # unique
-            out[name] = (g + acc / total).astype(np.float32)
+                pos = np.searchsorted(touched, u.rows[name])  # unique within a reply
+                acc[pos] += wk * (u.values[name].astype(np.float64) - base[pos])
+            mean = np.array(g, dtype=np.float32, copy=True)
+            mean[touched] = (base + acc / total).astype(np.float32)
+            out[name] = mean
         else:
             acc = sum(wk * u.dense[name].astype(np.float64) for wk, u in zip(w, updates, strict=True))
             out[name] = (acc / total).astype(np.float32)
