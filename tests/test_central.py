@@ -70,6 +70,13 @@ def test_central_run_learns_beyond_popularity_with_per_tier_rows(tmp_path: Path)
     assert {"population.json", "data.json", "model.pt", "DONE"} <= {p.name for p in run.iterdir()}
 
 
+def test_central_last_evaluation_scores_final_max_users(tmp_path: Path) -> None:
+    run = run_job(_central(eval={"ks": [10, 20], "max_users": 40, "final_max_users": 0,
+                                 "metrics": ["recall"]}), tmp_path / "c")
+    users = [r["eval_users"] for r in read_rows(run)]
+    assert users[:-1] == [40] * (len(users) - 1) and users[-1] > 40
+
+
 def test_central_resume_repeats_an_uninterrupted_run(tmp_path: Path) -> None:
     cfg = _central(**{"model.name": "hier_index", "model.loss": "sampled",
                       "model.num_negatives": 20})

@@ -208,5 +208,21 @@ def test_eval_config_names_the_allowed_families() -> None:
         from_dict(EvalConfig, {"metrics": ["recall", "mrr"]}, "eval")
     with pytest.raises(UserInputError, match="eval.max_users"):
         from_dict(EvalConfig, {"max_users": -1}, "eval")
+    with pytest.raises(UserInputError, match=r"eval.final_max_users.*null \(= max_users\)"):
+        from_dict(EvalConfig, {"final_max_users": -2}, "eval")
     assert set(METRIC_FAMILIES) == {*evaluation.RANKING_FAMILIES, *evaluation.FAMILIES,
                                     "popularity", "rated"}
+
+
+def test_all_cores_means_the_launchers_share_when_it_sets_omp_num_threads(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(evaluation.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert evaluation.resolve_threads(0) == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what joblib's loky sets in each job
+    assert evaluation.resolve_threads(0) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "16")  # never more than the cores it may use
+    assert evaluation.resolve_threads(0) == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "junk")
+    assert evaluation.resolve_threads(0) == 4
+    assert evaluation.resolve_threads(3) == 3  # an explicit eval.num_threads wins

@@ -56,6 +56,24 @@ def test_sampled_evaluation_in_a_run(tmp_path: Path) -> None:
     assert "popularity/recall@20" not in rows[0]
 
 
+def test_last_evaluation_scores_final_max_users(tmp_path: Path) -> None:
+    """A sampled curve, then the run's last evaluation on every test user (the end of
+    num_passes here); a row that is not the last keeps the sample."""
+    run_job(small_run(num_rounds=50, num_passes=1, clients_per_round=60,
+                      eval={"ks": [10, 20], "every": 2, "max_users": 50, "final_max_users": 0,
+                            "metrics": ["recall"]}), tmp_path / "run")
+    rows = [r for r in read_rows(tmp_path / "run") if "eval_users" in r]
+    last = read_rows(tmp_path / "run")[-1]
+    assert last["pass"] == 1 and last["round"] < 50 and rows[-1] is not None
+    assert rows[-1]["round"] == last["round"]
+    assert rows[-1]["eval_users"] == rows[-1]["eval_users_total"] > 50
+    assert len(rows) >= 2 and all(r["eval_users"] == 50 for r in rows[:-1])
+    # The same run with final_max_users unset keeps the sample to the end.
+    run_job(small_run(num_rounds=2, eval={"ks": [10, 20], "max_users": 50,
+                                          "metrics": ["recall"]}), tmp_path / "same")
+    assert [r["eval_users"] for r in read_rows(tmp_path / "same")] == [50, 50, 50]
+
+
 def test_training_improves_recall_over_round_zero(inprocess_run: Path) -> None:
     rows = read_rows(inprocess_run)
     assert rows[-1]["recall@20"] > rows[0]["recall@20"] + 0.05

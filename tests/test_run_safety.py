@@ -343,3 +343,23 @@ def test_resume_of_a_running_run_or_with_fewer_rounds_or_no_folder_is_refused(
         run_job(small_run(resume=str(run), num_rounds=2), tmp_path / "unused", ["num_rounds=2"])
     with pytest.raises(ConfigError, match="resume="):
         run_job(small_run(resume=str(tmp_path / "nothing")), tmp_path / "unused")
+
+
+@pytest.mark.slow  # two rf2 sweeps as subprocesses
+def test_parallel_sweep_with_joblib_launcher_equals_the_sequential_one(tmp_path: Path) -> None:
+    runs = {}
+    for name, extra in (("seq", []), ("par", ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"])):
+        proc = _rf2(["-m", *SMALL, "seed=1,2", *extra, f"hydra.sweep.dir={tmp_path / name}"],
+                    tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        runs[name] = [RunFolder(tmp_path / name / str(job)) for job in (0, 1)]
+    for seq, par in zip(runs["seq"], runs["par"], strict=True):
+        assert (par.path / "DONE").exists()
+        got, want = par.read_metrics(), seq.read_metrics()
+        assert [r["round"] for r in got] == [r["round"] for r in want] == [0, 1, 2]
+        for g, w in zip(got, want, strict=True):
+            # Same seeds, same numbers: jobs in parallel do not share or disturb state
+            # (evaluation's thread count may differ, so compare to float rounding).
+            assert g["recall@20"] == pytest.approx(w["recall@20"], abs=1e-6)
+            assert g["loss"] == pytest.approx(w["loss"], rel=1e-5)
+    assert runs["par"][0].read_metrics()[-1]["recall@20"] != runs["par"][1].read_metrics()[-1]["recall@20"]

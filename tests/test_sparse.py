@@ -47,8 +47,9 @@ def test_encode_keeps_changed_rows_and_densify_restores() -> None:
 
 def test_weighted_mean_equals_dense_fedavg() -> None:
     g = _global()
-    clients = [_client(g, s) for s in range(4)]
-    weights = [3.0, 1.0, 5.0, 2.0]
+    unchanged = {k: (v + 0.1 if k == "genre_table" else v.copy()) for k, v in g.items()}
+    clients = [_client(g, s) for s in range(4)] + [unchanged]  # the last moved no row
+    weights = [3.0, 1.0, 5.0, 2.0, 4.0]
     updates = [sparse.decode(sparse.encode_dense(g, c)) for c in clients]
     got = sparse.weighted_mean(g, updates, weights)
     w = np.asarray(weights) / sum(weights)

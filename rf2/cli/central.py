@@ -86,7 +86,8 @@ def execute_central(prep: PreparedRun, folder: RunFolder, resuming: bool = False
         t_eval = time.perf_counter()
         row = {"round": rnd, "epoch": step / trainer.steps_per_epoch, "step": step,
                "num_examples": examples, "examples_seen": trainer.examples_seen(step), "train/loss": loss,
-               **evaluator.evaluate_model(prep.model)}
+               **(evaluator.final() if rnd == len(points) else evaluator).evaluate_model(
+                   prep.model)}
         row["eval_wall_s"] = time.perf_counter() - t_eval
         finish(row, t0)
         if (cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0) or rnd == len(points):

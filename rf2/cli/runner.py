@@ -208,7 +208,9 @@ def finish_run(prep: PreparedRun, folder: RunFolder, evaluator: Evaluator) -> Pa
     """
     cfg = prep.cfg
     folder.save_model(lambda fh: torch.save(prep.model.state_dict(), fh))
-    ttt = ttt_if_enabled(prep.model, prep.dataset, evaluator.evaluate_model, cfg.model, cfg.seed)
+    # TTT's before/after compare on the users of the run's last evaluation.
+    ttt = ttt_if_enabled(prep.model, prep.dataset, evaluator.final().evaluate_model, cfg.model,
+                         cfg.seed)
     if ttt is not None:
         folder.write_json("ttt.json", ttt)
     folder.mark_done()

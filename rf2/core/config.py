@@ -377,6 +377,10 @@ class EvalConfig:
     # Evaluate a fixed, seeded sample of this many test users, stratified by tier
     # (0 = all test users). Logged: eval_users, and se/recall@K.
     max_users: int = 0
+    # Users of the run's last evaluation (the end of num_rounds or num_passes; central:
+    # the last epoch's): null = as max_users, 0 = all test users. A sampled curve stays
+    # cheap while the end point that studies compare has the whole test set's precision.
+    final_max_users: int | None = None
     # Torch threads while evaluating (0 = every core this process may use). Client
     # workers pin themselves to 1 thread; evaluation restores the setting afterwards.
     num_threads: int = 0
@@ -391,6 +395,9 @@ class EvalConfig:
               f"a non-empty list of: {', '.join(METRIC_FAMILIES)}")
         check(self.max_users >= 0, f"{path}.max_users", self.max_users,
               "an integer >= 0 (0 = all test users)")
+        check(self.final_max_users is None or self.final_max_users >= 0,
+              f"{path}.final_max_users", self.final_max_users,
+              "null (= max_users) or an integer >= 0 (0 = all test users)")
         check(self.num_threads >= 0, f"{path}.num_threads", self.num_threads,
               "an integer >= 0 (0 = all cores)")
 

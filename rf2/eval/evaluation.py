@@ -284,8 +284,16 @@ class Evaluator:
         max_users: int = 0,
         num_threads: int = 0,
         seed: int = 0,
+        final_max_users: int | None = None,
     ) -> None:
         unknown = sorted(set(metrics) - set(METRIC_FAMILIES))
+        # What final() needs to build the last evaluation's evaluator (other users).
+        self._final_args = dict(ks=ks, batch_size=batch_size, tier_of_user=tier_of_user,
+                                tier_names=tier_names, metrics=metrics, num_threads=num_threads,
+                                seed=seed)
+        self._final_max_users = max_users if final_max_users is None else final_max_users
+        self._final: Evaluator | None = None
+        self.max_users = max_users
         if unknown:
             raise ValueError(f"unknown metric families {unknown}; allowed: {METRIC_FAMILIES}")
         self.dataset = dataset
@@ -362,7 +370,17 @@ class Evaluator:
         """From an ``EvalConfig`` (``cfg``) and the run seed (which picks the sample)."""
         return cls(dataset, cfg.ks, cfg.batch_size, tier_of_user, tier_names,
                    metrics=cfg.metrics, max_users=cfg.max_users, num_threads=cfg.num_threads,
-                   seed=seed)
+                   seed=seed, final_max_users=cfg.final_max_users)
+
+    def final(self) -> Evaluator:
+        """The evaluator of a run's last evaluation (``final_max_users``): this one when
+        the user set is the same, else one built on first use and kept."""
+        if self._final_max_users == self.max_users:
+            return self
+        if self._final is None:
+            self._final = Evaluator(self.dataset, max_users=self._final_max_users,
+                                    **self._final_args)  # type: ignore[arg-type]
+        return self._final
 
     def _block(self, rows: slice) -> EvalBlock:
         num_items = self.dataset.num_items

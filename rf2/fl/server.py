@@ -173,8 +173,9 @@ class FederatedServer:
                 f"{len(usable)} usable replies < round.min_completed={cfg.round.min_completed}"
             )
         at_pass = row["pass_end"] and (cfg.eval.at_pass_end or self.passes_done())
-        if rnd % cfg.eval.every == 0 or rnd == cfg.num_rounds or at_pass:
-            row.update(self.evaluate())
+        last = rnd == cfg.num_rounds or self.passes_done()
+        if rnd % cfg.eval.every == 0 or last or at_pass:
+            row.update(self.evaluate(final=last))
         return row
 
     def passes_done(self) -> bool:
@@ -201,12 +202,14 @@ class FederatedServer:
         return plan, offline
 
     # -- evaluation --------------------------------------------------------------------
-    def evaluate(self, popularity: bool = False) -> dict[str, float]:
+    def evaluate(self, popularity: bool = False, final: bool = False) -> dict[str, float]:
         """The global model's metrics (and at round 0 the popularity baseline), with
-        ``eval_wall_s``: the wall time they took."""
+        ``eval_wall_s``: the wall time they took. ``final``: the run's last evaluation
+        (``eval.final_max_users``)."""
         started = time.perf_counter()
         load_numpy_into(self.setup.model, self.state.arrays)
-        row = self.setup.evaluator.evaluate_model(self.setup.model)
+        evaluator = self.setup.evaluator.final() if final else self.setup.evaluator
+        row = evaluator.evaluate_model(self.setup.model)
         if popularity:
             row.update(self.setup.evaluator.evaluate_popularity())
         row["eval_wall_s"] = time.perf_counter() - started
