@@ -92,6 +92,52 @@ def test_ctrl_c_on_ray_stops_within_5_s(tmp_path: Path) -> None:
     _check_interrupted(tmp_path, code, seconds, err)
 
 
+def _interrupt_sweep(tmp_path: Path, launcher: list[str], running: int) -> tuple[int, str]:
+    """A 3-job sweep; Ctrl-C once ``running`` jobs have logged 3 rows each."""
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "rf2", "-m", "simulation=inprocess",
+                             *ARGS, "seed=1,2,3", *launcher, f"hydra.sweep.dir={sweep}"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and proc.poll() is None:
+        started = [m for m in sweep.glob("*/metrics.jsonl") if m.read_text().count("\n") >= 3]
+        if len(started) >= running:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("launcher", "running"), [
+    ([], 1), (["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], 2)])
+def test_ctrl_c_in_a_sweep_stops_its_jobs_checkpointed_and_starts_no_more(
+        tmp_path: Path, launcher: list[str], running: int) -> None:
+    code, err = _interrupt_sweep(tmp_path, launcher, running)
+    assert code == 130, err
+    assert "Traceback" not in err, err
+    sweep = tmp_path / "sweep"
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == [str(i) for i in range(running)]  # job 2 never started
+    lines = err.strip().splitlines()
+    assert f"rf2: sweep interrupted; {running} job(s) to resume" in lines
+    for job in jobs:
+        # Each running job stopped at a round boundary with its checkpoint, like a run.
+        n = read_rows(job)[-1]["round"]
+        newest = sorted((job / "checkpoints").glob("round_*"))[-1]
+        assert int(newest.name.split("_")[1]) == n
+        assert f"  rf2 resume={job}" in lines
+        assert f"rf2: interrupted after round {n}; resume with: rf2 resume={job}" in lines
+        assert not (job / "DONE").exists() and not (job / ".lock").exists()
+
+
 def test_deadline_returns_or_raises() -> None:
     assert call_with_deadline(lambda: 3, 1.0) == 3
     assert call_with_deadline(lambda: 4, None) == 4

@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import tempfile
+import threading
 import traceback
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from rf2.core.errors import UserInputError
@@ -27,14 +32,68 @@ from rf2.runs.run_folder import RunFolder, RunFolderError
 
 log = logging.getLogger("rf2")
 
+# A sweep's interrupted jobs write their folders into this file (its path in the
+# environment, so that jobs in a parallel launcher's worker processes see it too): the
+# jobs still to start skip, and the command prints what to resume once Hydra returns.
+SWEEP_INTERRUPTS = "RF2_SWEEP_INTERRUPTS"
+
+
+def _sweep_interrupts() -> Path | None:
+    value = os.environ.get(SWEEP_INTERRUPTS)
+    return Path(value) if value else None
+
+
+_job_here = threading.Event()  # this process is running a sweep job (basic launcher)
+
+
+def _on_sweep_sigint(signum: int, frame: object) -> None:  # noqa: ARG001 - signal signature
+    """Ctrl-C while a sweep's jobs run elsewhere (a parallel launcher's workers get the
+    same SIGINT and stop after their round) or between two jobs here: note it, so the
+    jobs not yet started skip, and keep waiting for the running ones to write their last
+    checkpoint. Inside a job here, and on a second Ctrl-C, it is a KeyboardInterrupt."""
+    if _job_here.is_set() or _sweep_interrupted():
+        raise KeyboardInterrupt
+    _note_interrupted_job(None)
+
+
+def _sweep_interrupted() -> bool:
+    path = _sweep_interrupts()
+    return path is not None and path.exists() and path.stat().st_size > 0
+
+
+def _note_interrupted_job(folder: Path | None) -> None:
+    path = _sweep_interrupts()
+    if path is not None:
+        with path.open("a", encoding="utf-8") as fh:
+            fh.write(f"{folder or ''}\n")
+
 
 def run_from_hydra(cfg: DictConfig) -> Path | None:
+    from rf2.cli.support import remove_unused_run_dir
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    interrupts = _sweep_interrupts()
+    in_sweep = interrupts is not None and HydraConfig.get().mode == RunMode.MULTIRUN
+    if in_sweep and _sweep_interrupted():
+        remove_unused_run_dir(run_dir)  # the sweep was interrupted: start nothing new
+        return None
+    _job_here.set()
+    try:
+        return _run(run_dir, _data_of(cfg), in_sweep)
+    finally:
+        _job_here.clear()
+
+
+def _data_of(cfg: DictConfig) -> dict[str, Any]:
+    data = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(data, dict)
+    return data
+
+
+def _run(run_dir: Path, data: dict[str, Any], in_sweep: bool) -> Path | None:
     from rf2.cli.support import remove_unused_run_dir, run_job
     from rf2.runs.console import console_copied_to, run_summary
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    data = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(data, dict)
     debug = bool(data.get("debug", False))
     resume = data.get("resume")
     # The console goes to the run's rf2.log: the resumed folder's when resuming (but not
@@ -73,6 +132,11 @@ def run_from_hydra(cfg: DictConfig) -> Path | None:
                 remove_unused_run_dir(run_dir)
                 print("rf2: interrupted before round 0; nothing to resume", file=sys.stderr,
                       flush=True)
+            if in_sweep:
+                # Return normally: a parallel launcher that saw a job fail would kill the
+                # jobs still writing their last checkpoint. The jobs not yet started skip.
+                _note_interrupted_job(folder if rows else None)
+                return None
             # Everything is on disk (rows and checkpoints are fsynced, the lock released):
             # leave now rather than wait seconds for library exit hooks (Flower's
             # telemetry, Ray) that could make a Ctrl-C feel ignored.
@@ -94,9 +158,21 @@ def _fail(ex: UserInputError, debug: bool) -> None:
 
 
 def main() -> None:
+    multirun = any(a in ("-m", "--multirun") for a in sys.argv[1:])
+    interrupts = None
+    if multirun:
+        fd, name = tempfile.mkstemp(prefix="rf2-sweep-", suffix=".txt")
+        os.close(fd)
+        interrupts = Path(name)
+        os.environ[SWEEP_INTERRUPTS] = name
+        signal.signal(signal.SIGINT, _on_sweep_sigint)
     try:
         _main()
+        if interrupts is not None:
+            _sweep_summary(interrupts)
     except KeyboardInterrupt:  # before the run started (composing, checking, importing)
+        if interrupts is not None:  # a sweep: between jobs, or in the launcher's wait
+            _sweep_summary(interrupts, interrupted=True)
         print("rf2: interrupted before round 0; nothing to resume", file=sys.stderr, flush=True)
         sys.exit(130)
     except BrokenPipeError:
@@ -106,6 +182,26 @@ def main() -> None:
         os.dup2(devnull, sys.stdout.fileno())
         print("rf2: output closed early (broken pipe)", file=sys.stderr, flush=True)
         sys.exit(141)  # 128 + SIGPIPE, as a shell reports it
+    finally:
+        if interrupts is not None:
+            interrupts.unlink(missing_ok=True)
+
+
+def _sweep_summary(interrupts: Path, interrupted: bool = False) -> None:
+    """After an interrupted sweep: one line per job to resume, exit status 130."""
+    lines = interrupts.read_text(encoding="utf-8").splitlines() if interrupts.exists() else []
+    if not lines and not interrupted:
+        return
+    folders = [line for line in lines if line]
+    print(f"rf2: sweep interrupted; {len(folders)} job(s) to resume"
+          + ("" if folders else " (later jobs did not start)"), file=sys.stderr, flush=True)
+    for folder in folders:
+        print(f"  rf2 resume={folder}", file=sys.stderr, flush=True)
+    interrupts.unlink(missing_ok=True)
+    # Everything is on disk: leave without library exit hooks, as a single run does.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def _main() -> None:
