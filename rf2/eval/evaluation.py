@@ -287,6 +287,8 @@ class Evaluator:
         final_max_users: int | None = None,
     ) -> None:
         unknown = sorted(set(metrics) - set(METRIC_FAMILIES))
+        if unknown:
+            raise ValueError(f"unknown metric families {unknown}; allowed: {METRIC_FAMILIES}")
         # What final() needs to build the last evaluation's evaluator (other users).
         self._final_args = dict(ks=ks, batch_size=batch_size, tier_of_user=tier_of_user,
                                 tier_names=tier_names, metrics=metrics, num_threads=num_threads,
@@ -294,8 +296,6 @@ class Evaluator:
         self._final_max_users = max_users if final_max_users is None else final_max_users
         self._final: Evaluator | None = None
         self.max_users = max_users
-        if unknown:
-            raise ValueError(f"unknown metric families {unknown}; allowed: {METRIC_FAMILIES}")
         self.dataset = dataset
         self.ks = sorted(set(int(k) for k in ks))
         self.batch_size = batch_size
