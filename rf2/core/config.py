@@ -388,6 +388,10 @@ class EvalConfig:
     # Torch threads while evaluating (0 = every core this process may use). Client
     # workers pin themselves to 1 thread; evaluation restores the setting afterwards.
     num_threads: int = 0
+    # Per-user distributions of every metric, overall and per tier (std, bottom/top 10%
+    # mean, Gini, share without a hit, CDF of recall@20): ``dist/...`` keys
+    # (rf2.eval.distribution, docs/fairness.md). false = smaller rows.
+    distributions: bool = True
 
     def validate(self, path: str = "eval") -> None:
         check(len(self.ks) > 0 and all(k >= 1 for k in self.ks), f"{path}.ks", self.ks,
