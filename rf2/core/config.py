@@ -125,6 +125,10 @@ class IndexConfig:
 
 @dataclass
 class ModelConfig:
+    # A model from the user's own module: a dotted path to a ``rf2.model.base
+    # .FederatedModel`` subclass (built with its ``from_dataset``) or a function
+    # (dataset, cfg, seed) -> model. Empty: rf2's model named by ``name``.
+    _target_: str = ""
     name: Literal["two_tower", "hier_index"] = "hier_index"
     dim: int = 64
     use_genres: bool = True
