@@ -67,7 +67,7 @@ def client_arrays(g: Arrays, seed: int, scale: float = 0.1) -> Arrays:
 
 
 def as_reply(g: Arrays, x: Arrays, sparse_reply: bool) -> Arrays:
-    return sparse.encode_dense(g, x) if sparse_reply else x
+    return sparse.encode_dense(g, x, ("item_table", "bias")) if sparse_reply else x
 
 
 def dense_of(g: Arrays, reply: Arrays) -> Arrays:
