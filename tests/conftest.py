@@ -64,6 +64,20 @@ def ml100k() -> Path:
     return path
 
 
+def rf2_maps_path() -> Path | None:
+    """RF²'s own tier maps (test fixtures): ../shared/fixtures/rf2-maps beside the checkout."""
+    path = REPO.parent / "shared" / "fixtures" / "rf2-maps"
+    return path if (path / "README.md").is_file() else None
+
+
+@pytest.fixture
+def rf2_maps() -> Path:
+    path = rf2_maps_path()
+    if path is None:
+        pytest.skip("RF²'s maps not available (../shared/fixtures/rf2-maps)")
+    return path
+
+
 def small_run(**overrides: Any) -> dict[str, Any]:
     """A run config mapping: 200 synthetic users, 20 clients/round, in-process, quiet."""
     cfg: dict[str, Any] = {

@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from rf2.analysis.results import (
+    ALL_USERS,
     MATCH_COLUMNS,
     FairnessTables,
     PassStudyTables,
@@ -33,11 +34,12 @@ from rf2.analysis.results import (
     order_tiers,
     pass_study_tables,
     tier_metric,
+    user_cdf,
 )
 from rf2.core.errors import UserInputError
 
 __all__ = ["main", "plot_fairness_gap", "plot_participation", "plot_pass_study",
-           "plot_tier_curves"]
+           "plot_tier_curves", "plot_user_cdf"]
 
 STYLE = {
     "font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10,
@@ -322,6 +324,48 @@ def plot_participation(df: pd.DataFrame) -> Figure:
     return fig
 
 
+def plot_user_cdf(df: pd.DataFrame, metric: str = "recall@20", round: int | None = None
+                  ) -> Figure:
+    """Per-tier CDF of a per-user metric (default Recall@20) at each run's last evaluation
+    (or ``round``): one panel per (variant, population), one step line per tier plus all
+    users (black), averaged over seeds (the mean of CDFs is the CDF of the pooled seeds).
+
+    The height at x = 0 is the share of users with no hit; a tier whose line stays above
+    another's has more poorly served users at every level.
+    """
+    cdf = user_cdf(df, metric, round)
+    cdf, variants = _with_variant(cdf)
+    pops = _ordered(cdf["population"].unique(), POPULATION_ORDER)
+    tiers = order_tiers([t for t in cdf["tier"].unique() if t != ALL_USERS])
+    colors = {**_colors(tiers), ALL_USERS: "#000000"}
+    with matplotlib.rc_context(STYLE):
+        fig = _grid(len(variants), len(pops), width=4.0, height=3.0)
+        axes = fig.subplots(len(variants), len(pops), squeeze=False, sharex=True, sharey=True)
+        for i, variant in enumerate(variants):
+            for j, pop in enumerate(pops):
+                ax = axes[i, j]
+                part = cdf[(cdf["variant"] == variant) & (cdf["population"] == pop)]
+                mean = part.groupby(["tier", "x"])["share"].mean().reset_index()
+                for tier in [*tiers, ALL_USERS]:
+                    line = mean[mean["tier"] == tier]
+                    if not line.empty:
+                        ax.step(line["x"], line["share"], where="post", color=colors[tier],
+                                label=tier, linewidth=2.0 if tier == ALL_USERS else 1.4,
+                                linestyle="--" if tier == ALL_USERS else "-")
+                ax.set_ylim(0, 1.02)
+                ax.set_title(f"{variant}\n{pop}", fontsize=10)
+                if i == len(variants) - 1:
+                    ax.set_xlabel(f"per-user {metric}")
+                if j == 0:
+                    ax.set_ylabel("share of users <= x")
+        handles, labels = _legend_entries(axes.flat)
+        seeds = _seeds(cdf)
+        what = "one seed" if seeds == 1 else f"mean over {seeds} seeds"
+        _finish(fig, f"CDF of per-user {metric} by tier (last evaluation, {what})", handles,
+                labels, "tier")
+    return fig
+
+
 def plot_pass_study(tables: PassStudyTables, metric: str = "rated_auc") -> Figure:
     """RF²'s comparison after whole passes (``rf2_reproduce_ml100k``).
 
@@ -449,6 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             df, args.metric, args.round, args.reference, args.realistic, args.independent,
             tables=tables),
         "participation": lambda: plot_participation(df),
+        "user_cdf_recall_at_20": lambda: plot_user_cdf(df, "recall@20", args.round),
     }
     written = 0
     for name, make in jobs.items():

@@ -176,7 +176,8 @@ def execute(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Pat
     evaluator = Evaluator.from_config(prep.dataset, cfg.eval, cfg.seed,
                                       prep.population.tier_of_user, prep.population.tier_names)
     shapes = {k: tuple(v.shape) for k, v in state.arrays.items()}
-    tiers = TierSettings(cfg.optimization, prep.population, shapes, cfg.model.dim)
+    tiers = TierSettings(cfg.optimization, prep.population, shapes, cfg.model.dim,
+                         prep.model.width_rules())
     # Messages go only to clients that will finish, at most K per round, batched.
     per_message = users_per_message(cfg.simulation, cfg.clients_per_round)
     max_clients = max(1, min(cfg.clients_per_round, len(selector.eligible)))

@@ -125,6 +125,10 @@ class IndexConfig:
 
 @dataclass
 class ModelConfig:
+    # A model from the user's own module: a dotted path to a ``rf2.model.base
+    # .FederatedModel`` subclass (built with its ``from_dataset``) or a function
+    # (dataset, cfg, seed) -> model. Empty: rf2's model named by ``name``.
+    _target_: str = ""
     name: Literal["two_tower", "hier_index"] = "hier_index"
     dim: int = 64
     use_genres: bool = True
@@ -384,6 +388,10 @@ class EvalConfig:
     # Torch threads while evaluating (0 = every core this process may use). Client
     # workers pin themselves to 1 thread; evaluation restores the setting afterwards.
     num_threads: int = 0
+    # Per-user distributions of every metric, overall and per tier (std, bottom/top 10%
+    # mean, Gini, share without a hit, CDF of recall@20): ``dist/...`` keys
+    # (rf2.eval.distribution, docs/fairness.md). false = smaller rows.
+    distributions: bool = True
 
     def validate(self, path: str = "eval") -> None:
         check(len(self.ks) > 0 and all(k >= 1 for k in self.ks), f"{path}.ks", self.ks,

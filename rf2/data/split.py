@@ -86,6 +86,7 @@ def split_interactions(
         history_len=history_len,
         item_genres=inter.item_genres,
         genre_names=inter.genre_names,
+        user_ids=inter.user_ids,  # per-user outputs (tiers.csv) name users by raw id
     )
 
 

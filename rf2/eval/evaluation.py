@@ -54,6 +54,7 @@ import torch
 from rf2.core.config import METRIC_FAMILIES
 from rf2.data.base import FederatedDataset
 from rf2.eval.ctr import grouped_ctr_metrics
+from rf2.eval.distribution import distribution_row
 from rf2.eval.fairness import activity_quartile, fairness_summary, group_means
 from rf2.eval.ranking import (
     BlockRanking,
@@ -285,6 +286,7 @@ class Evaluator:
         num_threads: int = 0,
         seed: int = 0,
         final_max_users: int | None = None,
+        distributions: bool = True,
     ) -> None:
         unknown = sorted(set(metrics) - set(METRIC_FAMILIES))
         if unknown:
@@ -292,7 +294,7 @@ class Evaluator:
         # What final() needs to build the last evaluation's evaluator (other users).
         self._final_args = dict(ks=ks, batch_size=batch_size, tier_of_user=tier_of_user,
                                 tier_names=tier_names, metrics=metrics, num_threads=num_threads,
-                                seed=seed)
+                                seed=seed, distributions=distributions)
         self._final_max_users = max_users if final_max_users is None else final_max_users
         self._final: Evaluator | None = None
         self.max_users = max_users
@@ -301,6 +303,7 @@ class Evaluator:
         self.batch_size = batch_size
         self.metrics = [m for m in METRIC_FAMILIES if m in set(metrics)]
         self.num_threads = num_threads
+        self.distributions = distributions  # dist/... keys (rf2.eval.distribution)
         self.tier_of_user = tier_of_user
         self.tier_names = list(tier_names)
         quartile, self.quartile_names = activity_quartile(dataset.train_counts)
@@ -370,7 +373,8 @@ class Evaluator:
         """From an ``EvalConfig`` (``cfg``) and the run seed (which picks the sample)."""
         return cls(dataset, cfg.ks, cfg.batch_size, tier_of_user, tier_names,
                    metrics=cfg.metrics, max_users=cfg.max_users, num_threads=cfg.num_threads,
-                   seed=seed, final_max_users=cfg.final_max_users)
+                   seed=seed, final_max_users=cfg.final_max_users,
+                   distributions=cfg.distributions)
 
     def final(self) -> Evaluator:
         """The evaluator of a run's last evaluation (``final_max_users``): this one when
@@ -513,6 +517,12 @@ class Evaluator:
                           if np.isfinite(row.get(f"tier/{t}/{metric}", np.nan))}
                 summary = fairness_summary(values, per_user[metric])
                 row.update({f"fair/{metric}/{k}": float(v) for k, v in summary.items()})
+        if self.distributions:
+            # One tier: its keys would repeat the overall ones.
+            tiered = self.tier_of_user is not None and len(self.tier_names) > 1
+            row.update(distribution_row(
+                per_user, self.tier_of_user[self.users] if tiered else None,  # type: ignore[index]
+                self.tier_names if tiered else ()))
         quartiles = self.quartile_of_user[self.users]
         row.update(group_means(per_user, quartiles, self.quartile_names, prefix="activity"))
         return row

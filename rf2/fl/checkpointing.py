@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.serverapp.strategy import Strategy
 
+from rf2.fl.participation import Participation
 from rf2.fl.selection import ClientSelector
 from rf2.hetero.clock import SimClock
 from rf2.runs.run_folder import Checkpoint, RunFolder
@@ -28,6 +29,8 @@ class ServerState:
     selector: ClientSelector
     clock: SimClock
     wall_offset_s: float = 0.0  # wall time spent before a resume
+    # Per-user selection/training counts (None until the server sizes them).
+    participation: Participation | None = None
 
 
 class Checkpointer:
@@ -53,6 +56,9 @@ class Checkpointer:
         arrays = {f"model/{k}": v for k, v in state.arrays.items()}
         for k, v in strategy_arrays.items():
             arrays[f"strategy/{k}"] = v
+        if state.participation is not None:
+            for k, v in state.participation.arrays().items():
+                arrays[f"participation/{k}"] = v
         self.folder.save_checkpoint(state.round, arrays, json_part)
 
 
@@ -69,5 +75,12 @@ def restore_state(
     model = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
     strat = {k[len("strategy/"):]: v for k, v in arrays.items() if k.startswith("strategy/")}
     load_strategy_state(strategy, state["strategy"], strat)
+    counts = {k[len("participation/"):]: v for k, v in arrays.items()
+              if k.startswith("participation/")}
+    participation = None
+    if counts:  # checkpoints from before participation counting have none
+        participation = Participation(int(np.asarray(counts["selected"]).size))
+        participation.load(counts)
     return ServerState(round=round_, arrays=model, selector=selector, clock=clock,
-                       wall_offset_s=float(state.get("wall_offset_s", 0.0)))
+                       wall_offset_s=float(state.get("wall_offset_s", 0.0)),
+                       participation=participation)

@@ -30,6 +30,7 @@ from rf2.fl.checkpointing import Checkpointer, ServerState
 from rf2.fl.dispatch import TrainDispatcher
 from rf2.fl.interrupt import STOP, RunInterrupted, register_server_thread, stop_requested
 from rf2.fl.params import load_numpy_into
+from rf2.fl.participation import Participation
 from rf2.fl.progress import ProgressPrinter
 from rf2.fl.screening import ReplyScreen
 from rf2.fl.tier_settings import TierSettings
@@ -60,6 +61,9 @@ class FederatedServer:
         self.setup = setup
         self.cfg = cfg
         self.state = state
+        population = setup.tiers.population
+        if state.participation is None:
+            state.participation = Participation(int(population.tier_of_user.size))
         self.dispatcher = TrainDispatcher(cfg, setup.strategy, setup.tiers,
                                           setup.users_per_message)
         self.screen = ReplyScreen(setup.tiers)
@@ -157,6 +161,14 @@ class FederatedServer:
         row.update(screened.fault_row())
         row["num_clients_trained"] = len(usable)
         row["num_examples"] = int(sum(self.setup.num_examples[r.user] for r in usable))
+        participation = self.state.participation
+        assert participation is not None  # sized in __init__
+        participation.record(plan.selected, [r.user for r in usable])
+        if self.cfg.eval.distributions:
+            population = self.setup.tiers.population
+            tiered = len(population.tier_names) > 1  # one tier would repeat the overall
+            row.update(participation.row(population.tier_of_user if tiered else None,
+                                         population.tier_names))
         row.update(self.traffic.row(usable))
 
         if len(usable) >= cfg.round.min_completed:
