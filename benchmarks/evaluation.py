@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-BASELINE = "ce73b72"  # main before the evaluation-speed work (issue 19 item 4)
+BASELINE = "54c0e89"  # main before the evaluation-speed work (issue 19 item 4)
 TARGETS = {"cds/two_tower": 10.0, "cds/hier_index": 15.0, "large/two_tower": 60.0}
 SAMPLED_USERS = 5000
 
@@ -154,6 +154,8 @@ def best(results: list[dict[str, Any] | None]) -> dict[str, Any] | None:
 def max_difference(a: dict[str, float], b: dict[str, float]) -> float:
     """Max |a - b| over the keys of both rows (inf when the keys differ; NaN = NaN)."""
     if a.keys() != b.keys():
+        print(f"keys only in this tree: {sorted(a.keys() - b.keys())[:10]}; "
+              f"only in the baseline: {sorted(b.keys() - a.keys())[:10]}")
         return float("inf")
     worst = 0.0
     for key, x in a.items():
