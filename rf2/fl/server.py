@@ -64,12 +64,13 @@ class FederatedServer:
         population = setup.tiers.population
         if state.participation is None:
             state.participation = Participation(int(population.tier_of_user.size))
-        self.dispatcher = TrainDispatcher(cfg, setup.strategy, setup.tiers,
-                                          setup.users_per_message)
-        self.screen = ReplyScreen(setup.tiers)
-        self.traffic = TrafficMeter(setup.tiers, setup.num_examples)
         self.aggregator = Aggregator(setup.strategy, setup.tiers,
                                      int(setup.evaluator.dataset.num_items))
+        self.dispatcher = TrainDispatcher(
+            cfg, setup.strategy, setup.tiers, setup.users_per_message,
+            partial_sums=cfg.simulation.partial_aggregation and self.aggregator.accepts_sums())
+        self.screen = ReplyScreen(setup.tiers)
+        self.traffic = TrafficMeter(setup.tiers, setup.num_examples)
         self.checkpointer = Checkpointer(setup.folder, setup.strategy, cfg.checkpoint_every,
                                          cfg.num_rounds)
         self.progress = ProgressPrinter(enabled=cfg.progress, total_rounds=cfg.num_rounds)
