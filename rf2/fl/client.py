@@ -264,10 +264,14 @@ class _Trained:
         return self.arrays
 
 
-def _user_seed(config: dict[str, Any]) -> int:
+def training_seed(run_seed: int, user: int, server_round: int) -> int:
     """(run seed, user, round) -> the user's training seed (negatives, batch order)."""
-    user, server_round = int(config["partition-id"]), int(config["server-round"])
-    return int(config.get("seed", 0)) * 1_000_003 + user * 7919 + server_round
+    return run_seed * 1_000_003 + user * 7919 + server_round
+
+
+def _user_seed(config: dict[str, Any]) -> int:
+    return training_seed(int(config.get("seed", 0)), int(config["partition-id"]),
+                         int(config["server-round"]))
 
 
 def _width(config: dict[str, Any]) -> float:
