@@ -163,3 +163,25 @@ def test_per_client_transforms_keep_single_replies(tmp_path: Path,
     mean.calls = 0
     on, off = _pair(tmp_path, "q", **{"strategy.name": "qffl", "model.name": "two_tower"})
     assert on == off and mean.calls == 0
+
+
+@pytest.mark.slow
+def test_summed_replies_on_ray_equal_one_reply_per_client(tmp_path: Path) -> None:
+    """Sums travel through Flower's Ray engine as through the in-process one."""
+    import shutil
+    import tempfile
+
+    over = {"model.name": "two_tower", "model.loss": "sampled", "model.num_negatives": 20,
+            "strategy.server_optimizer": "none", "num_rounds": 2}
+    ray_tmp = tempfile.mkdtemp(prefix="rf2ray")
+    try:
+        ray = run_job(small_run(**over, **{"simulation.backend": "ray",
+                                           "simulation.ray_temp_dir": ray_tmp}), tmp_path / "r")
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    ref = run_job(small_run(**over, **{"simulation.partial_aggregation": False}), tmp_path / "i")
+    _close_rows(without_timing(read_rows(ray)), without_timing(read_rows(ref)),
+                touched_bytes=True)
+    a, b = torch.load(ray / "model.pt"), torch.load(ref / "model.pt")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
