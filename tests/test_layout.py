@@ -21,15 +21,16 @@ ALLOWED: dict[str, set[str]] = {
     "optim": {"core"},
     "eval": {"core", "data", "model"},
     "runs": {"core"},
-    "fl": {"core", "data", "model", "hetero", "optim", "eval", "runs", "strategies"},
+    "fl": {"core", "data", "model", "hetero", "optim", "eval", "runs", "strategies", "privacy"},
     "analysis": {"core", "runs", "eval.fairness", "eval.distribution"},
     "cli": {"core", "data", "model", "hetero", "optim", "eval", "runs", "fl", "analysis",
-            "strategies", "conf"},
+            "strategies", "conf", "privacy"},
+    "privacy": {"core", "optim"},
     "strategies": {"core", "optim"},
 }
 FRAMEWORKS = {"flwr", "ray"}
 MAY_USE_FRAMEWORKS = {"fl", "strategies"}
-NO_TORCH = {"core", "hetero", "optim", "runs", "analysis"}  # + NUMPY_EVAL
+NO_TORCH = {"core", "hetero", "optim", "runs", "analysis", "privacy"}  # + NUMPY_EVAL
 # NumPy-only modules of rf2/eval that the analysis layer shares (no torch, only core).
 NUMPY_EVAL = ("fairness", "distribution")
 # Optional, lazily imported exporters that need torch's TensorBoard writer.

@@ -9,6 +9,7 @@ it and running on gives the same ``metrics.jsonl`` as an uninterrupted run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from flwr.serverapp.strategy import Strategy
@@ -31,6 +32,8 @@ class ServerState:
     wall_offset_s: float = 0.0  # wall time spent before a resume
     # Per-user selection/training counts (None until the server sizes them).
     participation: Participation | None = None
+    # privacy=dp: the accountant's ledger and the adaptive clip norm (JSON-able).
+    privacy: dict[str, Any] | None = None
 
 
 class Checkpointer:
@@ -53,6 +56,8 @@ class Checkpointer:
             "wall_offset_s": state.wall_offset_s,
             "strategy": meta,
         }
+        if state.privacy is not None:
+            json_part["privacy"] = state.privacy
         arrays = {f"model/{k}": v for k, v in state.arrays.items()}
         for k, v in strategy_arrays.items():
             arrays[f"strategy/{k}"] = v
@@ -83,4 +88,4 @@ def restore_state(
         participation.load(counts)
     return ServerState(round=round_, arrays=model, selector=selector, clock=clock,
                        wall_offset_s=float(state.get("wall_offset_s", 0.0)),
-                       participation=participation)
+                       participation=participation, privacy=state.get("privacy"))
