@@ -143,6 +143,8 @@ def tiering_info(cfg: RunConfig) -> dict[str, object]:
         info["alpha"] = pop.alpha
     if pop.mode == "from-file":
         info["path"] = pop.path
+    if pop._target_:  # the user's own tiering replaced ``mode``
+        info["_target_"] = pop._target_
     return info
 
 

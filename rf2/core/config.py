@@ -20,6 +20,12 @@ DatasetName = Literal[
 
 @dataclass
 class DatasetConfig:
+    # A loader from the user's own module: a dotted path to a function (cfg, seed) ->
+    # rf2.data.Interactions (docs/extending.md); rf2 then applies ``protocol`` and the
+    # split. Empty: rf2's loader named by ``name``.
+    _target_: str = ""
+    # Keyword arguments for the ``_target_`` loader (``+dataset.kwargs.min_rating=4``).
+    kwargs: dict[str, Any] = field(default_factory=dict)
     # Which loader reads the data (the dataset= group sets it with its defaults).
     name: DatasetName = "synthetic"
     # Directory holding the dataset's files (MovieLens: u.data/ratings.dat/ratings.csv;
@@ -56,7 +62,8 @@ class DatasetConfig:
     num_genres: int = 18
 
     def validate(self, path: str = "dataset") -> None:
-        check(self.name == "synthetic" or bool(self.path), f"{path}.path", self.path,
+        check(self.name == "synthetic" or bool(self._target_) or bool(self.path),
+              f"{path}.path", self.path,
               f"a directory containing the {self.name} files (required for {self.name})")
         check(0.0 < self.train_fraction < 1.0, f"{path}.train_fraction", self.train_fraction,
               "a fraction in (0, 1)")
@@ -283,6 +290,12 @@ PopulationMode = Literal["independent", "popularity-dirichlet", "activity", "rf2
 
 @dataclass
 class PopulationConfig:
+    # A tiering from the user's own module: a dotted path to a function (dataset,
+    # profile, seed) -> one tier per user (index or name; docs/extending.md); ``mode``
+    # is then unused. Empty: rf2's tiering named by ``mode``.
+    _target_: str = ""
+    # Keyword arguments for the ``_target_`` tiering (``+population.kwargs.k=3``).
+    kwargs: dict[str, Any] = field(default_factory=dict)
     # How users get tiers (the population= group sets it; docs/populations.md).
     mode: PopulationMode = "independent"
     alpha: float = 0.005  # popularity-dirichlet / rf2-dirichlet concentration

@@ -16,6 +16,7 @@ from rf2.core.errors import ConfigError
 from rf2.data.base import FederatedDataset, Interactions, RatedSplit, Ratings
 from rf2.data.lightgcn import load_lightgcn
 from rf2.data.movielens import load_movielens1m, load_movielens20m, load_movielens100k
+from rf2.data.plugin import load_target
 from rf2.data.protocol import PROTOCOLS, drop_unclicked, split_rated
 from rf2.data.recbole import RecBoleData, load_recbole
 from rf2.data.split import n_train_for, split_interactions
@@ -43,6 +44,8 @@ _MOVIELENS = {
 
 
 def _raw_interactions(cfg: DatasetConfig, seed: int) -> Interactions:
+    if cfg._target_:
+        return load_target(cfg, seed)
     if cfg.name == "synthetic":
         return generate_synthetic(cfg, seed).interactions
     if cfg.name in _MOVIELENS:
@@ -70,33 +73,41 @@ def load_dataset(cfg: DatasetConfig, seed: int) -> FederatedDataset:
     ``seed`` matters for ``synthetic`` and for the random split of ``recbole`` data
     without timestamps (``cfg.split_seed`` overrides it); other files are deterministic.
     ``lightgcn`` keeps its published train/test split instead of re-splitting.
+    ``cfg._target_`` (the user's own loader, :mod:`rf2.data.plugin`) replaces the loader
+    named by ``cfg.name``; protocol and split apply to its interactions as to any.
     """
-    if cfg.name == "lightgcn":
-        if cfg.protocol == "rf2":
-            raise ConfigError("dataset.protocol", cfg.protocol,
-                              "'clicks' for lightgcn (pre-split clicks, no ratings)")
-        return dataclasses.replace(load_lightgcn(cfg.path, cfg.history_len), split="given")
-    if cfg.name == "recbole":
-        data = _recbole(cfg, seed)
-        if cfg.protocol == "rf2":  # needs the loader to have kept every rating
-            if data.interactions.ratings is None:
+    name = cfg._target_ or cfg.name
+    if not cfg._target_:
+        if cfg.name == "lightgcn":
+            if cfg.protocol == "rf2":
                 raise ConfigError("dataset.protocol", cfg.protocol,
-                                  "'clicks' for recbole data whose loader kept no ratings")
-            ds = split_rated(data.interactions, cfg.name, cfg.train_fraction, cfg.history_len)
-        else:
-            ds = split_interactions(drop_unclicked(data.interactions), cfg.name,
-                                    cfg.train_fraction, cfg.history_len)
-        split = "chronological" if data.has_timestamp else "random"
-        return dataclasses.replace(ds, split=split, report=data.report)
-    if cfg.name != "synthetic" and cfg.name not in _MOVIELENS:
-        raise ValueError(f"unknown dataset {cfg.name!r}")
+                                  "'clicks' for lightgcn (pre-split clicks, no ratings)")
+            return dataclasses.replace(load_lightgcn(cfg.path, cfg.history_len), split="given")
+        if cfg.name == "recbole":
+            return _split_recbole(cfg, seed)
+        if cfg.name != "synthetic" and cfg.name not in _MOVIELENS:
+            raise ValueError(f"unknown dataset {cfg.name!r}")
     inter = load_interactions(cfg, seed)
     if cfg.protocol == "rf2":
         if inter.ratings is None:
             raise ConfigError("dataset.protocol", cfg.protocol,
-                              f"'clicks' for {cfg.name} (it has no ratings to label)")
-        return split_rated(inter, cfg.name, cfg.train_fraction, cfg.history_len)
-    return split_interactions(inter, cfg.name, cfg.train_fraction, cfg.history_len)
+                              f"'clicks' for {name} (it has no ratings to label)")
+        return split_rated(inter, name, cfg.train_fraction, cfg.history_len)
+    return split_interactions(inter, name, cfg.train_fraction, cfg.history_len)
+
+
+def _split_recbole(cfg: DatasetConfig, seed: int) -> FederatedDataset:
+    data = _recbole(cfg, seed)
+    if cfg.protocol == "rf2":  # needs the loader to have kept every rating
+        if data.interactions.ratings is None:
+            raise ConfigError("dataset.protocol", cfg.protocol,
+                              "'clicks' for recbole data whose loader kept no ratings")
+        ds = split_rated(data.interactions, cfg.name, cfg.train_fraction, cfg.history_len)
+    else:
+        ds = split_interactions(drop_unclicked(data.interactions), cfg.name,
+                                cfg.train_fraction, cfg.history_len)
+    split = "chronological" if data.has_timestamp else "random"
+    return dataclasses.replace(ds, split=split, report=data.report)
 
 
 def _recbole(cfg: DatasetConfig, seed: int) -> RecBoleData:

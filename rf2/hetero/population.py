@@ -38,8 +38,10 @@ from typing import Any
 import numpy as np
 
 from rf2.core.config import PopulationConfig
+from rf2.core.errors import ConfigError
 from rf2.core.typed import check
 from rf2.data.base import FederatedDataset
+from rf2.data.plugin import resolve
 from rf2.hetero.devices import DeviceProfile
 from rf2.hetero.rf2_tiers import clickers_by_item, rf2_dirichlet, rf2_draws, rf2_random, training_samples
 from rf2.hetero.tier_file import read_tier_file
@@ -207,7 +209,9 @@ def assign_tiers(dataset: FederatedDataset, profile: DeviceProfile, cfg: Populat
     n, shares = dataset.num_users, profile.shares
     rng = np.random.default_rng([seed, _STREAM_TIERS])
     counts = dataset.train_counts
-    if cfg.mode == "independent":
+    if cfg._target_:
+        tier_of_user = target_tiers(dataset, profile, cfg, seed)
+    elif cfg.mode == "independent":
         tier_of_user = _independent(n, shares, rng)
     elif cfg.mode == "rf2-sorted":
         tier_of_user = _rf2_sorted(counts, shares)
@@ -228,6 +232,48 @@ def assign_tiers(dataset: FederatedDataset, profile: DeviceProfile, cfg: Populat
     else:
         raise ValueError(f"unknown population mode {cfg.mode!r}")
     return draw_devices(tier_of_user, profile, seed)
+
+
+_ALLOWED_TARGET = ("a dotted path to a function (dataset, profile, seed, **population.kwargs) "
+                   "returning one tier per user (index or tier name), importable in this "
+                   "Python (e.g. mylab.tiers.by_genre)")
+
+
+def target_tiers(dataset: FederatedDataset, profile: DeviceProfile, cfg: PopulationConfig,
+                 seed: int) -> np.ndarray:
+    """(U,) tier index per user from ``population._target_``, the user's own tiering.
+
+    The function gets the split dataset (users in index order; ``dataset.raw_user_ids()``
+    names them), the device profile and the run seed, and returns a sequence of U tiers:
+    indices into ``profile.tier_names`` or the names themselves. Anything else is one
+    config error naming ``population._target_``.
+    """
+    try:
+        tiering = resolve(cfg._target_)
+    except Exception as ex:  # noqa: BLE001 - ImportError, AttributeError, ValueError...
+        raise ConfigError("population._target_", cfg._target_,
+                          f"{_ALLOWED_TARGET}; it cannot be imported: {ex}") from ex
+    if not callable(tiering):
+        raise ConfigError("population._target_", cfg._target_, _ALLOWED_TARGET)
+    got = np.asarray(tiering(dataset, profile, seed, **cfg.kwargs))
+    names = list(profile.tier_names)
+    if got.shape != (dataset.num_users,):
+        raise ConfigError("population._target_", cfg._target_,
+                          f"{_ALLOWED_TARGET}; it returned shape {got.shape} for "
+                          f"{dataset.num_users} users")
+    if got.dtype.kind in "US":
+        unknown = sorted(set(got.tolist()) - set(names))
+        if unknown:
+            raise ConfigError("population._target_", cfg._target_,
+                              f"tiers of the device profile ({', '.join(names)}); it returned "
+                              f"{unknown[:3]}")
+        return np.asarray([names.index(t) for t in got.tolist()], dtype=np.int64)
+    if got.dtype.kind not in "iu" or (got.size and not 0 <= got.min() <= got.max() < len(names)):
+        raise ConfigError("population._target_", cfg._target_,
+                          f"tier indices in [0, {len(names) - 1}] or tier names "
+                          f"({', '.join(names)}); it returned {got.dtype} values "
+                          f"{np.unique(got)[:3].tolist()}")
+    return got.astype(np.int64)
 
 
 def draw_devices(tier_of_user: np.ndarray, profile: DeviceProfile, seed: int) -> Population:
