@@ -3,6 +3,7 @@ the console (everything printed on stdout and stderr while the run's command run
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections.abc import Iterator
@@ -45,6 +46,22 @@ def run_summary(folder: RunFolder) -> list[str]:
             final = next((r[key] for r in reversed(rows) if key in r), float("nan"))
             lines.append(f"  {metric:<10} {label:<14} final {_fmt(final)}  "
                          f"best {_fmt(best)} (round {best_round})")
+    return lines + node_lines(folder.path)
+
+
+NODES = "nodes.json"
+
+
+def node_lines(path: Path) -> list[str]:
+    """The Ray nodes the clients trained on (``nodes.json``), one line each."""
+    try:
+        nodes = json.loads((path / NODES).read_text(encoding="utf-8"))["nodes"]
+    except (OSError, ValueError, KeyError):
+        return []
+    lines = [f"  ray nodes {len(nodes)}:"]
+    for node in nodes:
+        lines.append(f"    {node['node_id'][:12]} at {node['address']}, {node['cpus']:g} CPU: "
+                     f"{node['clients_trained']} clients trained")
     return lines
 
 
