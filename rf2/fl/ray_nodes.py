@@ -9,6 +9,7 @@ pool with two changes:
 * an actor that died (``RayActorError``: its node was removed or crashed) is dropped, so
   only the message it held fails (its users count as failed clients for that round) and
   later messages wait for a live actor;
+* at most ``simulation.ray_max_workers`` actors (Flower sizes the pool to the cluster);
 * every reply is tallied on the node its actor runs on (users trained per node), for
   the run folder's ``nodes.json`` (:func:`node_records`).
 
@@ -67,13 +68,15 @@ def _users_trained(reply: Any) -> int:  # noqa: ANN401 - a flwr Message
     return sum(1 for key in reply.content.keys() if key.startswith("metrics/"))
 
 
-def _pool_class(tally: NodeTally) -> type:
+def _pool_class(tally: NodeTally, max_workers: int) -> type:
     from flwr.simulation.ray_transport.ray_actor import BasicActorPool
     from ray.exceptions import RayActorError
 
     class NodeAwarePool(BasicActorPool):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401
             super().__init__(*args, **kwargs)
+            if max_workers > 0:  # Flower sizes the pool to the whole cluster
+                self.actors_capacity = min(self.actors_capacity, max_workers)
             self._idle = threading.Condition()
             self._node_query: dict[str, Any] = {}  # actor id -> ObjectRef of its node id
             self._node: dict[str, str] = {}
@@ -156,13 +159,14 @@ def verify_pool_used(tally: NodeTally) -> None:
 
 
 @contextlib.contextmanager
-def node_aware_pool(tally: NodeTally) -> Iterator[None]:
-    """Flower's Ray backend builds :class:`NodeAwarePool` inside this block."""
+def node_aware_pool(tally: NodeTally, max_workers: int = 0) -> Iterator[None]:
+    """Flower's Ray backend builds :class:`NodeAwarePool` inside this block, with at most
+    ``max_workers`` actors (0 = as many as the cluster's CPUs fit)."""
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
     check_pool_hook()
     original = raybackend.BasicActorPool
-    raybackend.BasicActorPool = _pool_class(tally)
+    raybackend.BasicActorPool = _pool_class(tally, max_workers)
     try:
         yield
     finally:

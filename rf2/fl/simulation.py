@@ -194,6 +194,8 @@ def users_per_message(sim: SimulationConfig, clients_per_round: int) -> int:
         fewest, most = 1, CLUSTER_MESSAGES_PER_ROUND
     else:
         workers = max(1, int((os.cpu_count() or 1) // sim.num_cpus_per_client))
+        if sim.ray_max_workers > 0:
+            workers = min(workers, sim.ray_max_workers)
         fewest, most = workers, 4 * workers
     wanted = -(-clients_per_round // MIN_USERS_PER_MESSAGE)
     messages = min(most, max(fewest, wanted))
@@ -289,7 +291,7 @@ def _launch_ray(
         shared = None if dataset is None else share(dataset)
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         with contextlib.ExitStack() as hooks:
-            hooks.enter_context(node_aware_pool(tally))
+            hooks.enter_context(node_aware_pool(tally, sim.ray_max_workers))
             if pushed is not None:
                 hooks.enter_context(prompt_delivery(pushed))
             run_simulation(
