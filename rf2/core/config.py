@@ -133,7 +133,7 @@ class ModelConfig:
     # client). sampled: ``num_negatives`` uniform negatives drawn once per client per
     # round (seeded from the client's seed), shared by its examples, logQ-corrected;
     # a client then touches only its own items and its negatives. auto: sampled when
-    # the catalogue has more than ``auto_sampled_above`` items (see README "Scale").
+    # the catalogue has more than ``auto_sampled_above`` items (see docs/performance.md "Scale").
     loss: Literal["full", "sampled", "auto"] = "auto"
     num_negatives: int = 200
     # 5,000: below it full softmax costs a client about as much as the rest of its step
