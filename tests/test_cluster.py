@@ -1,5 +1,5 @@
-"""rf2 on Ray beyond one process: the dataset in the object store, a real 2-node cluster,
-node records, and a node lost mid-run.
+"""rf2 on a real 2-node Ray cluster (``ray.cluster_utils.Cluster``, one host): the dataset
+in the object store, node records, a node lost mid-run, sweeps as Ray tasks and Ctrl-C.
 
 Each test here starts Ray (its own temp dir and ports) and stops what it started.
 """
@@ -7,7 +7,11 @@ Each test here starts Ray (its own temp dir and ports) and stops what it started
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -42,35 +46,6 @@ def _write_lightgcn(root: Path, users: int = 120, items: int = 90, seed: int = 3
             picked = rng.choice(items, size=12, replace=False)
             train.write(" ".join(map(str, [u, *picked[:10]])) + "\n")
             test.write(" ".join(map(str, [u, *picked[10:]])) + "\n")
-
-
-@pytest.mark.slow  # starts Ray
-def test_ray_clients_read_the_drivers_dataset_and_need_no_data_files(tmp_path: Path,
-                                                                     ray_tmp: str) -> None:
-    from rf2.cli.runner import execute, prepare
-
-    data = tmp_path / "data"
-    _write_lightgcn(data)
-    cfg_map = small_run(num_rounds=2, **{"dataset": {"name": "lightgcn", "path": str(data)}})
-    cfg_map["simulation"] = {"backend": "ray", "ray_temp_dir": ray_tmp}
-    prep = prepare(load_run_config(cfg_map))
-    # The driver has the dataset; the files are gone before any client worker starts, so
-    # the workers can only train from the copy in Ray's object store.
-    shutil.rmtree(data)
-    folder = RunFolder(tmp_path / "ray_run")
-    execute(prep, folder)
-    rows = read_rows(folder.path)
-    assert [r["round"] for r in rows] == [0, 1, 2]
-    trained = sum(r["num_clients_trained"] for r in rows)
-    assert trained == 2 * 20
-    # The same seed in-process (reading the files again) gives the same metrics.
-    _write_lightgcn(data)
-    run_job(small_run(num_rounds=2, **{"dataset": {"name": "lightgcn", "path": str(data)}}),
-            tmp_path / "inprocess_run")
-    assert without_timing(rows) == without_timing(read_rows(tmp_path / "inprocess_run"))
-    nodes = json.loads((folder.path / "nodes.json").read_text())["nodes"]
-    assert len(nodes) == 1 and nodes[0]["clients_trained"] == trained
-    assert nodes[0]["cpus"] >= 1 and nodes[0]["address"]
 
 
 def _read_only_on_every_node(address: str) -> list[tuple[str, list[int], bool]]:
@@ -138,17 +113,29 @@ def _remove_after_round(cluster: Any, node: Any, run_dir: Path, after: int) -> t
 @pytest.mark.slow  # starts a 2-node Ray cluster
 def test_two_node_cluster_equals_in_process_and_survives_a_lost_node(
         tmp_path: Path, ray_tmp: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rf2.cli.runner import execute, prepare
+
     cluster, worker = _cluster(ray_tmp, monkeypatch)
     try:
         on_cluster = {"backend": "ray", "ray_address": cluster.address,
                       "users_per_message": 10}
-        cfg = small_run(num_rounds=3)
+        data = tmp_path / "data"
+        _write_lightgcn(data)
+        on_files = {"dataset": {"name": "lightgcn", "path": str(data)}}
+        cfg = small_run(num_rounds=3, **on_files)
         cfg["simulation"] = on_cluster
-        run_job(cfg, tmp_path / "cluster_run")
-        reference = small_run(num_rounds=3)
+        prep = prepare(load_run_config(cfg))
+        # The driver has the dataset; the files are gone before any client worker starts,
+        # so the workers (on both nodes) can only train from Ray's object store.
+        shutil.rmtree(data)
+        execute(prep, RunFolder(tmp_path / "cluster_run"))
+        _write_lightgcn(data)
+        reference = small_run(num_rounds=3, **on_files)
         reference["simulation"] = {"backend": "inprocess", "users_per_message": 10}
         run_job(reference, tmp_path / "inprocess_run")
         rows = read_rows(tmp_path / "cluster_run")
+        assert [r["round"] for r in rows] == [0, 1, 2, 3]
+        assert all(r["num_clients_trained"] == 20 for r in rows[1:])
         assert without_timing(rows) == without_timing(read_rows(tmp_path / "inprocess_run"))
         nodes = json.loads((tmp_path / "cluster_run" / "nodes.json").read_text())["nodes"]
         assert len(nodes) == 2
@@ -183,3 +170,68 @@ def test_two_node_cluster_equals_in_process_and_survives_a_lost_node(
                    for r in rows[3:])
     finally:
         cluster.shutdown()
+
+
+def _rf2_sweep(tmp_path: Path, name: str, *overrides: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "rf2", "-m", "+experiment=rf2_fairness_gap_quick",
+                             "simulation=ray", "population=independent",
+                             "hydra/launcher=rf2_ray", f"hydra.sweep.dir={tmp_path / name}",
+                             *overrides],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+@pytest.mark.slow  # starts a 2-node Ray cluster and rf2 sweeps on it
+def test_sweep_jobs_run_as_ray_tasks_on_the_cluster_and_ctrl_c_checkpoints_them(
+        tmp_path: Path, ray_tmp: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    cluster, _ = _cluster(ray_tmp, monkeypatch)
+    on_cluster = [f"hydra.launcher.address={cluster.address}", "hydra.launcher.max_parallel_jobs=2",
+                  "simulation.ray_max_workers=1"]
+    try:
+        # The quick study's first two jobs, two at a time, each with one client worker.
+        proc = _rf2_sweep(tmp_path, "quick", "optimization=none,exclude-low", "seed=1",
+                          *on_cluster)
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        cluster_nodes = {n["NodeID"] for n in cluster.global_state.node_table()}
+        for job in ("0", "1"):
+            folder = tmp_path / "quick" / job
+            assert (folder / "DONE").exists()
+            assert [r["round"] for r in read_rows(folder)] == [0, 1, 2, 3]
+            nodes = json.loads((folder / "nodes.json").read_text())["nodes"]
+            assert {n["node_id"] for n in nodes} <= cluster_nodes  # its clients: the cluster
+            assert f"rf2: run finished: {folder}" in out
+
+        # Ctrl-C with two of three jobs running: both stop at a round boundary with their
+        # checkpoint, the third never starts, one summary lists what to resume.
+        proc = _rf2_sweep(tmp_path, "stopped", "optimization=none", "seed=1,2,3",
+                          "num_rounds=2000", *on_cluster)
+        sweep = tmp_path / "stopped"
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and proc.poll() is None:
+            started = [m for m in sweep.glob("*/metrics.jsonl") if m.read_text().count("\n") >= 3]
+            if len(started) >= 2:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        cluster.shutdown()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1"]  # job 2 never started
+    lines = err.strip().splitlines()
+    assert "rf2: sweep interrupted; 2 job(s) to resume" in lines, err
+    for job in jobs:
+        n = read_rows(job)[-1]["round"]
+        newest = sorted((job / "checkpoints").glob("round_*"))[-1]
+        assert int(newest.name.split("_")[1]) == n
+        assert f"  rf2 resume={job}" in lines
+        assert f"rf2: interrupted after round {n}; resume with: rf2 resume={job}" in lines
+        assert not (job / "DONE").exists() and not (job / ".lock").exists()

@@ -67,7 +67,8 @@ def run_job_command(job: JobCommand, flag: Any, poll_s: float = 0.5) -> JobOutco
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(job.env)
     proc = subprocess.Popen(job.argv, cwd=job.cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_default_sigint)  # noqa: PLW1509 - sets signals only
     out: list[str] = []
     err: list[str] = []
     readers = [threading.Thread(target=lambda s=s, b=b: b.extend(s), daemon=True)
@@ -84,6 +85,13 @@ def run_job_command(job: JobCommand, flag: Any, poll_s: float = 0.5) -> JobOutco
         reader.join()
     return JobOutcome(job.index, proc.returncode, "".join(out), "".join(err),
                       ray.get_runtime_context().get_node_id())
+
+
+def _default_sigint() -> None:
+    """In the job's process, before it starts: Ray's workers block and ignore SIGINT, and
+    a child inherits both, so the job would never see the stop request."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def start_or_join(address: str | None, temp_dir: str | None = None) -> str:

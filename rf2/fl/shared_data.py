@@ -15,8 +15,11 @@ keeps the object in the store (Ray counts borrowers such as the actors that hold
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from rf2.data.base import FederatedDataset
 
@@ -35,6 +38,10 @@ class SharedDataset:
         if not isinstance(dataset, FederatedDataset):
             raise TypeError(f"the shared object is a {type(dataset).__name__}, "
                             "not a FederatedDataset")
+        if dataset.item_genres is not None:
+            # The model turns genres into a tensor, which torch wants writable; it is
+            # small (items x genres), unlike the click arrays, which stay shared.
+            dataset = dataclasses.replace(dataset, item_genres=np.array(dataset.item_genres))
         return dataset
 
 

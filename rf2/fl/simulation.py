@@ -239,8 +239,10 @@ def _init_ray(ray: object, sim: SimulationConfig) -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     if sim.ray_address:
         # A remote cluster does not inherit our environment: ship it as a runtime_env.
+        # Workers' console lines stay in the cluster's logs (a client's error reaches
+        # the run as its reply).
         ray.init(address=sim.ray_address, runtime_env={"env_vars": threads},  # type: ignore[attr-defined]
-                 include_dashboard=False, logging_level=logging.WARNING)
+                 include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
         return
     saved = {k: os.environ.get(k) for k in threads}
     os.environ.update(threads)
