@@ -317,6 +317,9 @@ class SimulationConfig:
     # Client workers (Ray actors) at most; 0 = as many as the cluster's CPUs fit. Caps a
     # job's share of a cluster when a sweep runs several jobs at once (docs/cluster.md).
     ray_max_workers: int = 0
+    # Local Ray without the processes a simulation never uses (autoscaler monitor, log
+    # monitor, dashboard API server; rf2.fl.ray_start); false = plain ray.init().
+    lean_start: bool = True
     # Seconds to wait for one round's replies before counting the missing ones as faults
     # (both backends: in-process, clients run in a worker thread the server stops waiting
     # for; rf2.fl.deadline).

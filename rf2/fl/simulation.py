@@ -41,6 +41,7 @@ from rf2.fl import fast_transport
 from rf2.fl.deadline import DeadlineExceeded, call_with_deadline
 from rf2.fl.interrupt import children_ignore_sigint
 from rf2.fl.ray_nodes import NodeRecord, NodeTally, node_aware_pool, node_records, verify_pool_used
+from rf2.fl.ray_start import LeanHead, start_lean
 from rf2.fl.shared_data import SharedDataset, share
 
 if TYPE_CHECKING:
@@ -227,8 +228,9 @@ def launch(
     return _launch_ray(server_main, client_app_for, num_supernodes, sim, dataset)
 
 
-def _init_ray(ray: object, sim: SimulationConfig) -> None:
-    """Start (or join) Ray ourselves, before Flower would.
+def _init_ray(ray: object, sim: SimulationConfig) -> LeanHead | None:
+    """Start (or join) Ray ourselves, before Flower would; the head node this process
+    started itself (``simulation.lean_start``), to stop after ``ray.shutdown()``.
 
     Flower's own ``ray.init`` passes a ``runtime_env``, which stops Ray from reusing its
     pre-started workers (~10 s start-up on 2 cores). Locally the workers inherit this
@@ -243,7 +245,7 @@ def _init_ray(ray: object, sim: SimulationConfig) -> None:
         # the run as its reply).
         ray.init(address=sim.ray_address, runtime_env={"env_vars": threads},  # type: ignore[attr-defined]
                  include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-        return
+        return None
     saved = {k: os.environ.get(k) for k in threads}
     os.environ.update(threads)
     try:
@@ -254,7 +256,13 @@ def _init_ray(ray: object, sim: SimulationConfig) -> None:
         if sim.ray_temp_dir:
             kwargs["_temp_dir"] = os.path.abspath(sim.ray_temp_dir)
         with children_ignore_sigint():  # rf2 decides how a Ctrl-C stops the run
-            ray.init(**kwargs)  # type: ignore[attr-defined]
+            head = start_lean(os.cpu_count() or 1, sim.ray_temp_dir) if sim.lean_start else None
+            if head is None:
+                ray.init(**kwargs)  # type: ignore[attr-defined]
+            else:
+                ray.init(address=head.address, logging_level=logging.WARNING,  # type: ignore[attr-defined]
+                         log_to_driver=False)
+        return head
     finally:
         for key, value in saved.items():
             if value is None:
@@ -279,7 +287,7 @@ def _launch_ray(
     def _main(grid: Grid, context: Context) -> None:
         server_main(grid if pushed is None else PromptGrid(grid, pushed), context)
 
-    _init_ray(ray, sim)
+    head = _init_ray(ray, sim)
     backend_config = {
         "client_resources": {
             "num_cpus": sim.num_cpus_per_client,
@@ -309,4 +317,6 @@ def _launch_ray(
     finally:
         if ray.is_initialized():
             ray.shutdown()
+        if head is not None:
+            head.stop()
         log.debug("ray simulation finished in %.1fs", time.perf_counter() - started)
