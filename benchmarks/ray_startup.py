@@ -8,11 +8,14 @@ evaluation) written, round 1 written, the end. Peak RSS is the whole process tre
 each client worker's unique memory (USS, not shared with other processes) at the end,
 and its RSS.
 
-    python benchmarks/ray_startup.py --ml100k ../shared/data/ml-100k     # 3 tries
+    python benchmarks/ray_startup.py --ml100k ../shared/data/ml-100k     # 3 tries each
     python benchmarks/ray_startup.py --users 43000 --items 20000          # synthetic
 
-Prints one line per try and the median try's phases; the time to round 1 is measured
-from the run's start (after Python and rf2 are imported).
+Each try runs both ways, alternating (so that the machine's drift hits both): rf2's
+lean start (``simulation.lean_start=true``: no autoscaler monitor, log monitor or
+dashboard API server) and plain ``ray.init`` (``false``, the reference). Prints one line
+per try, each way's median-try phases, and the ratios lean / plain. The time to round 1
+is measured from the run's start (after Python and rf2 are imported).
 """
 
 from __future__ import annotations
@@ -114,10 +117,37 @@ def measure(cfg_map: dict[str, Any]) -> dict[str, Any]:
     sampler.stop.set()
     sampler.join()
     return {"phases_s": {p: marks.get(p) for p in PHASES}, "peak_rss_gb": sampler.peak / 1e9,
-            "workers": sampler.workers}
+            "workers": sampler.workers, "reference_uss_mb": reference_uss_mb(cfg_map)}
 
 
-def config(args: argparse.Namespace) -> dict[str, Any]:
+REFERENCE = """
+import json, sys, psutil, torch
+import flwr.simulation.ray_transport.ray_actor  # what a client actor imports
+import rf2.fl.client
+from rf2.core.config import load_run_config
+from rf2.data import load_dataset
+from rf2.model import build_model
+from rf2.fl.params import state_to_numpy
+torch.set_num_threads(1)
+cfg = load_run_config(json.loads(sys.argv[1]))
+ds = load_dataset(cfg.dataset, cfg.seed)
+model = build_model(cfg.model, ds, cfg.seed)
+arrays = state_to_numpy(model)  # a received global model, as a worker holds one
+del ds  # the data is the part a worker should not hold privately
+import gc; gc.collect()
+print(psutil.Process().memory_full_info().uss / 1e6)
+"""
+
+
+def reference_uss_mb(cfg_map: dict[str, Any]) -> float:
+    """USS of a plain process with torch, Flower, rf2's client and the model: what a
+    client worker costs before any data (its data should add little: it is shared)."""
+    proc = subprocess.run([sys.executable, "-c", REFERENCE, json.dumps(cfg_map)],
+                          capture_output=True, text=True, check=True)
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def config(args: argparse.Namespace, lean: bool = True) -> dict[str, Any]:
     dataset = ({"name": "movielens100k", "path": args.ml100k} if args.ml100k else
                {"name": "synthetic", "num_users": args.users, "num_items": args.items})
     return {
@@ -125,8 +155,46 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
         "checkpoint_every": 0, "dataset": dataset,
         "model": {"name": "two_tower", "loss": "full"},
         "eval": {"every": 10_000},
-        "simulation": {"backend": "ray", "ray_temp_dir": tempfile.mkdtemp(prefix="rf2r")},
+        "simulation": {"backend": "ray", "ray_temp_dir": tempfile.mkdtemp(prefix="rf2r"),
+                       "lean_start": lean},
     }
+
+
+def _one(args: argparse.Namespace, lean: bool) -> dict[str, Any] | None:
+    argv = [sys.executable, __file__, "--one", "--users", str(args.users), "--items",
+            str(args.items), "--lean" if lean else "--plain"] + (
+        ["--ml100k", args.ml100k] if args.ml100k else [])
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not line:
+        print(f"failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return None
+    out = json.loads(line[-1])
+    out["lean"] = lean
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def _table(name: str, tries: list[dict[str, Any]]) -> dict[str, float]:
+    tries = sorted(tries, key=lambda t: t["phases_s"]["round_1"])
+    median = tries[len(tries) // 2]
+    print(f"\n{name} (median try of {len(tries)})\n| phase | at s | took s |\n|---|---|---|")
+    previous = 0.0
+    for phase in PHASES:
+        at = median["phases_s"][phase]
+        if at is None:
+            continue
+        print(f"| {phase} | {at:.1f} | {at - previous:.1f} |")
+        previous = at
+    workers = median["workers"]
+    print("client workers: " + ", ".join(f"USS {w['uss_mb']:.0f} MB / RSS {w['rss_mb']:.0f} MB"
+                                         for w in workers)
+          + f"; a process with torch, Flower, rf2's client and the model: USS "
+            f"{median['reference_uss_mb']:.0f} MB")
+    return {"round_1": statistics.median(t["phases_s"]["round_1"] for t in tries),
+            "ray_part": statistics.median(t["phases_s"]["warm"] - t["phases_s"]["prepared"]
+                                          for t in tries),
+            "peak": statistics.median(t["peak_rss_gb"] for t in tries)}
 
 
 def main() -> None:
@@ -136,39 +204,29 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=1682)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--lean", dest="lean", action="store_true", default=True,
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--plain", dest="lean", action="store_false", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(config(args))), flush=True)
+        print(json.dumps(measure(config(args, args.lean))), flush=True)
         return
-    tries = []
+    tries: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
     for _ in range(args.repeat):
-        argv = [sys.executable, __file__, "--one", "--users", str(args.users),
-                "--items", str(args.items)] + (["--ml100k", args.ml100k] if args.ml100k else [])
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode != 0 or not line:
-            print(f"failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
-            continue
-        tries.append(json.loads(line[-1]))
-        print(json.dumps(tries[-1]), flush=True)
-    if not tries:
+        for lean in (False, True):
+            got = _one(args, lean)
+            if got is not None:
+                tries[lean].append(got)
+    if not tries[True] or not tries[False]:
         sys.exit(1)
-    tries.sort(key=lambda t: t["phases_s"]["round_1"])
-    best = tries[len(tries) // 2]
-    previous = 0.0
-    print("| phase | at s | took s |\n|---|---|---|")
-    for phase in PHASES:
-        at = best["phases_s"][phase]
-        if at is None:
-            continue
-        print(f"| {phase} | {at:.1f} | {at - previous:.1f} |")
-        previous = at
-    rounds_1 = [t["phases_s"]["round_1"] for t in tries]
-    print(f"time to round 1: median {statistics.median(rounds_1):.1f} s "
-          f"(range {min(rounds_1):.1f}-{max(rounds_1):.1f}); peak RSS median "
-          f"{statistics.median(t['peak_rss_gb'] for t in tries):.2f} GB; workers "
-          + ", ".join(f"USS {w['uss_mb']:.0f} MB / RSS {w['rss_mb']:.0f} MB"
-                      for w in best["workers"]))
+    plain = _table("plain ray.init (reference)", tries[False])
+    lean = _table("lean start", tries[True])
+    print("\n| | plain ray.init | lean start | lean / plain |\n|---|---|---|---|")
+    for key, label, unit in (("round_1", "time to round 1", "s"),
+                             ("ray_part", "Ray start to warm workers", "s"),
+                             ("peak", "peak RSS (process tree)", "GB")):
+        print(f"| {label} | {plain[key]:.2f} {unit} | {lean[key]:.2f} {unit} | "
+              f"{lean[key] / plain[key]:.2f}x |")
 
 
 if __name__ == "__main__":
