@@ -25,8 +25,8 @@ from conftest import read_rows, small_run, without_timing
 from rf2.cli.support import run_job
 from rf2.core.config import load_run_config
 from rf2.data.base import FederatedDataset
-from rf2.runs.console import run_summary
 from rf2.runs.run_folder import RunFolder
+from rf2.runs.summary import run_summary
 
 
 @pytest.fixture

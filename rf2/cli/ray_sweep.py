@@ -62,6 +62,24 @@ def _print_outcome(outcome: JobOutcome) -> None:
         sys.stderr.flush()
 
 
+def _record_job(job: JobCommand, outcome: JobOutcome | None, overrides: list[str]) -> None:
+    """The job's line in the sweep's table (``rf2.cli.main``: the jobs file), as a job
+    run by another launcher writes it from its own process."""
+    from rf2.cli.main import SWEEP_JOBS
+
+    path = os.environ.get(SWEEP_JOBS)
+    if not path:
+        return
+    folder = Path(job.run_dir)
+    held = folder if (folder / "metrics.jsonl").exists() else None
+    if outcome is None:
+        status = "not started"
+    else:
+        status = {0: "done", 130: "interrupted"}.get(outcome.returncode, "failed")
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(f"{job.index}\t{held or ''}\t{status}\t{chr(0x1f).join(overrides)}\n")
+
+
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],  # noqa: ANN401
            initial_job_idx: int) -> Sequence[JobReturn]:
     from rf2.cli.main import _note_interrupted_job, _sweep_interrupted
@@ -92,6 +110,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],  # noqa: ANN40
     returns = []
     for job, outcome, overrides, sweep_config in zip(jobs, outcomes, job_overrides, sweep_configs,
                                                      strict=True):
+        _record_job(job, outcome, list(overrides))
         ret = JobReturn(overrides=list(overrides), cfg=sweep_config, hydra_cfg=config,
                         working_dir=os.getcwd(), task_name=str(config.hydra.job.name))
         ret.status = JobStatus.COMPLETED
