@@ -77,7 +77,7 @@ class _Sampler(threading.Thread):
 
 def measure(cfg_map: dict[str, Any]) -> dict[str, Any]:
     """Run ``cfg_map`` once in this process with phase timestamps."""
-    import flwr.server.superlink.fleet.vce.backend.raybackend as raybackend
+    from flwr.simulation.ray_transport import ray_actor
 
     import rf2.cli.runner as runner
     import rf2.fl.server as server
@@ -100,7 +100,7 @@ def measure(cfg_map: dict[str, Any]) -> dict[str, Any]:
 
     after(runner, "prepare", "prepared")
     after(simulation, "_init_ray", "ray_init")
-    after(raybackend.RayBackend, "build", "actors_requested")
+    after(ray_actor.BasicActorPool, "add_actors_to_pool", "actors_requested")
     after(server.FederatedServer, "_warm_up", "warm")
     real_finish = server.FederatedServer._finish_row
 
