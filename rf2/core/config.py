@@ -403,6 +403,11 @@ class SimulationConfig:
     # Clients reply only the rows of the item tables they changed (rf2.optim.sparse);
     # aggregation is exactly the dense one. false = whole models (the reference).
     sparse_updates: bool = True
+    # Partial aggregation inside a message (rf2.fl.partial_sum): when the aggregate is a
+    # weighted mean of client deltas and no per-client transform applies, a message
+    # replies the weighted sum of its users' deltas (the same mean to rounding).
+    # false = one update per client (the reference).
+    partial_aggregation: bool = True
 
     def validate(self, path: str = "simulation") -> None:
         check(self.num_cpus_per_client > 0, f"{path}.num_cpus_per_client",
