@@ -33,7 +33,7 @@ from rf2.core.config import SimulationConfig
 from rf2.core.flower_version import FlowerCompatError
 from rf2.fl import fast_transport
 from rf2.fl.deadline import DeadlineExceeded, call_with_deadline
-from rf2.fl.interrupt import children_ignore_sigint
+from rf2.fl.interrupt import start_noting_stops, stop_requested
 
 ServerMain = Callable[[Grid, Context], None]
 
@@ -231,14 +231,18 @@ def _init_ray(ray: object, sim: SimulationConfig) -> None:
                                      "log_to_driver": False}
         if sim.ray_temp_dir:
             kwargs["_temp_dir"] = os.path.abspath(sim.ray_temp_dir)
-        with children_ignore_sigint():  # rf2 decides how a Ctrl-C stops the run
-            ray.init(**kwargs)  # type: ignore[attr-defined]
+        ray.init(**kwargs)  # type: ignore[attr-defined]
     finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _rf2_owns_sigterm(record: logging.LogRecord) -> bool:
+    # ray.init from rf2's start-up thread leaves SIGTERM to rf2: not worth a warning.
+    return "SIGTERM handler is not set" not in record.getMessage()
 
 
 def _launch_ray(
@@ -256,7 +260,11 @@ def _launch_ray(
     def _main(grid: Grid, context: Context) -> None:
         server_main(grid if pushed is None else PromptGrid(grid, pushed), context)
 
-    _init_ray(ray, sim)
+    # A Ctrl-C or SIGTERM while Ray starts is noted, and acted on below (rf2.fl.interrupt);
+    # Ray lives inside ``starting`` (its processes die with the thread that started them).
+    logging.getLogger("ray._private.worker").addFilter(_rf2_owns_sigterm)
+    starting = contextlib.ExitStack()
+    starting.enter_context(start_noting_stops(lambda: _init_ray(ray, sim)))
     backend_config = {
         "client_resources": {
             "num_cpus": sim.num_cpus_per_client,
@@ -265,6 +273,8 @@ def _launch_ray(
     }
     started = time.perf_counter()
     try:
+        if stop_requested():
+            return  # stopped while Ray started: no round ran, shut Ray down again
         with contextlib.nullcontext() if pushed is None else prompt_delivery(pushed):
             run_simulation(
                 server_app=server_app,
@@ -276,4 +286,5 @@ def _launch_ray(
     finally:
         if ray.is_initialized():
             ray.shutdown()
+        starting.close()
         log.debug("ray simulation finished in %.1fs", time.perf_counter() - started)
