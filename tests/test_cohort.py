@@ -50,7 +50,8 @@ def _check(cfg: ModelConfig, ds, *, lr: float = 0.5, epochs: int = 1, bs: int = 
     model, arrays = _global(cfg, ds)
     if width < 1.0:
         shapes = {k: v.shape for k, v in arrays.items()}
-        arrays = extract(arrays, slice_spec(shapes, width, rules_for(shapes, cfg.dim)))
+        arrays = extract(arrays, slice_spec(shapes, width,
+                                            rules_for(shapes, cfg.dim, model.width_rules())))
         cfg = dataclasses.replace(cfg, dim=kept(cfg.dim, width))
         model = build_model(cfg, ds, seed=4)
         if hasattr(model, "set_training_progress"):

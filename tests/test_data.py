@@ -254,6 +254,43 @@ def test_bad_u_data(tmp_path: Path, data: str, where: str, problem: str) -> None
     assert where in message and problem in message, message
 
 
+def test_compressed_files_are_named_as_such(tmp_path: Path) -> None:
+    import bz2
+    import gzip
+
+    root = _ml100k(tmp_path, ML100K_DATA)
+    plain = (root / "u.data").read_bytes()
+    (root / "u.data").write_bytes(gzip.compress(plain))
+    message = _error(_ml("movielens100k", root))
+    assert "u.data: is a gzip-compressed file" in message and "gunzip -k u.data" in message
+    (root / "u.data").write_bytes(bz2.compress(plain))
+    assert "is a bzip2-compressed file" in _error(_ml("movielens100k", root))
+    (root / "u.data").unlink()
+    (root / "u.data.gz").write_bytes(gzip.compress(plain))
+    message = _error(_ml("movielens100k", root))
+    assert "u.data is missing" in message and "found u.data.gz: decompress it" in message
+    _write(tmp_path / "lg" / "train.txt", "0 1 2\n")
+    (tmp_path / "lg" / "test.txt").write_bytes(gzip.compress(b"0 3\n"))
+    message = _error(DatasetConfig(name="lightgcn", path=str(tmp_path / "lg")))
+    assert "test.txt: is a gzip-compressed file" in message
+
+
+def test_split_keeps_raw_user_ids() -> None:
+    inter = Interactions(user=np.array([0, 1, 1]), item=np.array([1, 2, 3]),
+                         timestamp=np.array([1, 2, 3]), num_users=2, num_items=5,
+                         user_ids=np.array([10, 30]))
+    ds = split_interactions(inter, "toy", 0.9, 2)
+    assert ds.raw_user_ids().tolist() == [10, 30]
+    assert split_interactions(_toy(), "toy", 0.9, 2).raw_user_ids().tolist() == [0, 1, 2]
+
+
+def test_lightgcn_keeps_the_files_user_ids(tmp_path: Path) -> None:
+    _write(tmp_path / "train.txt", "3 1 2\n5\n8 4\n")
+    _write(tmp_path / "test.txt", "3 4\n")
+    ds = load_dataset(DatasetConfig(name="lightgcn", path=str(tmp_path)), seed=0)
+    assert ds.raw_user_ids().tolist() == [3, 8]  # user 5 has no training item: dropped
+
+
 def test_bad_u_item(tmp_path: Path) -> None:
     root = _ml100k(tmp_path, ML100K_DATA)
     _write(root / "u.item", _u_item_line(1, 1) + "\n2|Short|0|1\n")
@@ -356,3 +393,7 @@ def test_real_movielens100k() -> None:
     assert (ds.num_users, ds.num_items, ds.num_genres) == (928, 1682, 19)
     assert ds.train_items.size + ds.test_items.size == 21_201
     assert (ds.train_items.size, ds.test_items.size) == (18_665, 2_536)
+    # raw MovieLens user ids, not indices: the 928 users with a 5-star rating in u.data
+    raw = np.loadtxt(root / "u.data", dtype=np.int64)  # (100000, 4) user item rating time
+    assert ds.raw_user_ids().tolist() == np.unique(raw[raw[:, 2] == 5, 0]).tolist()
+    assert every.user_ids.tolist() == list(range(1, 944))

@@ -83,6 +83,36 @@ def test_blocked_evaluation_equals_plain_reference(dataset: FederatedDataset,
     assert row["se/recall@10"] == 0.0  # every test user evaluated: no sampling error
 
 
+def test_wide_catalogue_equals_plain_reference() -> None:
+    """Enough items for the chunked top-k (and a short last chunk): still the reference,
+    for both models, the index's served metrics included."""
+    wide = load_dataset(DatasetConfig(num_users=90, num_items=2 * KS[-1] * 4 * 32 + 7,
+                                      num_groups=4, mean_clicks_per_user=20), 5)
+    for name in ("two_tower", "hier_index"):
+        model = build_model(ModelConfig(name=name, dim=8), wide, 6)
+        row = Evaluator(wide, KS, 32).evaluate_model(model)
+        for key, values in reference(model, wide).items():
+            assert row[key] == pytest.approx(values.mean(), rel=1e-6), (name, key)
+    assert 0 < row["items_scored_frac"] < 1 and "index/recall@20" in row
+
+
+def test_logsumexp_rows_is_torch_logsumexp_bit_for_bit() -> None:
+    gen = torch.Generator().manual_seed(0)
+    for shape, scale in (((7, 3001), 1.0), ((58, 35_648), 0.05), ((3, 5), 40.0)):
+        scores = torch.randn(*shape, generator=gen) * scale
+        scratch = torch.empty(shape[0] + 2, shape[1])  # a reused, larger buffer
+        assert torch.equal(evaluation.logsumexp_rows(scores, scratch),
+                           torch.logsumexp(scores, 1))
+
+
+def test_rows_of_gathers_csr_rows_in_order() -> None:
+    indptr = np.array([0, 2, 2, 5, 6])
+    items = np.array([4, 1, 9, 8, 7, 3])
+    ptr, got = evaluation.rows_of(indptr, items, np.array([3, 0, 1, 2, 0]))
+    assert ptr.tolist() == [0, 1, 3, 3, 6, 8]
+    assert got.tolist() == [3, 4, 1, 9, 8, 7, 4, 1]
+
+
 def test_blocks_and_threads_change_no_number(dataset: FederatedDataset) -> None:
     model = build_model(ModelConfig(name="hier_index", dim=8), dataset, 1)
     rows = [Evaluator(dataset, KS, bs, num_threads=t).evaluate_model(model)

@@ -12,7 +12,6 @@ from rf2.core.config import ModelConfig
 from rf2.fl.params import state_to_numpy
 from rf2.model.two_tower import TwoTower
 from rf2.optim.heterofl import (
-    TWO_TOWER_RULES,
     aggregate_heterofl,
     default_rules,
     extract,
@@ -81,11 +80,14 @@ def test_two_tower_narrow_model_is_the_slice() -> None:
     genres = np.eye(5, 3)  # (I=5, G=3)
     full = TwoTower(5, ModelConfig(dim=8), item_genres=genres)
     shapes = {k: tuple(v.shape) for k, v in state_to_numpy(full).items()}
-    rules = rules_for(shapes, dim=8)
-    assert rules == {k: TWO_TOWER_RULES[k] for k in shapes}
+    rules = rules_for(shapes, 8, full.width_rules())
+    assert rules == {"history_table": (1,), "item_table": (1,), "genre_table": (1,), "bias": ()}
     assert default_rules(shapes, dim=8) == rules  # the generic guess agrees here
     for width in (0.25, 0.5, 1.0):
         narrow = TwoTower(5, ModelConfig(dim=kept(8, width)), item_genres=genres)
+        if width < 1.0:  # the contract's sub-model is the same model at that width
+            got = {k: tuple(v.shape) for k, v in state_to_numpy(full.at_width(width)).items()}
+            assert got == {k: tuple(v.shape) for k, v in state_to_numpy(narrow).items()}
         spec = slice_spec(shapes, width, rules)
         want = {k: tuple(v.shape) for k, v in state_to_numpy(narrow).items()}
         assert sub_shapes(spec) == want
@@ -172,7 +174,7 @@ def test_hier_index_node_tables_narrow_along_the_embedding_axis_only() -> None:
     cfg = ModelConfig(name="hier_index", dim=16, index=IndexConfig(nodes_per_level=[16, 4]))
     full = build_model(cfg, ds, seed=1)
     shapes = {k: tuple(v.shape) for k, v in full.state_dict().items()}
-    spec = slice_spec(shapes, 0.5, rules_for(shapes, 16))
+    spec = slice_spec(shapes, 0.5, rules_for(shapes, 16, full.width_rules()))
     sub = extract({k: v.numpy() for k, v in full.state_dict().items()}, spec)
     narrow = build_model(ModelConfig(name="hier_index", dim=kept(16, 0.5),
                                      index=IndexConfig(nodes_per_level=[16, 4])), ds, seed=1)

@@ -151,7 +151,7 @@ def test_schedules_warm_up_and_anneal() -> None:
 def test_width_rules_narrow_node_tables_along_d_only() -> None:
     model = _model(nodes_per_level=[8, 3])  # K_0 == D == 8: a square table, not a layer
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    rules = rules_for(shapes, model.cfg.dim)  # what TierSettings applies
+    rules = rules_for(shapes, model.cfg.dim, model.width_rules())  # what TierSettings applies
     assert rules["node_vecs.0"] == (1,) and rules["node_vecs.1"] == (1,)
     assert rules["node_bias.0"] == () and rules["bias"] == ()
     assert rules["item_table"] == (1,) and rules["history_table"] == (1,)

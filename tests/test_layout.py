@@ -21,15 +21,18 @@ ALLOWED: dict[str, set[str]] = {
     "optim": {"core"},
     "eval": {"core", "data", "model"},
     "runs": {"core"},
-    "fl": {"core", "data", "model", "hetero", "optim", "eval", "runs", "strategies"},
-    "analysis": {"core", "runs", "eval.fairness"},
+    "fl": {"core", "data", "model", "hetero", "optim", "eval", "runs", "strategies", "privacy"},
+    "analysis": {"core", "runs", "eval.fairness", "eval.distribution"},
     "cli": {"core", "data", "model", "hetero", "optim", "eval", "runs", "fl", "analysis",
-            "strategies", "conf"},
+            "strategies", "conf", "privacy"},
+    "privacy": {"core", "optim"},
     "strategies": {"core", "optim"},
 }
 FRAMEWORKS = {"flwr", "ray"}
 MAY_USE_FRAMEWORKS = {"fl", "strategies"}
-NO_TORCH = {"core", "hetero", "optim", "runs", "analysis"}  # + rf2/eval/fairness.py
+NO_TORCH = {"core", "hetero", "optim", "runs", "analysis", "privacy"}  # + NUMPY_EVAL
+# NumPy-only modules of rf2/eval that the analysis layer shares (no torch, only core).
+NUMPY_EVAL = ("fairness", "distribution")
 # Optional, lazily imported exporters that need torch's TensorBoard writer.
 TORCH_EXCEPTIONS = {"rf2/runs/tensorboard_log.py"}
 
@@ -56,8 +59,8 @@ def _rf2_package(name: str) -> str | None:
     parts = name.split(".")
     if parts[0] != "rf2" or len(parts) < 2:
         return None
-    if parts[1] == "eval" and len(parts) > 2 and parts[2] == "fairness":
-        return "eval.fairness"
+    if parts[1] == "eval" and len(parts) > 2 and parts[2] in NUMPY_EVAL:
+        return f"eval.{parts[2]}"
     return parts[1]
 
 
@@ -75,13 +78,13 @@ def test_packages_import_only_downwards() -> None:
         if pkg not in ALLOWED:
             continue
         allowed = ALLOWED[pkg] | {pkg}
-        if pkg == "eval" and path.name == "fairness.py":
+        if pkg == "eval" and path.stem in NUMPY_EVAL:
             allowed = {"core"}
         for name in _imports(path):
             target = _rf2_package(name)
             if target is None:
                 continue
-            ok = target in allowed or (target == "eval.fairness" and "eval" in allowed)
+            ok = target in allowed or (target.startswith("eval.") and "eval" in allowed)
             if not ok:
                 violations.append(f"{path.relative_to(ROOT)} imports {name}")
     assert not violations, violations
@@ -95,7 +98,7 @@ def test_flower_and_ray_only_in_the_federated_layer() -> None:
 
 def test_numpy_layers_never_import_torch() -> None:
     files = [p for pkg, p in _sources() if pkg in NO_TORCH]
-    files.append(ROOT / "rf2" / "eval" / "fairness.py")
+    files += [ROOT / "rf2" / "eval" / f"{name}.py" for name in NUMPY_EVAL]
     bad = [f"{p.relative_to(ROOT)}: {n}" for p in files for n in _imports(p)
            if n.split(".")[0] == "torch" and str(p.relative_to(ROOT)) not in TORCH_EXCEPTIONS]
     assert not bad, bad

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rf2.eval.fairness import activity_quartile, fairness_summary, group_means, mdac, relative_change
-from rf2.eval.ranking import ranking_metrics
+from rf2.eval.ranking import CHUNK, best_of, ranking_metrics, top_ids
 
 L3 = 1 / math.log2(3)  # gain at rank 2
 
@@ -154,6 +154,61 @@ def test_auc_across_several_blocks_and_ragged_targets() -> None:
         assert got[u] == pytest.approx(((p > n) + 0.5 * (p == n)).mean())
 
 
+def stable_top(scores: np.ndarray, k: int) -> np.ndarray:
+    """The reference top-k: the first k of a stable descending sort (ties: lower id)."""
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+@st.composite
+def score_blocks(draw: st.DrawFn) -> tuple[torch.Tensor, int]:
+    """Blocks wide enough for the chunked path (and some that are not), with ties,
+    -inf (masked training items) and a short last chunk."""
+    k = draw(st.integers(1, 12))
+    num_items = draw(st.sampled_from([7, 4 * k * CHUNK - 1, 4 * k * CHUNK + 13, 3000]))
+    b = draw(st.integers(1, 6))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    kind = draw(st.sampled_from(["float", "few values", "mostly -inf"]))
+    if kind == "float":
+        scores = rng.standard_normal((b, num_items)).astype(np.float32)
+    elif kind == "few values":  # heavy ties, as a popularity ranking has
+        scores = rng.integers(-3, 4, (b, num_items)).astype(np.float32)
+    else:
+        scores = np.full((b, num_items), -np.inf, dtype=np.float32)
+        keep = rng.random((b, num_items)) < 0.01
+        scores[keep] = rng.standard_normal(int(keep.sum()))
+    masked = rng.random((b, num_items)) < 0.1
+    scores[masked] = -np.inf
+    scores[rng.random((b, num_items)) < 0.05] = -0.0  # equal to +0.0: must tie with it
+    return torch.from_numpy(scores), k
+
+
+@settings(max_examples=60, deadline=None)
+@given(score_blocks())
+def test_top_ids_equal_a_stable_sort(case: tuple[torch.Tensor, int]) -> None:
+    scores, k = case
+    got = top_ids(scores, k)
+    np.testing.assert_array_equal(got, stable_top(scores.numpy(), min(k, scores.shape[1])))
+
+
+def test_top_ids_on_a_large_catalogue_and_extreme_values() -> None:
+    rng = np.random.default_rng(3)
+    scores = rng.standard_normal((9, 35_648)).astype(np.float32)
+    scores[0, :] = 0.0  # one row all tied: its k best are the k lowest ids
+    scores[1, rng.choice(35_648, 30)] = np.inf
+    scores[2, :] = -np.inf
+    scores[3, ::2] = np.finfo(np.float32).max
+    got = top_ids(torch.from_numpy(scores), 50)
+    np.testing.assert_array_equal(got, stable_top(scores, 50))
+    assert got[0].tolist() == list(range(50))
+
+
+def test_best_of_ranks_candidates_with_ties_to_the_lower_id() -> None:
+    vals = np.array([[1.0, 3.0, 3.0, -np.inf, 2.0]], dtype=np.float32)
+    ids = np.array([[10, 7, 4, 0, 99]])
+    assert best_of(vals, ids, 3).tolist() == [[4, 7, 99]]
+    assert best_of(vals, ids, 9).tolist() == [[4, 7, 99, 10, 0]]  # k > N: all, ranked
+
+
 def test_fairness_summary_by_hand() -> None:
     out = fairness_summary({"low": 0.1, "mid": 0.2, "high": 0.3}, np.array([0.0, 1.0, np.nan]))
     assert out["worst_best_ratio"] == pytest.approx(1 / 3)
@@ -216,5 +271,6 @@ def test_test_loss_is_each_users_mean_cross_entropy_over_all_items() -> None:
     log_probs = torch.log_softmax(scores.double(), dim=1)
     expected = [-float(log_probs[b, torch.from_numpy(t)].mean())
                 for b, t in enumerate(block.targets)]
-    got = FAMILIES["loss"].compute(ScoredBlock(block, torch.empty(0), scores, scores), None)  # type: ignore[arg-type]
+    scratch = torch.empty_like(scores)  # the second buffer a family may overwrite
+    got = FAMILIES["loss"].compute(ScoredBlock(block, torch.empty(0), scores, scratch), None)  # type: ignore[arg-type]
     np.testing.assert_allclose(got["loss"], expected, rtol=1e-5)

@@ -52,6 +52,7 @@ def test_chronological_split_with_rating_and_timestamp(tmp_path: Path) -> None:
     assert ds.train_of(1).tolist() == [2] and ds.test_of(1).tolist() == [1]
     assert ds.report is not None
     assert ds.report["users_without_click_dropped"] == 1 and ds.report["clicks"] == 5
+    assert ds.raw_user_ids().tolist() == ["u1", "u2"]  # the tokens name users in tiers.csv
     # click_threshold applies to the rating column
     assert load_dataset(_cfg(root, click_threshold=1.0), seed=0).num_users == 3
 
@@ -104,6 +105,8 @@ def test_name_in_dir_and_token_order(tmp_path: Path) -> None:
     inter = load_interactions(_cfg(root, name_in_dir="other"), seed=0)
     # integer tokens sort numerically: user 9 -> 0, user 10 -> 1; item 2 -> 0, 10 -> 1
     assert inter.user.tolist() == [1, 0, 1] and inter.item.tolist() == [0, 1, 1]
+    ds = load_dataset(_cfg(root, name_in_dir="other"), seed=0)
+    assert ds.raw_user_ids().tolist() == [9, 10]  # integer tokens are integer ids
 
 
 def test_encode_tokens() -> None:
@@ -160,6 +163,19 @@ def test_errors_in_side_files(tmp_path: Path) -> None:
         load_dataset(_cfg(root), seed=0)
     with pytest.raises(DataError, match="does not exist"):
         load_dataset(_cfg(tmp_path / "nowhere"), seed=0)
+
+
+def test_compressed_inter_is_named_as_such(tmp_path: Path) -> None:
+    import gzip
+
+    root = tmp_path / "toy"
+    root.mkdir()
+    (root / "toy.inter").write_bytes(gzip.compress(_tsv(_H, "1\t2").encode()))
+    with pytest.raises(DataError, match=r"toy\.inter: is a gzip-compressed file.*gunzip"):
+        load_dataset(_cfg(root), seed=0)
+    (root / "toy.inter").rename(root / "toy.inter.gz")
+    with pytest.raises(DataError, match=r"found toy\.inter\.gz: decompress it first"):
+        load_dataset(_cfg(root), seed=0)
 
 
 def test_recbole_yaml_is_a_valid_config() -> None:

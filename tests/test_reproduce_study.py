@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import compose_experiment
+from conftest import compose_experiment, text_layout_problems
 
+from rf2.analysis.figures import plot_pass_study
 from rf2.analysis.results import find_runs, load, pass_study_tables
 from rf2.core.config import load_run_config
 
@@ -50,6 +51,10 @@ def test_quick_reproduce_study_end_to_end(tmp_path: Path) -> None:
     assert set(tables.ratio["realistic"]) == {"rf2-dirichlet", "rf2-dirichlet-leaky"}
     assert tables.mdac["mdac"].notna().all() and (tables.mdac["mdac"] >= 0).all()
     assert (tables.mdac_summary["n_seeds"] == 2).all()
+    # two seeds: the ratios' spread means nothing, so the figure draws MDAC only, clear text
+    figure = plot_pass_study(tables, "rated_auc")
+    assert len(figure.axes) == 2 and "ratios need 3 seeds" in figure.get_suptitle()
+    assert text_layout_problems(figure) == []
     fig = subprocess.run(
         [sys.executable, "-m", "rf2.analysis.figures", str(sweep), "--passes", "1,2",
          "--metric", "rated_auc", "--formats", "png"], capture_output=True, text=True,

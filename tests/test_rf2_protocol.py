@@ -17,7 +17,7 @@ from rf2.data.base import FederatedDataset, Interactions, Ratings
 from rf2.data.protocol import drop_unclicked
 from rf2.hetero.devices import load_profile
 from rf2.hetero.population import assign_tiers, population_summary
-from rf2.hetero.rf2_tiers import rf2_dirichlet, rf2_random
+from rf2.hetero.rf2_tiers import MAX_REDRAWS, rf2_dirichlet, rf2_draws, rf2_random
 from rf2.hetero.tier_file import read_tier_file, tier_csv_text
 
 
@@ -106,18 +106,19 @@ def _toy_clicks(test: dict[int, list[int]] | None = None) -> FederatedDataset:
 
 
 class _Stub:
-    """A generator with chosen Dirichlet draws and identity shuffles."""
+    """A generator with chosen Dirichlet draws and identity shuffles (records each list)."""
 
     def __init__(self, draws: list[list[float]]) -> None:
         self.draws = list(draws)
         self.used = 0
+        self.shuffled: list[list[int]] = []
 
     def dirichlet(self, alpha: np.ndarray) -> np.ndarray:
         self.used += 1
         return np.array(self.draws.pop(0) if self.draws else [1.0, 0.0, 0.0])
 
-    def permutation(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(x).copy()
+    def shuffle(self, x: list[int]) -> None:
+        self.shuffled.append(list(x))
 
 
 def test_rf2_dirichlet_walk_order_and_tie_breaks() -> None:
@@ -134,9 +135,29 @@ def test_rf2_dirichlet_walk_order_and_tie_breaks() -> None:
 def test_rf2_dirichlet_share_cuts_use_int_of_cumulative() -> None:
     # 3 users on item 5 with sorted shares (0.5, 0.3, 0.2): d = 1.5, 0.9, 0.6
     # -> smallest tier takes int(1.5) = 1, next up to int(2.4) = 2, the last the rest.
+    # Clickers come in RF²'s client order (most training samples first): 2, 0, 1.
     rng = _Stub([[0.2, 0.5, 0.3]])
     tiers = rf2_dirichlet(_toy_clicks(), 3, 0.005, False, rng)  # type: ignore[arg-type]
-    assert tiers[:3].tolist() == [0, 1, 2]
+    assert rng.shuffled[0] == [2, 0, 1]
+    assert tiers[[2, 0, 1]].tolist() == [0, 1, 2]
+
+
+def test_rf2_dirichlet_nan_draws_are_bounded() -> None:
+    # A generator that only ever returns NaN (legacy Dirichlet at alpha <~ 1e-8): each
+    # step gives up after MAX_REDRAWS redraws and takes the alpha -> 0 limit (1, 0, 0),
+    # which is the one-hot walk of test_rf2_dirichlet_walk_order_and_tie_breaks.
+    class _AlwaysNaN(_Stub):
+        def dirichlet(self, alpha: np.ndarray) -> np.ndarray:
+            self.used += 1
+            return np.full(alpha.size, np.nan)
+
+    rng = _AlwaysNaN([])
+    tiers = rf2_dirichlet(_toy_clicks(), 3, 1e-12, False, rng)  # type: ignore[arg-type]
+    assert tiers.tolist() == [0, 0, 0, 2, 1, 1, 2]
+    assert rng.used == 4 * (MAX_REDRAWS + 1)
+    # RF²'s own generators at alpha = 1e-12 (NaN on nearly every draw) finish too
+    real = rf2_dirichlet(_toy_clicks(), 3, 1e-12, False, rf2_draws(0))
+    assert real.tolist() == [0, 0, 0, 2, 1, 1, 2]
 
 
 def test_rf2_dirichlet_leak_test_uses_test_clicks() -> None:
@@ -184,6 +205,44 @@ def test_tier_file_errors_are_one_line(tmp_path: Path, text: str, needle: str) -
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("protocol", ["clicks", "rf2"])
+def test_ml100k_tiers_csv_uses_movielens_user_ids(ml100k: Path, tmp_path: Path,
+                                                   protocol: str) -> None:
+    """A run's tiers.csv names users 1..943 under every protocol, and reads back."""
+    from conftest import small_run
+
+    from rf2.cli.support import run_job
+
+    cfg = small_run(**{"dataset": {"name": "movielens100k", "path": str(ml100k),
+                                   "protocol": protocol},
+                       "devices.profile": "rf2-3tier", "population.mode": "rf2-random",
+                       "num_rounds": 1, "clients_per_round": 5, "eval.max_users": 50})
+    run = run_job(cfg, tmp_path / "run")
+    lines = (run / "tiers.csv").read_text().splitlines()
+    ids = [int(line.split(",")[0]) for line in lines[1:]]
+    raw = np.loadtxt(ml100k / "u.data", dtype=np.int64)  # user item rating time
+    clickers = np.unique(raw[raw[:, 2] == 5, 0]).tolist()  # 928 users
+    assert ids == (list(range(1, 944)) if protocol == "rf2" else clickers)
+    ds = load_dataset(DatasetConfig(name="movielens100k", path=str(ml100k),
+                                    protocol=protocol), 7)  # type: ignore[arg-type]
+    profile = load_profile("rf2-3tier")
+    written = assign_tiers(ds, profile, PopulationConfig(mode="rf2-random"), 7).tier_of_user
+    back = assign_tiers(ds, profile, PopulationConfig(mode="from-file",
+                                                      path=str(run / "tiers.csv")), 7)
+    assert np.array_equal(back.tier_of_user, written)
+
+
+def test_tier_file_with_token_user_ids(tmp_path: Path) -> None:
+    ids = np.array(["A7", "b3", "c12"])
+    f = tmp_path / "tiers.csv"
+    f.write_text(tier_csv_text(ids, np.array([2, 0, 1]), ("low", "mid", "high")))
+    assert f.read_text().splitlines()[1] == "A7,high"
+    assert read_tier_file(str(f), ids, ("low", "mid", "high")).tolist() == [2, 0, 1]
+    f.write_text("user_id,tier\nA7,high\nb3,low\nzz,mid\n")
+    with pytest.raises(DataError, match="user_id zz is not a user"):
+        read_tier_file(str(f), ids, ("low", "mid", "high"))
+
+
 @pytest.mark.slow  # an rf2 subprocess; the check itself is tested in-process above
 def test_cli_from_file_bad_tier_exits_2_without_run_folder(tmp_path: Path) -> None:
     f = tmp_path / "tiers.csv"
@@ -219,25 +278,33 @@ def test_ml100k_rf2_random_matches_rf2(ml100k: Path) -> None:
 
 
 def test_ml100k_rf2_dirichlet_leaky_matches_rf2(ml100k: Path) -> None:
-    """RF²'s leaky map (seed 123): 348/292/303 users, 44.5k/22.5k/23.4k training samples.
-
-    RF²'s RNG stream cannot be replayed, and one seed's mid/high sample split moves by
-    ~9% (std over seeds: which heavy users an early split sends where), so the check is
-    on the mean over 10 seeds: samples within 2%, users within 3.5% (the low tier comes
-    out ~10 users smaller on average than RF²'s one map).
-    """
+    """RF²'s leaky map for seed 123 (DESIGN.md): 348/292/303 users, 44.5k/22.5k/23.4k
+    training samples -- exactly, since rf2 replays RF²'s generators."""
     ds = load_dataset(DatasetConfig(name="movielens100k", path=str(ml100k), protocol="rf2"), 123)
     cfg = PopulationConfig(mode="rf2-dirichlet", leak_test=True)
-    users, samples = [], []
-    for seed in range(1, 11):
-        t = assign_tiers(ds, load_profile("rf2-3tier"), cfg, seed=seed).tier_of_user
-        users.append([int((t == k).sum()) for k in range(3)])
-        samples.append([float(ds.rated.train_counts[t == k].sum()) for k in range(3)])
-    mean_users = np.mean(users, axis=0).tolist()
-    mean_samples = np.mean(samples, axis=0).tolist()
-    assert _within(mean_samples, [44.5e3, 22.5e3, 23.4e3], 0.02), mean_samples
-    assert _within(mean_users, [348, 292, 303], 0.035), mean_users
-    assert all(u[0] > max(u[1], u[2]) for u in users)  # the low tier is always the largest
+    t = assign_tiers(ds, load_profile("rf2-3tier"), cfg, seed=123).tier_of_user
+    assert [int((t == k).sum()) for k in range(3)] == [348, 292, 303]
+    samples = [int(ds.rated.train_counts[t == k].sum()) for k in range(3)]
+    assert [round(s, -2) for s in samples] == [44_500, 22_500, 23_400], samples
     free = assign_tiers(ds, load_profile("rf2-3tier"),
-                        PopulationConfig(mode="rf2-dirichlet", leak_test=False), seed=1)
+                        PopulationConfig(mode="rf2-dirichlet", leak_test=False), seed=123)
     assert not np.array_equal(free.tier_of_user, t)  # test clicks change the map
+
+
+@pytest.mark.parametrize(("fixture", "mode", "seed"), [
+    ("dirichlet_seed124.json", "rf2-dirichlet", 124), ("random.json", "rf2-random", 124)])
+def test_ml100k_maps_equal_rf2s_own_user_for_user(ml100k: Path, rf2_maps: Path, fixture: str,
+                                                   mode: str, seed: int) -> None:
+    """The maps RF²'s code wrote (../shared/fixtures/rf2-maps, see its README)."""
+    ref = json.loads((rf2_maps / fixture).read_text())
+    ds = load_dataset(DatasetConfig(name="movielens100k", path=str(ml100k), protocol="rf2"), seed)
+    cfg = PopulationConfig(mode=mode, leak_test=mode == "rf2-dirichlet")  # type: ignore[arg-type]
+    got = assign_tiers(ds, load_profile("rf2-3tier"), cfg, seed=seed).tier_of_user
+    ids = ds.raw_user_ids().tolist()
+    assert sorted(ids) == sorted(int(k) for k in ref["map"])  # 943 users, ids 1..943
+    mismatched = [u for u, t in zip(ids, got.tolist(), strict=True) if ref["map"][str(u)] != t]
+    assert mismatched == []
+    for tier, stats in ref["stats_per_tier"].items():
+        mask = got == int(tier)
+        assert int(mask.sum()) == stats["users"]
+        assert int(ds.rated.train_counts[mask].sum()) == stats["train_samples"]

@@ -20,9 +20,10 @@ from typing import Any
 import nbformat
 import pytest
 import yaml
-from conftest import compose_experiment
+from conftest import compose_experiment, text_layout_problems
 
-from rf2.analysis.results import find_runs
+from rf2.analysis.figures import plot_fairness_gap, plot_participation, plot_tier_curves
+from rf2.analysis.results import find_runs, load
 from rf2.cli.support import precheck_overrides
 from rf2.core.config import load_run_config
 from rf2.core.errors import ConfigError
@@ -170,6 +171,7 @@ def quick_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
          f"hydra.sweep.dir={sweep}"],
         cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (tmp / "console.txt").write_text(proc.stdout, encoding="utf-8")
     return sweep
 
 
@@ -188,6 +190,11 @@ def test_quick_study_sweep_figures_and_notebook(quick_sweep: Path) -> None:
         assert [r["round"] for r in rows] == [0, 1, 2, 3]
         assert "tier/low/recall@20" in rows[-1]
     assert seen == expected
+    # the sweep ends with one table of its jobs and the command to run next
+    console = (quick_sweep.parent / "console.txt").read_text(encoding="utf-8")
+    assert f"rf2: sweep finished: {len(expected)} of {len(expected)} job(s) done" in console
+    assert console.rstrip().endswith("next: rf2-figures multirun")  # as typed, from cwd
+    assert "rf2: run finished" not in console  # one line per job, not a summary each
 
     # 2. rf2-figures on the folder: PNG and PDF of every figure
     out = quick_sweep.parent / "figures"
@@ -202,6 +209,24 @@ def test_quick_study_sweep_figures_and_notebook(quick_sweep: Path) -> None:
 
     # 3. the notebook, headless, against the same folder
     _execute_notebook(quick_sweep)
+
+
+@pytest.mark.slow
+def test_quick_study_figures_keep_their_text_clear(quick_sweep: Path) -> None:
+    df = load(quick_sweep)
+    figures = {"tier curves": plot_tier_curves(df), "fairness gap": plot_fairness_gap(df),
+               "participation": plot_participation(df)}
+    for name, figure in figures.items():
+        assert text_layout_problems(figure) == [], name
+        # honest titles: what was averaged, over how many seeds
+        assert f"over {len(QUICK_SEEDS)} seeds" in figure.get_suptitle().replace("\n", " ")
+    gap = figures["fairness gap"]
+    # 5 optimizations + the MDAC panel fill the 2 x 3 grid: no empty panel
+    assert len(gap.axes) == len(OPTIMIZATIONS)
+    assert all("ratio not shown: 2 seed(s)" in ax.get_title() for ax in gap.axes[:-1])
+    curves = figures["tier curves"]
+    assert all("popularity baseline" in [ln.get_label() for ln in ax.get_lines()]
+               for ax in curves.axes)
 
 
 def _execute_notebook(run_dir: Path) -> None:

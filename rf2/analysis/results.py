@@ -27,9 +27,10 @@ from rf2.core.errors import UserInputError
 from rf2.eval.fairness import mdac as mdac_of
 from rf2.eval.fairness import relative_change
 
-__all__ = ["CONFIG_COLUMNS", "FairnessTables", "PassStudyTables", "ResultsError", "ResultsWarning",
-           "fairness_gap_table", "find_runs", "load", "load_population", "load_wide",
-           "order_tiers", "pass_study_tables", "tier_metric", "to_parquet"]
+__all__ = ["ALL_USERS", "CONFIG_COLUMNS", "FairnessTables", "PassStudyTables", "ResultsError",
+           "ResultsWarning", "distributions", "fairness_gap_table", "find_runs", "load",
+           "load_population", "load_wide", "order_tiers", "pass_study_tables", "tier_metric",
+           "to_parquet", "user_cdf"]
 
 # Column -> dotted path in config.yaml: the axes a sweep usually varies.
 CONFIG_COLUMNS: dict[str, str] = {
@@ -464,3 +465,61 @@ def pass_study_tables(df: pd.DataFrame | PathLike, metric: str = "rated_auc",
             drop=True)
 
     return PassStudyTables(tidy(mdacs), tidy(summaries), tidy(ratios))
+
+
+# Per-user distribution keys (rf2.eval.distribution): dist/tier/<t>/<metric>/<stat> and
+# dist/<metric>/<stat>; a metric may itself hold a slash (index/recall@20).
+_DIST_TIER_KEY = re.compile(r"^dist/tier/([^/]+)/(.+)/([^/]+)$")
+_DIST_KEY = re.compile(r"^dist/(.+)/([^/]+)$")
+ALL_USERS = "all users"  # the ``tier`` of statistics over all users (no tier's name)
+
+
+def distributions(df: pd.DataFrame | PathLike, metric: str | None = None,
+                  stat: str | None = None) -> pd.DataFrame:
+    """The per-user distribution statistics of a :func:`load` frame (or a path), tidy.
+
+    One row per (run, round, tier, metric, stat): ``tier`` is a tier name or ``"all"``
+    (every evaluated user; :data:`ALL_USERS`); ``stat`` is ``std``, ``bottom10``, ``top10``, ``gini``,
+    ``no_hit``, ``cdf_<x>`` (see :mod:`rf2.eval.distribution`); participation appears as
+    metrics ``selections`` and ``trainings`` with stat ``gini``. ``metric``/``stat``
+    filter. Config columns are kept. Empty when the runs logged none (``eval.distributions``
+    false, or runs from before it).
+    """
+    frame = load(df) if not isinstance(df, pd.DataFrame) else df
+    if "metric" not in frame:
+        raise ResultsError("expected the long frame of rf2.analysis.results.load() (no 'metric' column)")
+    rows = frame[frame["metric"].str.startswith("dist/")]
+    keys = rows["metric"]
+    tiered = keys.str.extract(_DIST_TIER_KEY)
+    flat = keys.str.extract(_DIST_KEY)
+    is_tier = tiered[0].notna().to_numpy()
+    tier = np.where(is_tier, tiered[0], ALL_USERS)
+    name = np.where(is_tier, tiered[1], flat[0])
+    which = np.where(is_tier, tiered[2], flat[1])
+    out = rows.drop(columns="metric").copy()
+    at = int(out.columns.get_loc("round")) + 1
+    for i, (col, values) in enumerate((("tier", tier), ("metric", name), ("stat", which))):
+        out.insert(at + i, col, values)
+    if metric is not None:
+        out = out[out["metric"] == metric]
+    if stat is not None:
+        out = out[out["stat"] == stat]
+    return out.reset_index(drop=True)
+
+
+def user_cdf(df: pd.DataFrame | PathLike, metric: str = "recall@20",
+             round: int | None = None) -> pd.DataFrame:
+    """The logged CDF of a per-user metric (``cdf_<x>`` stats; recall@20 by default): one
+    row per (run, tier, x) with ``share`` = share of the tier's evaluated users whose
+    value is <= x, at ``round`` (default: each run's last round that logged it)."""
+    d = distributions(df, metric)
+    d = d[d["stat"].str.startswith("cdf_")]
+    if d.empty:
+        raise ResultsError(f"no dist/.../{metric}/cdf_<x> values (logged for "
+                           "rf2.eval.distribution.CDF_METRICS with eval.distributions=true)")
+    last = d.groupby("run")["round"].transform("max")
+    d = d[d["round"] == (last if round is None else round)]
+    if d.empty:
+        raise ResultsError(f"no run logged the CDF of {metric} at round {round}")
+    d = d.assign(x=d["stat"].str.slice(4).astype("float64")).rename(columns={"value": "share"})
+    return d.drop(columns=["stat"]).sort_values(["run", "tier", "x"]).reset_index(drop=True)

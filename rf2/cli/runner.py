@@ -31,13 +31,14 @@ from rf2.fl.selection import ClientSelector
 from rf2.fl.server import FederatedServer, ServerSetup
 from rf2.fl.simulation import launch, users_per_message
 from rf2.fl.tier_settings import TierSettings
-from rf2.hetero.clock import SimClock
+from rf2.hetero.clock import SimClock, num_to_select
 from rf2.hetero.devices import DeviceProfile, load_profile
 from rf2.hetero.population import Population, assign_tiers, population_summary
 from rf2.hetero.tier_file import tier_csv_text
 from rf2.model import build_model
 from rf2.model.examples import num_training_examples
 from rf2.model.ttt import ttt_if_enabled
+from rf2.privacy.plan import PrivacyPlan, plan_privacy
 from rf2.runs.run_folder import Checkpoint, RunFolder
 from rf2.strategies import instantiate_strategy
 
@@ -56,6 +57,7 @@ class PreparedRun:
     model: torch.nn.Module
     strategy: Strategy
     num_examples: np.ndarray  # (num_users,)
+    privacy: PrivacyPlan | None = None  # privacy=dp, resolved against the population
 
 
 def resolved_data_path(path: str) -> str:
@@ -129,7 +131,15 @@ def prepare(cfg: RunConfig) -> PreparedRun:
     model = build_model(cfg.model, dataset, cfg.seed)
     strategy = instantiate_strategy(cfg.strategy, cfg.client)
     num_examples = num_training_examples(dataset)
-    return PreparedRun(cfg, dataset, profile, population, model, strategy, num_examples)
+    prep = PreparedRun(cfg, dataset, profile, population, model, strategy, num_examples)
+    if cfg.privacy.name == "dp":
+        # Solving z for a target epsilon can fail: before the run folder exists.
+        eligible = int(eligible_users(prep).size)
+        selected = num_to_select(cfg.clients_per_round,
+                                 cfg.round.overcommit + cfg.optimization.overselect)
+        prep.privacy = plan_privacy(cfg.privacy, eligible, min(selected, eligible),
+                                    cfg.num_rounds, cfg.clients_per_round)
+    return prep
 
 
 def data_summary(cfg: RunConfig, dataset: FederatedDataset) -> dict[str, object]:
@@ -197,14 +207,16 @@ def execute(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Pat
     evaluator = Evaluator.from_config(prep.dataset, cfg.eval, cfg.seed,
                                       prep.population.tier_of_user, prep.population.tier_names)
     shapes = {k: tuple(v.shape) for k, v in state.arrays.items()}
-    tiers = TierSettings(cfg.optimization, prep.population, shapes, cfg.model.dim)
+    tiers = TierSettings(cfg.optimization, prep.population, shapes, cfg.model.dim,
+                         prep.model.width_rules())
     # Messages go only to clients that will finish, at most K per round, batched.
     per_message = users_per_message(cfg.simulation, cfg.clients_per_round)
     max_clients = max(1, min(cfg.clients_per_round, len(selector.eligible)))
     num_slots = -(-max_clients // per_message)
     setup = ServerSetup(cfg=cfg, num_examples=prep.num_examples, model=prep.model,
                         strategy=prep.strategy, evaluator=evaluator, folder=folder, tiers=tiers,
-                        num_slots=num_slots, users_per_message=per_message)
+                        num_slots=num_slots, users_per_message=per_message,
+                        privacy=prep.privacy)
     server = FederatedServer(setup, state)
     spec = client_spec_from(cfg.dataset, cfg.model, cfg.seed, cfg.simulation.fast_transport,
                             cfg.simulation.vectorise, cfg.simulation.sparse_updates)

@@ -125,6 +125,10 @@ class IndexConfig:
 
 @dataclass
 class ModelConfig:
+    # A model from the user's own module: a dotted path to a ``rf2.model.base
+    # .FederatedModel`` subclass (built with its ``from_dataset``) or a function
+    # (dataset, cfg, seed) -> model. Empty: rf2's model named by ``name``.
+    _target_: str = ""
     name: Literal["two_tower", "hier_index"] = "hier_index"
     dim: int = 64
     use_genres: bool = True
@@ -133,7 +137,7 @@ class ModelConfig:
     # client). sampled: ``num_negatives`` uniform negatives drawn once per client per
     # round (seeded from the client's seed), shared by its examples, logQ-corrected;
     # a client then touches only its own items and its negatives. auto: sampled when
-    # the catalogue has more than ``auto_sampled_above`` items (see README "Scale").
+    # the catalogue has more than ``auto_sampled_above`` items (see docs/performance.md "Scale").
     loss: Literal["full", "sampled", "auto"] = "auto"
     num_negatives: int = 200
     # 5,000: below it full softmax costs a client about as much as the rest of its step
@@ -354,6 +358,58 @@ class SimulationConfig:
               "an integer >= 1")
 
 
+@dataclass
+class PrivacyConfig:
+    """Client-level differential privacy (DP-FedAvg, docs/privacy.md); ``name: none`` = off.
+
+    Each client's update is clipped to L2 norm ``clip_norm`` (C); the server adds Gaussian
+    noise of std z·C/m to the mean of the m clipped updates; (epsilon, delta) is accounted
+    with Google's dp-accounting at the round's real sampling rate.
+    """
+
+    name: Literal["none", "dp"] = "none"
+    # z: noise std / C. Ignored when target_epsilon is set (z is then solved for it).
+    noise_multiplier: float = 1.0
+    # Solve z so that num_rounds rounds at the expected sampling rate spend this epsilon.
+    target_epsilon: float | None = None
+    # delta of the (epsilon, delta) guarantee; null = 1 / (eligible users).
+    delta: float | None = None
+    # C (fixed) or the initial C (adaptive); null = no clipping (C = inf: z must be 0).
+    clip_norm: float | None = 1.0
+    clipping: Literal["fixed", "adaptive"] = "fixed"
+    target_quantile: float = 0.5  # adaptive: gamma, the share of updates left unclipped
+    clip_lr: float = 0.2  # adaptive: eta_C of C <- C exp(-eta_C (b - gamma))
+    # adaptive: std of the noised unclipped count; null = clients_per_round / 20 (Flower's).
+    clipped_count_stddev: float | None = None
+    accountant: Literal["rdp", "pld"] = "rdp"
+    # uniform: every client weighs 1/m (the DP-FedAvg estimator the accounting covers);
+    # examples: FedAvg's num-examples weights, noise scaled to the largest weight share
+    # (data-dependent noise: for comparison runs, not covered by the guarantee).
+    weighting: Literal["uniform", "examples"] = "uniform"
+
+    def validate(self, path: str = "privacy") -> None:
+        check(self.noise_multiplier >= 0, f"{path}.noise_multiplier", self.noise_multiplier,
+              "a number >= 0")
+        check(self.target_epsilon is None or self.target_epsilon > 0,
+              f"{path}.target_epsilon", self.target_epsilon, "null or a number > 0")
+        check(self.delta is None or 0 < self.delta < 1, f"{path}.delta", self.delta,
+              "null (= 1 / eligible users) or a number in (0, 1)")
+        check(self.clip_norm is None or self.clip_norm > 0, f"{path}.clip_norm",
+              self.clip_norm, "null (no clipping) or a number > 0")
+        noisy = self.target_epsilon is not None or self.noise_multiplier > 0
+        check(self.name != "dp" or not noisy or self.clip_norm is not None,
+              f"{path}.clip_norm", self.clip_norm,
+              "a number > 0 when noise is added (null = no clipping needs noise_multiplier=0)")
+        check(self.clipping != "adaptive" or self.clip_norm is not None, f"{path}.clip_norm",
+              self.clip_norm, "a number > 0 (the initial C) with clipping=adaptive")
+        check(0 <= self.target_quantile <= 1, f"{path}.target_quantile", self.target_quantile,
+              "a fraction in [0, 1]")
+        check(self.clip_lr > 0, f"{path}.clip_lr", self.clip_lr, "a number > 0")
+        check(self.clipped_count_stddev is None or self.clipped_count_stddev >= 0,
+              f"{path}.clipped_count_stddev", self.clipped_count_stddev,
+              "null (= clients_per_round / 20) or a number >= 0")
+
+
 # Metric families server-side evaluation can compute (rf2.eval.evaluation.FAMILIES):
 # recall/ndcg@K and auc over all items, the per-user test loss, the index's served
 # metrics (index/..., exactness@K, items_scored_frac; models with an index only) and the
@@ -384,6 +440,10 @@ class EvalConfig:
     # Torch threads while evaluating (0 = every core this process may use). Client
     # workers pin themselves to 1 thread; evaluation restores the setting afterwards.
     num_threads: int = 0
+    # Per-user distributions of every metric, overall and per tier (std, bottom/top 10%
+    # mean, Gini, share without a hit, CDF of recall@20): ``dist/...`` keys
+    # (rf2.eval.distribution, docs/fairness.md). false = smaller rows.
+    distributions: bool = True
 
     def validate(self, path: str = "eval") -> None:
         check(len(self.ks) > 0 and all(k >= 1 for k in self.ks), f"{path}.ks", self.ks,
@@ -451,6 +511,7 @@ class RunConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     fault_injection: list[FaultInjection] = field(default_factory=list)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     # Also write per-round scalars as TensorBoard events (needs the `tensorboard` extra).
     tensorboard: bool = False
 
@@ -470,6 +531,33 @@ class RunConfig:
               f"an integer in [1, clients_per_round={self.clients_per_round}]")
         check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every,
               "an integer >= 0")
+        if self.privacy.name == "dp":
+            self._validate_dp()
+
+    def _validate_dp(self) -> None:
+        """DP clips one update per client and feeds the strategy one noised mean."""
+        check(self.mode == "federated", "privacy.name", self.privacy.name,
+              "none with mode=central (DP-FedAvg protects users of federated rounds)")
+        strategy = self.strategy
+        check(strategy._target_ == "rf2.strategies.build_strategy", "strategy._target_",
+              strategy._target_, "rf2.strategies.build_strategy with privacy=dp (rf2 feeds "
+              "its strategies the noised mean; a custom strategy's rule is unknown)")
+        check(strategy.name in ("fedavg", "fedprox"), "strategy.name", strategy.name,
+              "fedavg or fedprox with privacy=dp (q-FFL weighs each raw update by its loss)")
+        opt = self.optimization
+        check(not any(w < 1 for w in opt.width.values()), "optimization.width", opt.width,
+              "no tier narrower than 1 with privacy=dp (HeteroFL averages each element "
+              "over its own clients: no per-client sensitivity bound)")
+        check(not opt.per_row_embedding_avg, "optimization.per_row_embedding_avg",
+              opt.per_row_embedding_avg, "false with privacy=dp (per-row averaging divides "
+              "each row by its own client count)")
+        dp = self.privacy
+        if dp.clipping == "adaptive" and dp.target_epsilon is None and dp.noise_multiplier > 0:
+            count_std = (dp.clipped_count_stddev if dp.clipped_count_stddev is not None
+                         else self.clients_per_round / 20)
+            check(dp.noise_multiplier < 2 * count_std, "privacy.noise_multiplier",
+                  dp.noise_multiplier, f"a number < 2 * clipped_count_stddev = {2 * count_std:g} "
+                  "with clipping=adaptive (raise privacy.clipped_count_stddev)")
 
 
 def load_run_config(data: dict[str, Any]) -> RunConfig:

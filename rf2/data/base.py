@@ -47,7 +47,9 @@ class Interactions:
     item_genres: np.ndarray | None = None  # (num_items, G) float32 multi-hot
     genre_names: tuple[str, ...] = ()
     ratings: Ratings | None = None
-    user_ids: np.ndarray | None = None  # (num_users,) int64 raw dataset ids
+    # (num_users,) the dataset's own user ids: int64, or str where the ids are tokens
+    # that are not all integers (RecBole); None = the index is the id (synthetic).
+    user_ids: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -94,13 +96,18 @@ class FederatedDataset:
     # Loader's account of reading and filtering (rows read, users dropped, ...).
     report: dict[str, object] | None = None
     rated: RatedSplit | None = None  # dataset.protocol=rf2 only
-    user_ids: np.ndarray | None = None  # (num_users,) raw dataset ids; None = the index
+    # (num_users,) raw dataset ids (int64, or str tokens); None = the index is the id
+    user_ids: np.ndarray | None = None
 
     def raw_user_ids(self) -> np.ndarray:
-        """(num_users,) the dataset's own user ids (the index where it has none)."""
+        """(num_users,) the dataset's own user ids (the index where it has none).
+
+        int64 for numeric ids; str for RecBole token ids that are not all integers.
+        """
         if self.user_ids is None:
             return np.arange(self.num_users, dtype=np.int64)
-        return np.asarray(self.user_ids, dtype=np.int64)
+        ids = np.asarray(self.user_ids)
+        return ids.astype(np.int64) if ids.dtype.kind in "iu" else ids
 
     def train_of(self, user: int) -> np.ndarray:
         return self.train_items[self.train_indptr[user] : self.train_indptr[user + 1]]

@@ -79,6 +79,7 @@ def load_lightgcn(path: str | None, history_len: int, name: str = "lightgcn") ->
         test_indptr=_indptr(test_lists),
         test_items=test_items,
         history_len=history_len,
+        user_ids=np.asarray(users, dtype=np.int64),  # the file's ids, before re-indexing
     )
 
 

@@ -25,6 +25,7 @@ import pandas as pd
 
 from rf2.core.errors import DataError
 from rf2.data.base import Interactions, Ratings
+from rf2.data.compressed import compressed_sibling, refuse_compressed
 from rf2.data.split import compact_users
 
 Columns = tuple[tuple[str, type], ...]
@@ -53,7 +54,10 @@ def require_file(root: Path, name: str, dataset: str) -> Path:
     """``root/name``, or a DataError naming the missing file."""
     f = root / name
     if not f.is_file():
-        raise DataError(str(f), f"required file {name} is missing from {root} ({dataset})")
+        packed = compressed_sibling(f)
+        hint = f"; found {packed.name}: decompress it first" if packed else ""
+        raise DataError(str(f), f"required file {name} is missing from {root} ({dataset}){hint}")
+    refuse_compressed(f)
     return f
 
 
@@ -248,6 +252,7 @@ def _optional_movies(path: Path, parse: Callable[[Path], Iterator[Movie]]) -> tu
     """Catalogue ids (sorted), their multi-hot genres (I, G), genre names; or no info."""
     if not path.is_file():
         return None, None, ()
+    refuse_compressed(path)
     movies = list(parse(path))
     ids = [m[1] for m in movies]
     catalogue = _catalogue(path, ids, [m[0] for m in movies])

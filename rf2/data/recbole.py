@@ -46,6 +46,7 @@ import pandas as pd
 
 from rf2.core.errors import DataError
 from rf2.data.base import Interactions
+from rf2.data.compressed import compressed_sibling, refuse_compressed
 from rf2.data.movielens import line_of_row, require_dir
 
 FIELD_TYPES = ("token", "token_seq", "float", "float_seq")
@@ -90,6 +91,7 @@ def parse_header(path: Path, line: str) -> dict[str, str]:
 
 def read_atomic(path: Path) -> AtomicFile:
     """Read one atomic file: header checked, every row with the header's field count."""
+    refuse_compressed(path)
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             header = f.readline()
@@ -186,6 +188,17 @@ def encode_tokens(tokens: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return rank[codes], text.to_numpy(dtype=str)[order]
 
 
+def token_ids(vocab: np.ndarray) -> np.ndarray:
+    """(V,) raw ids of a sorted vocabulary: int64 where :func:`encode_tokens` sorted it
+    numerically (every token an integer, no two equal as numbers), else the tokens."""
+    text = pd.Series(vocab, dtype=object)
+    if vocab.size and text.str.fullmatch(_INT_TOKEN.pattern).all():
+        ids = text.astype(np.int64).to_numpy()
+        if np.unique(ids).size == ids.size:
+            return ids
+    return np.asarray(vocab, dtype=str)
+
+
 def _require_columns(f: AtomicFile, expected: dict[str, str], required: tuple[str, ...]) -> None:
     for name in required:
         if name not in f.types:
@@ -241,7 +254,9 @@ def load_recbole(path: str | None, name_in_dir: str | None, threshold: float, se
     inter_f = root / f"{name}.inter"
     if not inter_f.is_file():
         others = sorted(p.name for p in root.glob("*.inter"))
-        hint = (f"; found {', '.join(others)}: set dataset.name_in_dir" if others
+        packed = compressed_sibling(inter_f)
+        hint = (f"; found {packed.name}: decompress it first" if packed
+                else f"; found {', '.join(others)}: set dataset.name_in_dir" if others
                 else "; no .inter file there")
         raise DataError(str(inter_f), f"required file {name}.inter is missing from {root}{hint}")
     inter = read_atomic(inter_f)
@@ -270,6 +285,7 @@ def load_recbole(path: str | None, name_in_dir: str | None, threshold: float, se
         raise DataError(str(item_file), f"dataset.genre_field={genre_field!r} needs {name}.item")
     user_file = root / f"{name}.user"
     if user_file.is_file():
+        refuse_compressed(user_file)
         with open(user_file, encoding="utf-8", errors="replace") as f:
             user_types = parse_header(user_file, f.readline().lstrip("\ufeff"))
         if user_types.get(USER_FIELD) != "token":
@@ -295,7 +311,7 @@ def load_recbole(path: str | None, name_in_dir: str | None, threshold: float, se
     interactions = Interactions(
         user=user, item=item, timestamp=np.asarray(ts, dtype=np.int64).reshape(-1),
         num_users=int(user_vocab.size), num_items=int(item_vocab.size),
-        item_genres=genres, genre_names=genre_names,
+        item_genres=genres, genre_names=genre_names, user_ids=token_ids(user_vocab),
     )
     all_users = int(users_raw.nunique())
     report: dict[str, int | str | bool] = {

@@ -54,15 +54,20 @@ import torch
 from rf2.core.config import METRIC_FAMILIES
 from rf2.data.base import FederatedDataset
 from rf2.eval.ctr import grouped_ctr_metrics
+from rf2.eval.distribution import distribution_row
 from rf2.eval.fairness import activity_quartile, fairness_summary, group_means
 from rf2.eval.ranking import (
     BlockRanking,
     HeldOut,
+    best_of,
+    csr_keys,
     finish_auc,
-    positive_order,
+    positive_counts,
     rank_block,
+    sorted_unique,
     topk_list_metrics,
 )
+from rf2.model.base import FederatedModel
 from rf2.model.examples import eval_histories
 from rf2.model.retrieval import BeamSearchRetriever, Retriever
 
@@ -75,7 +80,8 @@ FAIRNESS_METRICS = ("recall@20", "ndcg@20", "auc")
 BLOCK_FLOATS = 1 << 21
 # Families served by the shared top-k / AUC pass of ``rank_block``.
 RANKING_FAMILIES = ("recall", "ndcg", "auc")
-_NEG_INF = torch.tensor(float("-inf"))
+# Item id of a candidate slot the index does not serve (padding, or a training item).
+_UNSERVED = 0xFFFFFFFF
 
 
 def resolve_threads(num_threads: int) -> int:
@@ -161,11 +167,34 @@ class EvalBlock:
     rows: slice  # positions in Evaluator.users
     held: HeldOut
     histories: torch.Tensor  # (B, H) item ids, PAD = -1
-    exclude: list[np.ndarray]
-    targets: list[np.ndarray]
+    ex_indptr: np.ndarray  # (B + 1,) CSR of the users' training items
+    ex_items: np.ndarray
+    tg_indptr: np.ndarray  # (B + 1,) CSR of their held-out clicks
+    tg_items: np.ndarray
     target_keys: torch.Tensor  # (T,) flat keys b * I + item of every held-out click
     target_rows: np.ndarray  # (T,) the row of each
     target_counts: np.ndarray  # (B,) held-out clicks per user (>= 1)
+
+    @property
+    def exclude(self) -> list[np.ndarray]:
+        """Each user's training items (for a retriever that takes them as a list)."""
+        return np.split(self.ex_items, self.ex_indptr[1:-1])
+
+    @property
+    def targets(self) -> list[np.ndarray]:
+        """Each user's held-out clicks."""
+        return np.split(self.tg_items, self.tg_indptr[1:-1])
+
+
+def rows_of(indptr: np.ndarray, items: np.ndarray, rows: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """The CSR (indptr, items) of ``rows`` of a CSR, in that order (no Python loop)."""
+    start, stop = indptr[rows], indptr[rows + 1]
+    counts = stop - start
+    out_ptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(counts, out=out_ptr[1:])
+    pos = np.repeat(start - out_ptr[:-1], counts) + np.arange(out_ptr[-1], dtype=np.int64)
+    return out_ptr, items[pos]
 
 
 @dataclass
@@ -173,7 +202,7 @@ class ScoredBlock:
     """A block with its scores: ``scores`` is raw until the ranking stage masks it."""
 
     block: EvalBlock
-    user_emb: torch.Tensor  # (B, D)
+    user_emb: torch.Tensor | None  # (B, D) if the caller has it (else a family computes it)
     scores: torch.Tensor  # (B, I)
     scratch: torch.Tensor  # (>= B, I) a second buffer families may overwrite
     ranking: BlockRanking | None = None
@@ -212,11 +241,21 @@ def _test_loss(sb: ScoredBlock, ctx: EvalContext) -> dict[str, np.ndarray]:
     """(B,) per user: mean softmax cross-entropy of its held-out items over all items
     (the model's training loss, on the test clicks)."""
     b = sb.block
-    log_norm = torch.logsumexp(sb.scores, dim=1).double().numpy()  # (B,)
+    log_norm = logsumexp_rows(sb.scores, sb.scratch).double().numpy()  # (B,)
     picked = sb.scores.view(-1)[b.target_keys].double().numpy()  # (T,)
     sums = np.bincount(b.target_rows, weights=log_norm[b.target_rows] - picked,
                        minlength=len(b.target_counts))
     return {"loss": sums / b.target_counts}
+
+
+def logsumexp_rows(scores: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """``torch.logsumexp(scores, 1)``, bit for bit (the same operations in the same
+    order), with the exponentials written into ``scratch`` instead of a fresh (B, I)
+    tensor: allocating and faulting in that tensor per block cost more than the sum."""
+    maxes = torch.amax(scores, 1, keepdim=True)  # (B, 1)
+    maxes.masked_fill_(maxes.abs() == float("inf"), 0)
+    exp = torch.sub(scores, maxes, out=scratch[: scores.shape[0]].view_as(scores)).exp_()
+    return exp.sum(1).log_().add_(maxes.squeeze(1))
 
 
 def _has_index(model: torch.nn.Module) -> bool:
@@ -228,26 +267,30 @@ def _index_metrics(sb: ScoredBlock, ctx: EvalContext) -> dict[str, np.ndarray]:
 
     The beam search runs batched over the block (``leaves``); the exact scores of the
     items under the kept leaves are the block's own scores (the index scores exactly
-    <query, key> = the model's score), so no item vector is gathered again: one masked
-    top-k over the block. A retriever without ``leaves``/``item_leaf`` is called as is.
+    <query, key> = the model's score), so no item vector is gathered again: the block's
+    scores of those items only (``items_scored_frac`` of the catalogue) are ranked, ties
+    to the lower item id as in the all-item ranking. A retriever without
+    ``leaves``/``leaf_items`` is called as is.
     """
     assert ctx.retriever is not None and sb.ranking is not None and sb.ranking.top_ids is not None
     b = sb.block
     k_max = min(max(ctx.ks), ctx.num_items)
-    queries = ctx.model.query_vectors(sb.user_emb)  # (B, Dq)
+    user = sb.user_emb if sb.user_emb is not None else ctx.model.user_embedding(b.histories)
+    queries = ctx.model.query_vectors(user)  # (B, Dq)
     retriever = ctx.retriever
     if isinstance(retriever, BeamSearchRetriever) and retriever.scan == "torch":
         leaves, _ = retriever.leaves(queries)  # (B, beam), -1 = unused slot
-        valid = leaves >= 0
-        num_leaves = retriever.leaf_count.numel()
-        scored = torch.where(valid, retriever.leaf_count[leaves.clamp(min=0)], 0).sum(1)
-        kept = torch.zeros(leaves.shape[0], num_leaves + 1, dtype=torch.bool)  # (B, P + 1)
-        kept.scatter_(1, torch.where(valid, leaves, num_leaves), True)
-        allowed = kept.index_select(1, retriever.item_leaf)  # (B, I): under a kept leaf
+        ids_t, scored = retriever.leaf_items(leaves)  # (B, N), -1 = padding
+        ids = ids_t.numpy()
         # Training items are -inf in the block already (rank_block's top-k stage).
-        served = torch.where(allowed, sb.scores, _NEG_INF, out=sb.scratch[: len(leaves)])
-        top_s, top_i = torch.topk(served, k_max, dim=1, sorted=True)
-        index_ids = torch.where(torch.isfinite(top_s), top_i, -1).numpy()  # (B, K)
+        vals = np.take_along_axis(sb.scores.numpy(), np.maximum(ids, 0), axis=1)
+        served = (ids >= 0) & np.isfinite(vals)  # unserved slots rank last, then become -1
+        best = best_of(np.where(served, vals, np.float32("-inf")),
+                       np.where(served, ids, _UNSERVED), k_max)  # (B, K')
+        index_ids = np.where(best == _UNSERVED, -1, best)
+        if index_ids.shape[1] < k_max:  # fewer items under the leaves than K
+            pad = np.full((len(index_ids), k_max - index_ids.shape[1]), -1, dtype=np.int64)
+            index_ids = np.concatenate([index_ids, pad], axis=1)
         items_scored = scored.numpy()
     else:
         result = retriever.topk(queries, k_max, b.exclude)
@@ -285,6 +328,7 @@ class Evaluator:
         num_threads: int = 0,
         seed: int = 0,
         final_max_users: int | None = None,
+        distributions: bool = True,
     ) -> None:
         unknown = sorted(set(metrics) - set(METRIC_FAMILIES))
         if unknown:
@@ -292,7 +336,7 @@ class Evaluator:
         # What final() needs to build the last evaluation's evaluator (other users).
         self._final_args = dict(ks=ks, batch_size=batch_size, tier_of_user=tier_of_user,
                                 tier_names=tier_names, metrics=metrics, num_threads=num_threads,
-                                seed=seed)
+                                seed=seed, distributions=distributions)
         self._final_max_users = max_users if final_max_users is None else final_max_users
         self._final: Evaluator | None = None
         self.max_users = max_users
@@ -301,6 +345,7 @@ class Evaluator:
         self.batch_size = batch_size
         self.metrics = [m for m in METRIC_FAMILIES if m in set(metrics)]
         self.num_threads = num_threads
+        self.distributions = distributions  # dist/... keys (rf2.eval.distribution)
         self.tier_of_user = tier_of_user
         self.tier_names = list(tier_names)
         quartile, self.quartile_names = activity_quartile(dataset.train_counts)
@@ -315,17 +360,36 @@ class Evaluator:
         self.num_candidates = int(candidates.size)
         if 0 < max_users < candidates.size:
             candidates = candidates[stratified_sample(strata, max_users, seed)]
-        exclude = [dataset.train_of(int(u)) for u in candidates]
-        targets = [dataset.test_of(int(u)) for u in candidates]
         # Ordered by number of positives, so AUC passes touch contiguous row suffixes.
-        order = positive_order(exclude, targets)
-        self.users = candidates[order]  # (U,)
-        self.exclude = [exclude[i] for i in order]
-        self.targets = [targets[i] for i in order]
+        num_items = dataset.num_items
+        n_pos = positive_counts(
+            csr_keys(*rows_of(dataset.train_indptr, dataset.train_items, candidates), num_items),
+            csr_keys(*rows_of(dataset.test_indptr, dataset.test_items, candidates), num_items),
+            len(candidates), num_items)
+        self.users = candidates[np.argsort(n_pos, kind="stable")]  # (U,)
+        ex_ptr, ex_items = rows_of(dataset.train_indptr, dataset.train_items, self.users)
+        tg_ptr, tg_items = rows_of(dataset.test_indptr, dataset.test_items, self.users)
+        ex_keys = csr_keys(ex_ptr, ex_items, num_items, "train items")  # (E,) row * I + item
+        tg_keys = csr_keys(tg_ptr, tg_items, num_items, "test items")
         self.histories = torch.from_numpy(eval_histories(dataset, self.users))  # (U, H)
-        rows = max(1, min(batch_size, BLOCK_FLOATS // max(dataset.num_items, 1)))
-        self.blocks = [self._block(slice(lo, min(lo + rows, len(self.users))))
-                       for lo in range(0, len(self.users), rows)]
+        rows = max(1, min(batch_size, BLOCK_FLOATS // max(num_items, 1)))
+        pos_keys = np.setdiff1d(tg_keys, ex_keys, assume_unique=True)
+        seen_keys = sorted_unique(np.concatenate([ex_keys, tg_keys]))
+        self.blocks = []
+        for lo in range(0, len(self.users), rows):
+            hi = min(lo + rows, len(self.users))
+
+            def part(keys: np.ndarray, lo: int = lo, hi: int = hi) -> np.ndarray:
+                """The block's keys, renumbered from its first row."""
+                cut = np.searchsorted(keys, [lo * num_items, hi * num_items])
+                return keys[cut[0] : cut[1]] - lo * num_items
+
+            held = HeldOut.from_keys(part(ex_keys), part(tg_keys), hi - lo, num_items,
+                                     pos=part(pos_keys), seen=part(seen_keys))
+            self.blocks.append(self._block(
+                slice(lo, hi), held,
+                (ex_ptr[lo : hi + 1] - ex_ptr[lo], ex_items[ex_ptr[lo] : ex_ptr[hi]]),
+                (tg_ptr[lo : hi + 1] - tg_ptr[lo], tg_items[tg_ptr[lo] : tg_ptr[hi]])))
         self._rated_setup()
 
     def _rated_setup(self) -> None:
@@ -341,7 +405,7 @@ class Evaluator:
         self.rated_items = rated.test_items  # (R,) grouped by user ascending, like rows
         self.rated_labels = rated.test_labels.astype(np.int64)
 
-    def rated_metrics(self, model: torch.nn.Module) -> dict[str, float]:
+    def rated_metrics(self, model: FederatedModel) -> dict[str, float]:
         """RF²'s CTR metrics over all test ratings (empty without labelled samples).
 
         Not a per-user family: pooled over every test rating, of all users with one
@@ -352,7 +416,8 @@ class Evaluator:
         with torch.no_grad():
             for start in range(0, self.rated_users.size, self.batch_size):
                 stop = start + self.batch_size
-                scores = model.score_all(model.user_embedding(self.rated_histories[start:stop]))
+                users = torch.from_numpy(self.rated_users[start:stop])
+                scores = model.score_users(self.rated_histories[start:stop], users)
                 m = (self.rated_rows >= start) & (self.rated_rows < stop)
                 logits[m] = scores[torch.from_numpy(self.rated_rows[m] - start),
                                    torch.from_numpy(self.rated_items[m])].double().numpy()
@@ -370,7 +435,8 @@ class Evaluator:
         """From an ``EvalConfig`` (``cfg``) and the run seed (which picks the sample)."""
         return cls(dataset, cfg.ks, cfg.batch_size, tier_of_user, tier_names,
                    metrics=cfg.metrics, max_users=cfg.max_users, num_threads=cfg.num_threads,
-                   seed=seed, final_max_users=cfg.final_max_users)
+                   seed=seed, final_max_users=cfg.final_max_users,
+                   distributions=cfg.distributions)
 
     def final(self) -> Evaluator:
         """The evaluator of a run's last evaluation (``final_max_users``): this one when
@@ -382,17 +448,16 @@ class Evaluator:
                                     **self._final_args)  # type: ignore[arg-type]
         return self._final
 
-    def _block(self, rows: slice) -> EvalBlock:
-        num_items = self.dataset.num_items
-        exclude, targets = self.exclude[rows], self.targets[rows]
-        counts = np.asarray([len(t) for t in targets], dtype=np.int64)
-        target_rows = np.repeat(np.arange(len(targets), dtype=np.int64), counts)
-        items = (np.concatenate(targets).astype(np.int64) if counts.sum()
-                 else np.empty(0, dtype=np.int64))
+    def _block(self, rows: slice, held: HeldOut, exclude: tuple[np.ndarray, np.ndarray],
+               targets: tuple[np.ndarray, np.ndarray]) -> EvalBlock:
+        tg_ptr, tg_items = targets
+        counts = np.diff(tg_ptr)
+        target_rows = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
         return EvalBlock(
-            rows=rows, held=HeldOut.build(exclude, targets, num_items),
-            histories=self.histories[rows], exclude=exclude, targets=targets,
-            target_keys=torch.from_numpy(target_rows * num_items + items),
+            rows=rows, held=held, histories=self.histories[rows],
+            ex_indptr=exclude[0], ex_items=exclude[1], tg_indptr=tg_ptr, tg_items=tg_items,
+            target_keys=torch.from_numpy(target_rows * self.dataset.num_items
+                                         + tg_items.astype(np.int64)),
             target_rows=target_rows, target_counts=np.maximum(counts, 1),
         )
 
@@ -452,23 +517,21 @@ class Evaluator:
         return out
 
     @torch.no_grad()
-    def evaluate_model(self, model: torch.nn.Module) -> dict[str, float]:
+    def evaluate_model(self, model: FederatedModel) -> dict[str, float]:
         model.eval()
         families = [FAMILIES[m] for m in self.metrics if m in FAMILIES
                     and FAMILIES[m].applies(model)]
         self._ctx = EvalContext(model, self.ks, self.dataset.num_items)
-        with torch_threads(self.num_threads):
-            if any(f.name == "index" for f in families):
+        if any(f.name == "index" for f in families):
+            with torch_threads(self.num_threads):
                 self._ctx.retriever = model.build_retriever()  # type: ignore[operator]
-            items = model.item_embeddings().detach()  # (I, D), once per evaluation
-            bias = model.item_bias_vector().detach()  # (I,)
 
         def score(block: EvalBlock, buf: torch.Tensor, cmp: torch.Tensor) -> dict[str, np.ndarray]:
-            n = block.held.num_users
-            user = model.user_embedding(block.histories)  # (B, D)
-            scores = torch.matmul(user, items.T, out=buf[:n])  # (B, I)
-            scores.add_(bias)  # = model.score_all(user), into a reused buffer
-            return self._scored(ScoredBlock(block, user, scores, cmp), families)
+            users = torch.from_numpy(self.users[block.rows])
+            scores = model.score_users(block.histories, users)  # (B, I), ours to overwrite
+            if scores.dtype != torch.float32 or not scores.is_contiguous():
+                scores = scores.float().contiguous()
+            return self._scored(ScoredBlock(block, None, scores, cmp), families)
 
         row = self.summarise(self._map_blocks(score))
         if "rated" in self.metrics:
@@ -488,7 +551,7 @@ class Evaluator:
             n = block.held.num_users
             scores = buf[:n]
             scores.copy_(pop.unsqueeze(0).expand(n, -1))  # (B, I)
-            return self._scored(ScoredBlock(block, torch.empty(0), scores, cmp), [])
+            return self._scored(ScoredBlock(block, None, scores, cmp), [])
 
         per_user = self._map_blocks(score)
         return {f"popularity/{k}": float(np.nanmean(v)) for k, v in per_user.items()}
@@ -513,6 +576,12 @@ class Evaluator:
                           if np.isfinite(row.get(f"tier/{t}/{metric}", np.nan))}
                 summary = fairness_summary(values, per_user[metric])
                 row.update({f"fair/{metric}/{k}": float(v) for k, v in summary.items()})
+        if self.distributions:
+            # One tier: its keys would repeat the overall ones.
+            tiered = self.tier_of_user is not None and len(self.tier_names) > 1
+            row.update(distribution_row(
+                per_user, self.tier_of_user[self.users] if tiered else None,  # type: ignore[index]
+                self.tier_names if tiered else ()))
         quartiles = self.quartile_of_user[self.users]
         row.update(group_means(per_user, quartiles, self.quartile_names, prefix="activity"))
         return row

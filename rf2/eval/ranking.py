@@ -5,17 +5,24 @@ over a (B, I) block. Per block, in this order and on the same buffer:
 
 1. the caller reads what needs raw scores (the test loss, CTR-style metrics);
 2. the scores of each user's retrievable held-out items (its *positives*) are gathered;
-3. the training items are set to -inf in place and one ``topk`` gives recall/NDCG;
-4. training and held-out items are set to NaN in place (NaN compares false), and each
-   positive is compared with its row: AUC = (below + below-or-equal) / 2 / pairs, i.e.
-   the positive's rank among the negatives with ties counted 1/2. No second copy and no
-   sort of the catalogue.
+3. the training items are set to -inf in place and one exact top-k (:func:`top_ids`)
+   gives recall/NDCG;
+4. training and held-out items are set to +inf in place, and each positive is compared
+   with its row in one sign pass (see :func:`_auc`): AUC = the positive's rank among the
+   negatives with ties counted 1/2, over the pairs. No second copy and no sort of the
+   catalogue.
 
 The per-block index structures (:class:`HeldOut`: flat keys of excluded and held-out
 items, packed positive slots, counts) depend only on the data, so an evaluator builds
 them once and reuses them every round. Rows are ordered by their number of positives
 (ascending), so the j-th comparison pass touches only the contiguous suffix of rows that
 have more than j positives: no padding work however ragged the test sets are.
+
+The top-k (:func:`top_ids`) reads a row once: the maximum of every run of ``CHUNK``
+items, the k-th largest of those maxima as a threshold, then an exact selection among
+only the chunks that can hold a top-k item (k chunks of 32 items: ~5% of 35k items).
+Ties rank the lower item id first (as a stable sort of the scores would), so the result
+is one defined list, not whatever a heap happened to keep.
 """
 
 from __future__ import annotations
@@ -26,8 +33,112 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["BlockRanking", "HeldOut", "finish_auc", "rank_block", "ranking_metrics",
-           "topk_list_metrics"]
+__all__ = ["BlockRanking", "HeldOut", "best_of", "csr_keys", "finish_auc", "positive_counts",
+           "rank_block", "ranking_metrics", "sorted_unique", "top_ids", "topk_list_metrics"]
+
+# Items per chunk of the top-k's first pass: small enough that k chunks are a few % of a
+# large catalogue, large enough that the per-chunk maxima are a cheap reduction.
+CHUNK = 32
+_LOW = 0xFFFFFFFF  # low 32 bits of a sort key: the (complemented) item id
+
+
+def _sort_keys(values: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """int64 keys ordered as (score descending, item id ascending) when sorted descending.
+
+    The float32 bits are mapped to an int32 of the same order (negative floats: all but
+    the sign bit flipped), -0.0 is folded into +0.0 (equal scores must tie), and the
+    complemented id fills the low 32 bits, so equal scores rank the lower id higher.
+    NaN ranks above +inf, as in ``torch.topk``.
+    """
+    bits = (values.astype(np.float32, copy=False) + np.float32(0.0)).view(np.int32)
+    ordered = bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
+    return (ordered.astype(np.int64) << 32) + (_LOW - ids.astype(np.int64, copy=False))
+
+
+def best_of(values: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """(B, N) candidate scores and ids -> (B, k) ids, best first (ties: lower id)."""
+    keys = _sort_keys(values, ids)  # (B, N)
+    n = keys.shape[1]
+    if k < n:
+        keys = np.partition(keys, n - k, axis=1)[:, n - k :]
+    keys = np.sort(keys, axis=1)[:, ::-1]  # best first; keys are unique: no tie is left
+    return _LOW - (keys & _LOW)
+
+
+def top_ids(scores: torch.Tensor, k: int) -> np.ndarray:
+    """(B, I) float32 scores -> (B, k) int64 item ids of each row's k best, best first.
+
+    Exact, with ties ranked by lower item id (= the first k of a stable descending
+    sort). A row's k best lie in the chunks of ``CHUNK`` items whose maximum is at
+    least the k-th largest chunk maximum (k chunks hold k items at least that large),
+    so only those chunks are ranked. Rows where ties select many chunks, and small
+    catalogues, rank the whole row.
+    """
+    num_users, num_items = scores.shape
+    k = min(k, num_items)
+    chunks = num_items // CHUNK
+    if chunks < 4 * k:
+        return best_of(scores.numpy(), np.arange(num_items)[None, :], k)
+    full = scores.as_strided((num_users, chunks, CHUNK), (scores.stride(0), CHUNK, 1))
+    cmax = full.amax(2)  # (B, C) each chunk's maximum
+    if chunks * CHUNK < num_items:  # the short last chunk
+        cmax = torch.cat([cmax, scores[:, chunks * CHUNK :].amax(1, keepdim=True)], 1)
+    cm = cmax.numpy()
+    n_chunks = cm.shape[1]
+    if np.isnan(cm).any():  # NaN scores: no threshold to trust
+        return best_of(scores.numpy(), np.arange(num_items)[None, :], k)
+    kth = np.partition(cm, n_chunks - k, axis=1)[:, n_chunks - k : n_chunks - k + 1]
+    width = int((cm >= kth).sum(1).max())  # chunks at or above the threshold (>= k)
+    if width * CHUNK * 2 > num_items:  # heavy ties: ranking whole rows is cheaper
+        return best_of(scores.numpy(), np.arange(num_items)[None, :], k)
+    # The `width` largest chunk maxima of each row: every chunk at or above its
+    # threshold, plus (in rows with fewer) some below it, which changes nothing.
+    sel = np.argpartition(cm, n_chunks - width, axis=1)[:, n_chunks - width :]  # (B, W)
+    ids = (sel[:, :, None] * CHUNK + np.arange(CHUNK)).reshape(num_users, -1)  # (B, W*CHUNK)
+    inside = ids < num_items  # the short last chunk's padding
+    vals = np.take_along_axis(scores.numpy(), np.minimum(ids, num_items - 1), axis=1)
+    if not inside.all():
+        vals = np.where(inside, vals, np.float32("-inf"))
+        ids = np.where(inside, ids, _LOW)  # ranks below every real item of equal score
+    return best_of(vals, ids, k)
+
+
+def sorted_unique(keys: np.ndarray) -> np.ndarray:
+    """``np.unique`` of int64 keys by sort-and-compare: NumPy 2's hash-based ``unique``
+    took ~1 s per million keys here, a sort ~50 ms."""
+    out = np.sort(keys)
+    if out.size > 1:
+        out = out[np.concatenate([[True], out[1:] != out[:-1]])]
+    return out
+
+
+def positive_counts(ex_keys: np.ndarray, tg_keys: np.ndarray, num_rows: int,
+                    num_items: int) -> np.ndarray:
+    """(num_rows,) retrievable held-out items per row from sorted unique flat keys."""
+    pos = np.setdiff1d(tg_keys, ex_keys, assume_unique=True)
+    return np.bincount(pos // num_items, minlength=num_rows).astype(np.int64)
+
+
+def csr_keys(indptr: np.ndarray, items: np.ndarray, num_items: int,
+             name: str = "items") -> np.ndarray:
+    """Sorted unique flat keys ``row * I + item`` of a CSR's rows (duplicates collapse)."""
+    if items.size == 0:
+        return np.empty(0, dtype=np.int64)
+    items = np.asarray(items, dtype=np.int64)
+    lo, hi = items.min(), items.max()
+    if lo < 0 or hi >= num_items:
+        raise ValueError(f"{name}: item ids must lie in [0, {num_items}), got {lo}..{hi}")
+    rows = np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr))
+    return sorted_unique(rows * num_items + items)
+
+
+def to_csr(rows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """A list of item arrays -> (indptr, items)."""
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    items = (np.concatenate([np.asarray(r, dtype=np.int64).ravel() for r in rows])
+             if lengths.sum() else np.empty(0, dtype=np.int64))
+    return indptr, items
 
 
 def _flat_keys(rows: Sequence[np.ndarray], num_items: int, name: str) -> np.ndarray:
@@ -36,15 +147,8 @@ def _flat_keys(rows: Sequence[np.ndarray], num_items: int, name: str) -> np.ndar
     Working with these few keys instead of (B, I) boolean masks avoids several full
     passes over the score matrix, which dominate the cost at I = 30,000.
     """
-    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-    if lengths.sum() == 0:
-        return np.empty(0, dtype=np.int64)
-    items = np.concatenate([np.asarray(r, dtype=np.int64).ravel() for r in rows])
-    if items.min() < 0 or items.max() >= num_items:
-        raise ValueError(f"{name}: item ids must lie in [0, {num_items}), "
-                         f"got {items.min()}..{items.max()}")
-    users = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)
-    return np.unique(users * num_items + items)
+    indptr, items = to_csr(rows)
+    return csr_keys(indptr, items, num_items, name)
 
 
 @dataclass(frozen=True)
@@ -58,7 +162,7 @@ class HeldOut:
     num_users: int
     num_items: int
     ex_keys: torch.Tensor  # (E,) int64 flat keys of excluded items (-inf before top-k)
-    seen_keys: torch.Tensor  # (S,) int64 flat keys of excluded | held-out (NaN before AUC)
+    seen_keys: torch.Tensor  # (S,) int64 flat keys of excluded | held-out (+inf before AUC)
     pos_keys: np.ndarray  # (P,) int64 sorted flat keys of retrievable held-out items
     pos_rows: torch.Tensor  # (P,) row of each positive
     pos_slots: torch.Tensor  # (P,) its slot among its row's positives
@@ -74,10 +178,18 @@ class HeldOut:
         if len(targets) != num_users:
             raise ValueError(f"need one exclude and one targets array per user: "
                              f"len(exclude)={num_users}, len(targets)={len(targets)}")
-        ex = _flat_keys(exclude, num_items, "exclude")
-        tg = _flat_keys(targets, num_items, "targets")
-        pos = np.setdiff1d(tg, ex, assume_unique=True)  # an excluded item cannot be retrieved
-        seen = np.union1d(ex, tg)
+        return cls.from_keys(_flat_keys(exclude, num_items, "exclude"),
+                             _flat_keys(targets, num_items, "targets"), num_users, num_items)
+
+    @classmethod
+    def from_keys(cls, ex: np.ndarray, tg: np.ndarray, num_users: int, num_items: int,
+                  pos: np.ndarray | None = None, seen: np.ndarray | None = None) -> HeldOut:
+        """From sorted unique flat keys ``row * I + item`` of excluded and held-out items
+        (and, when the caller has them, of the positives ``tg - ex`` and ``ex | tg``)."""
+        if pos is None:  # an excluded item cannot be retrieved
+            pos = np.setdiff1d(tg, ex, assume_unique=True)
+        if seen is None:
+            seen = sorted_unique(np.concatenate([ex, tg]))
         n_pos = np.bincount(pos // num_items, minlength=num_users).astype(np.int64)
         if np.any(np.diff(n_pos) < 0):
             raise ValueError("HeldOut rows must be ordered by ascending number of positives")
@@ -98,8 +210,10 @@ class HeldOut:
 
 def positive_order(exclude: Sequence[np.ndarray], targets: Sequence[np.ndarray]) -> np.ndarray:
     """Stable order of users by number of retrievable held-out items (ascending)."""
-    n_pos = [np.setdiff1d(t, e).size for e, t in zip(exclude, targets, strict=True)]
-    return np.argsort(np.asarray(n_pos, dtype=np.int64), kind="stable")
+    num_items = 1 + max((int(np.max(r, initial=-1)) for r in (*exclude, *targets)), default=0)
+    n_pos = positive_counts(_flat_keys(exclude, num_items, "exclude"),
+                            _flat_keys(targets, num_items, "targets"), len(exclude), num_items)
+    return np.argsort(n_pos, kind="stable")
 
 
 @dataclass
@@ -139,13 +253,12 @@ def rank_block(
         # (B, P_max) positive scores, NaN where a row has fewer positives; read before masking.
         packed = scores.new_full((num_users, max(len(held.col_start), 1)), float("nan"))
         packed[held.pos_rows, held.pos_slots] = flat[torch.from_numpy(held.pos_keys)]
-    top_ids = None
+    best = None
     if topk:
         flat[held.ex_keys] = float("-inf")
-        k_max = min(max(ks), num_items)
-        top_ids = torch.topk(scores, k_max, dim=1, sorted=True).indices.numpy()  # (B, K)
-        out.update(topk_list_metrics(top_ids, held, ks))
-    ranking = BlockRanking(out, top_ids, packed)
+        best = top_ids(scores, min(max(ks), num_items))  # (B, K)
+        out.update(topk_list_metrics(best, held, ks))
+    ranking = BlockRanking(out, best, packed)
     if auc and not defer_auc:
         finish_auc(scores, ranking, held, cmp_buffer)
     return ranking
@@ -184,23 +297,23 @@ def _auc(scores: torch.Tensor, packed: torch.Tensor, held: HeldOut,
          cmp_buffer: torch.Tensor | None) -> np.ndarray:
     """Per-user AUC: share of (positive, negative) pairs with the positive above, ties 1/2.
 
-    Excluded and held-out items become NaN, so each comparison pass counts negatives only.
-    Pass j compares positive j of each row with its whole row, only for the rows (a
-    contiguous suffix) that have a j-th positive. Comparing into a float buffer and
-    summing is ~3x faster on CPU than reducing a bool tensor (which first copies to
-    int64); the float32 counts are exact below 2**24 items.
+    Twice a positive p's wins over a negative s is sign(p - s) + 1 (2 below, 1 tied, 0
+    above), so one subtraction, one sign and one sum per positive and row count them all:
+    excluded and held-out items are set to +inf first, each contributing exactly -1,
+    which gives 2 * wins = sum over all items of sign(p - s) + I. Pass j handles positive
+    j of each row, only for the rows (a contiguous suffix) that have a j-th positive.
+    The float32 sums are exact integers below 2**24 items.
     """
     num_users, num_items = scores.shape
-    scores.view(-1)[held.seen_keys] = float("nan")  # never compares
+    scores.view(-1)[held.seen_keys] = float("inf")  # sign(p - inf) = -1, accounted for
     buf = cmp_buffer if cmp_buffer is not None else torch.empty_like(scores)
     acc = torch.zeros(num_users, dtype=torch.float64)
     for j, start in enumerate(held.col_start.tolist()):
         block = scores[start:]
         out = buf[: num_users - start].view(num_users - start, num_items)
-        p = packed[start:, j : j + 1]  # (C, 1)
-        acc[start:] += torch.lt(block, p, out=out).sum(1)
-        acc[start:] += torch.le(block, p, out=out).sum(1)
-    wins = 0.5 * acc.numpy()
+        torch.sub(packed[start:, j : j + 1], block, out=out).sign_()  # (C, I)
+        acc[start:] += out.sum(1)
+    wins = 0.5 * (acc.numpy() + held.n_pos * num_items)
     pairs = (held.n_pos * held.n_neg).astype(np.float64)
     return np.where(pairs > 0, wins / np.maximum(pairs, 1), np.nan)
 
@@ -228,8 +341,8 @@ def ranking_metrics(
 
     Users without targets get NaN (the caller decides whether to evaluate them). A
     target that is also excluded still counts in |targets| but can never be hit, as in
-    the LightGCN protocol. Ties at the top-k cut are broken by ``torch.topk``; a k above I
-    counts as I. Returns float64 NumPy arrays of shape (B,).
+    the LightGCN protocol. Equal scores rank the lower item id first (also at the top-k
+    cut); a k above I counts as I. Returns float64 NumPy arrays of shape (B,).
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be (B, I), got shape {tuple(scores.shape)}")

@@ -9,10 +9,12 @@ it and running on gives the same ``metrics.jsonl`` as an uninterrupted run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from flwr.serverapp.strategy import Strategy
 
+from rf2.fl.participation import Participation
 from rf2.fl.selection import ClientSelector
 from rf2.hetero.clock import SimClock
 from rf2.runs.run_folder import Checkpoint, RunFolder
@@ -28,6 +30,10 @@ class ServerState:
     selector: ClientSelector
     clock: SimClock
     wall_offset_s: float = 0.0  # wall time spent before a resume
+    # Per-user selection/training counts (None until the server sizes them).
+    participation: Participation | None = None
+    # privacy=dp: the accountant's ledger and the adaptive clip norm (JSON-able).
+    privacy: dict[str, Any] | None = None
 
 
 class Checkpointer:
@@ -50,9 +56,14 @@ class Checkpointer:
             "wall_offset_s": state.wall_offset_s,
             "strategy": meta,
         }
+        if state.privacy is not None:
+            json_part["privacy"] = state.privacy
         arrays = {f"model/{k}": v for k, v in state.arrays.items()}
         for k, v in strategy_arrays.items():
             arrays[f"strategy/{k}"] = v
+        if state.participation is not None:
+            for k, v in state.participation.arrays().items():
+                arrays[f"participation/{k}"] = v
         self.folder.save_checkpoint(state.round, arrays, json_part)
 
 
@@ -69,5 +80,12 @@ def restore_state(
     model = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
     strat = {k[len("strategy/"):]: v for k, v in arrays.items() if k.startswith("strategy/")}
     load_strategy_state(strategy, state["strategy"], strat)
+    counts = {k[len("participation/"):]: v for k, v in arrays.items()
+              if k.startswith("participation/")}
+    participation = None
+    if counts:  # checkpoints from before participation counting have none
+        participation = Participation(int(np.asarray(counts["selected"]).size))
+        participation.load(counts)
     return ServerState(round=round_, arrays=model, selector=selector, clock=clock,
-                       wall_offset_s=float(state.get("wall_offset_s", 0.0)))
+                       wall_offset_s=float(state.get("wall_offset_s", 0.0)),
+                       participation=participation, privacy=state.get("privacy"))

@@ -10,9 +10,9 @@ The dataset is loaded once per worker process (``_WORKER_CACHE``), not per call.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,12 +37,12 @@ from rf2.fl.params import (
 )
 from rf2.fl.user_batch import pack_results, user_configs
 from rf2.hetero.faults import apply_injected_fault
-from rf2.model import build_model
-from rf2.model.cohort import ClientJob, ClientUpdate, train_cohort
+from rf2.model import FederatedModel, build_model
+from rf2.model.cohort import ClientJob, ClientUpdate, NotVectorisable, train_cohort
 from rf2.model.examples import user_examples
 from rf2.model.local_training import LocalTrainingResult, train_locally
 from rf2.optim.compression import compress_update
-from rf2.optim.heterofl import extract, kept, rules_for, slice_spec
+from rf2.optim.heterofl import extract, rules_for, slice_spec
 from rf2.optim.row_averaging import touched_items
 from rf2.optim.sparse import ROWS, VALUES, encode, encode_dense
 
@@ -66,21 +66,23 @@ class ClientSpec:
         return json.dumps([self.dataset, self.model, self.seed], sort_keys=True)
 
 
+log = logging.getLogger(__name__)
+
+
 @dataclass
 class _WorkerState:
     dataset: FederatedDataset
-    model: torch.nn.Module
+    model: FederatedModel
     model_cfg: ModelConfig
     seed: int
-    narrow: dict[float, torch.nn.Module] = field(default_factory=dict)
+    narrow: dict[float, FederatedModel] = field(default_factory=dict)
 
-    def model_for_width(self, width: float) -> torch.nn.Module:
-        """The full model, or a HeteroFL sub-model of embedding dim ceil(width * D)."""
+    def model_for_width(self, width: float) -> FederatedModel:
+        """The full model, or its HeteroFL sub-model (``FederatedModel.at_width``)."""
         if width >= 1.0:
             return self.model
         if width not in self.narrow:
-            cfg = dataclasses.replace(self.model_cfg, dim=kept(self.model_cfg.dim, width))
-            self.narrow[width] = build_model(cfg, self.dataset, self.seed)
+            self.narrow[width] = self.model.at_width(width)
         return self.narrow[width]
 
 
@@ -192,6 +194,7 @@ class _Trained:
     result: LocalTrainingResult
     histories: np.ndarray  # (n, H)
     targets: np.ndarray  # (n,)
+    row_tables: tuple[str, ...]  # the model's row tables (FederatedModel.row_tables)
     arrays: dict[str, np.ndarray] | None = None  # per-user path: the whole trained model
     update: ClientUpdate | None = None  # cohort path: its rows and values
 
@@ -202,7 +205,9 @@ class _Trained:
                 return encode(self.received, self.update.rows, self.update.values)
             return self.update.dense(self.received)
         assert self.arrays is not None
-        return encode_dense(self.received, self.arrays) if sparse else self.arrays
+        if sparse:
+            return encode_dense(self.received, self.arrays, self.row_tables)
+        return self.arrays
 
 
 def _user_seed(config: dict[str, Any]) -> int:
@@ -223,15 +228,24 @@ def _received_at(state: _WorkerState, received: dict[str, np.ndarray], width: fl
     # (The simulation ships the full model and slices here; traffic is logged as the
     # slice's size, which is what a real server would send.)
     shapes = {k: tuple(v.shape) for k, v in received.items()}
-    return extract(received, slice_spec(shapes, width, rules_for(shapes, state.model_cfg.dim)))
+    rules = rules_for(shapes, state.model_cfg.dim, state.model.width_rules())
+    return extract(received, slice_spec(shapes, width, rules))
 
 
-def _set_progress(model: torch.nn.Module, config: dict[str, Any]) -> None:
+def _set_progress(model: FederatedModel, config: dict[str, Any]) -> None:
     # Schedules that depend on training progress (the index's temperature and loss
     # warm-up) follow the server round.
-    set_progress = getattr(model, "set_training_progress", None)
-    if callable(set_progress):
-        set_progress(int(config["server-round"]), int(config.get("num-rounds", 1)))
+    model.set_training_progress(int(config["server-round"]), int(config.get("num-rounds", 1)))
+
+
+_LOGGED_FALLBACKS: set[str] = set()
+
+
+def _log_fallback_once(reason: str) -> None:
+    """Say once per worker process why a model trains user by user."""
+    if reason not in _LOGGED_FALLBACKS:
+        _LOGGED_FALLBACKS.add(reason)
+        log.warning("training user by user instead of as one cohort: %s", reason)
 
 
 _COHORT_KEYS = ("width", "lr", "local-epochs", "batch-size", "proximal-mu", "server-round",
@@ -248,8 +262,9 @@ def _cohorts(configs: list[dict[str, Any]]) -> list[list[int]]:
 
 def _train_cohort(state: _WorkerState, received: dict[str, np.ndarray],
                   configs: list[dict[str, Any]]) -> list[_Trained | BaseException | None]:
-    """Train ``configs``' users together. If the cohort raises, each user is left to the
-    per-user path (None), so a user whose data breaks training fails alone."""
+    """Train ``configs``' users together. A model that does not declare cohort support
+    leaves each user to the per-user path (None), with the reason logged once; any other
+    error is every user's error (reported per user, never retried silently)."""
     first = configs[0]
     try:
         width = _width(first)
@@ -265,11 +280,16 @@ def _train_cohort(state: _WorkerState, received: dict[str, np.ndarray],
             batch_size=int(first["batch-size"]),
             proximal_mu=float(first.get("proximal-mu", 0.0)),
         )
-    except Exception:  # noqa: BLE001 - retried user by user
+    except NotVectorisable as ex:
+        _log_fallback_once(str(ex))
         return [None] * len(configs)
+    except Exception as ex:  # noqa: BLE001 - reported per user, as Flower reports a client
+        return [ex] * len(configs)
+    tables = tuple(model.row_tables())
     return [
         _Trained(int(c["partition-id"]), held,
-                 LocalTrainingResult(u.num_examples, u.loss_before, u.loss_after), h, t, update=u)
+                 LocalTrainingResult(u.num_examples, u.loss_before, u.loss_after), h, t, tables,
+                 update=u)
         for c, u, (h, t) in zip(configs, updates, examples, strict=True)
     ]
 
@@ -293,14 +313,8 @@ def _train_one(state: _WorkerState, received: dict[str, np.ndarray], config: dic
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         seed=_user_seed(config),
     )
-    return _Trained(user, held, result, histories, targets, arrays=state_to_numpy(model))
-
-
-def train_user(
-    state: _WorkerState, received: dict[str, np.ndarray], config: dict[str, Any]
-) -> dict[str, Any]:
-    """One user's local training from the global model; its reply records."""
-    return _reply(config, _train_one(state, received, config), sparse=False)
+    return _Trained(user, held, result, histories, targets, tuple(model.row_tables()),
+                    arrays=state_to_numpy(model))
 
 
 def _reply(config: dict[str, Any], done: _Trained, sparse: bool) -> dict[str, Any]:

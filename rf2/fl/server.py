@@ -30,11 +30,14 @@ from rf2.fl.checkpointing import Checkpointer, ServerState
 from rf2.fl.dispatch import TrainDispatcher
 from rf2.fl.interrupt import STOP, RunInterrupted, register_server_thread, stop_requested
 from rf2.fl.params import load_numpy_into
+from rf2.fl.participation import Participation
+from rf2.fl.private_aggregation import PrivateAggregator
 from rf2.fl.progress import ProgressPrinter
 from rf2.fl.screening import ReplyScreen
 from rf2.fl.tier_settings import TierSettings
 from rf2.fl.traffic import TrafficMeter
 from rf2.hetero.clock import RoundPlan, num_to_select, tier_counts
+from rf2.privacy.plan import PrivacyPlan
 from rf2.runs.run_folder import RunFolder
 from rf2.runs.tensorboard_log import TensorBoardLogger
 
@@ -52,6 +55,7 @@ class ServerSetup:
     tiers: TierSettings  # per-tier client settings; its population gives the tiers
     num_slots: int  # client slots (SuperNodes) the launcher provides
     users_per_message: int = 1  # users batched in one message
+    privacy: PrivacyPlan | None = None  # privacy=dp: resolved settings
 
 
 class FederatedServer:
@@ -60,12 +64,20 @@ class FederatedServer:
         self.setup = setup
         self.cfg = cfg
         self.state = state
+        population = setup.tiers.population
+        if state.participation is None:
+            state.participation = Participation(int(population.tier_of_user.size))
         self.dispatcher = TrainDispatcher(cfg, setup.strategy, setup.tiers,
                                           setup.users_per_message)
         self.screen = ReplyScreen(setup.tiers)
         self.traffic = TrafficMeter(setup.tiers, setup.num_examples)
         self.aggregator = Aggregator(setup.strategy, setup.tiers,
                                      int(setup.evaluator.dataset.num_items))
+        self.private: PrivateAggregator | None = None
+        if setup.privacy is not None:
+            self.private = PrivateAggregator(setup.privacy, setup.strategy, cfg.seed)
+            if state.privacy is not None:
+                self.private.load_state_dict(state.privacy)
         self.checkpointer = Checkpointer(setup.folder, setup.strategy, cfg.checkpoint_every,
                                          cfg.num_rounds)
         self.progress = ProgressPrinter(enabled=cfg.progress, total_rounds=cfg.num_rounds)
@@ -109,6 +121,8 @@ class FederatedServer:
             if self.checkpointer.due(rnd) or self.passes_done() or stopping:
                 # Ctrl-C: checkpoint this round too, so no completed round is lost.
                 self.state.wall_offset_s = time.perf_counter() - started
+                if self.private is not None:
+                    self.state.privacy = self.private.state_dict()
                 self.checkpointer.save(self.state)
             if stopping:
                 return
@@ -157,10 +171,23 @@ class FederatedServer:
         row.update(screened.fault_row())
         row["num_clients_trained"] = len(usable)
         row["num_examples"] = int(sum(self.setup.num_examples[r.user] for r in usable))
+        participation = self.state.participation
+        assert participation is not None  # sized in __init__
+        participation.record(plan.selected, [r.user for r in usable])
+        if self.cfg.eval.distributions:
+            population = self.setup.tiers.population
+            tiered = len(population.tier_names) > 1  # one tier would repeat the overall
+            row.update(participation.row(population.tier_of_user if tiered else None,
+                                         population.tier_names))
         row.update(self.traffic.row(usable))
 
         if len(usable) >= cfg.round.min_completed:
-            arrays, metrics = self.aggregator.aggregate(rnd, self.state.arrays, usable)
+            if self.private is not None:
+                arrays, metrics, dp_row = self.private.aggregate(
+                    rnd, self.state.arrays, usable, len(plan.selected))
+                row.update(dp_row)
+            else:
+                arrays, metrics = self.aggregator.aggregate(rnd, self.state.arrays, usable)
             if arrays is not None:
                 self.state.arrays = arrays
             if metrics is not None:
@@ -172,6 +199,8 @@ class FederatedServer:
             row["skipped_reason"] = (
                 f"{len(usable)} usable replies < round.min_completed={cfg.round.min_completed}"
             )
+        if self.private is not None:
+            row.update(self.private.row())
         at_pass = row["pass_end"] and (cfg.eval.at_pass_end or self.passes_done())
         last = rnd == cfg.num_rounds or self.passes_done()
         if rnd % cfg.eval.every == 0 or last or at_pass:

@@ -24,12 +24,15 @@ class TierSettings:
         population: Population,
         shapes: dict[str, tuple[int, ...]],
         dim: int,
+        width_rules: dict[str, tuple[int, ...]] | None = None,
     ) -> None:
+        """``width_rules``: the model's HeteroFL rules (``FederatedModel.width_rules``);
+        None: guessed from the shapes."""
         self.opt = opt
         self.population = population
         self.shapes = shapes
         self.per_row = opt.per_row_embedding_avg
-        rules = rules_for(shapes, dim)
+        rules = rules_for(shapes, dim, width_rules)
         names = population.tier_names
         # Per tier index: HeteroFL slice spec (None = full model), prune rate, bits.
         self.specs: list[Spec | None] = []

@@ -29,7 +29,8 @@ def apply_injected_fault(config: Any, arrays: dict[str, np.ndarray]) -> dict[str
     if kind == "hang":
         time.sleep(float(config.get("inject-hang-s", 3600.0)))
         return arrays
-    first = next(iter(arrays))
+    # The first non-empty array (a sparse reply may hold no rows of some table).
+    first = next((k for k, v in arrays.items() if np.size(v)), next(iter(arrays)))
     out = dict(arrays)
     if kind == "nan":
         bad = out[first].astype(np.float32, copy=True)

@@ -1,5 +1,9 @@
 """Tier maps in and out: ``tiers.csv`` (``user_id,tier``; raw dataset user ids, tier names).
 
+User ids are the dataset's own under every ``dataset.protocol`` (MovieLens: 1..943 on
+ML-100K; RecBole: the ``user_id`` tokens; synthetic: the index). Integer ids match by
+value (``007`` is user 7); RecBole token ids that are not all integers match as text.
+
 Every run folder gets one (:func:`tier_csv_text`), whatever tiering ran, so a map can be
 compared user by user with another tool's, or fed back with ``population=from-file
 population.path=RUN/tiers.csv`` (:func:`read_tier_file`; also a JSON object
@@ -18,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from rf2.core.errors import DataError
+from rf2.data.compressed import refuse_compressed
 
 HEADER = ("user_id", "tier")
 
@@ -70,14 +75,21 @@ def read_tier_file(path: str, user_ids: np.ndarray, tier_names: Sequence[str]) -
     f = Path(path).expanduser()
     if not f.is_file():
         raise DataError(str(f), "tier map file does not exist (population.path)")
-    index = {int(u): i for i, u in enumerate(np.asarray(user_ids).tolist())}
+    refuse_compressed(f)
+    ids = np.asarray(user_ids)
+    numeric = ids.dtype.kind in "iu"
+    index: dict[int | str, int] = {(int(u) if numeric else str(u)): i
+                                   for i, u in enumerate(ids.tolist())}
     names = list(tier_names)
     out = np.full(len(index), -1, dtype=np.int64)
     for lineno, uid_text, tier in _rows(f):
-        try:
-            uid = int(uid_text)
-        except ValueError:
-            raise DataError(str(f), f"user_id {uid_text!r} is not an integer", lineno) from None
+        uid: int | str = uid_text
+        if numeric:
+            try:
+                uid = int(uid_text)
+            except ValueError:
+                raise DataError(str(f), f"user_id {uid_text!r} is not an integer",
+                                lineno) from None
         if uid not in index:
             raise DataError(str(f), f"user_id {uid} is not a user of this dataset", lineno)
         if tier not in names:
@@ -88,7 +100,7 @@ def read_tier_file(path: str, user_ids: np.ndarray, tier_names: Sequence[str]) -
         out[index[uid]] = names.index(tier)
     missing = np.flatnonzero(out < 0)
     if missing.size:
-        first = int(np.asarray(user_ids)[missing[0]])
+        first = ids[missing[0]].item()
         raise DataError(str(f), f"{missing.size} users of the dataset have no tier "
                         f"(first: user_id {first}); every user needs one")
     return out

@@ -6,7 +6,9 @@ May import: rf2.core, rf2.data and torch (never Flower or Ray).
 from __future__ import annotations
 
 from rf2.core.config import ModelConfig
+from rf2.core.errors import ConfigError
 from rf2.data.base import FederatedDataset
+from rf2.model.base import CANDIDATE, HISTORY, FederatedModel, resolve_target
 from rf2.model.examples import PAD, eval_histories, user_examples
 from rf2.model.hier_index import HierIndexModel
 from rf2.model.retrieval import (
@@ -18,19 +20,47 @@ from rf2.model.retrieval import (
 )
 from rf2.model.two_tower import TwoTower
 
+_ALLOWED = ("a dotted path to a rf2.model.base.FederatedModel subclass, or to a function "
+            "(dataset, cfg, seed) returning one, importable in this Python "
+            "(e.g. mylab.models.TiedTwoTower)")
 
-def build_model(cfg: ModelConfig, dataset: FederatedDataset, seed: int) -> TwoTower:
-    """The global model named by ``cfg.name``, initialised deterministically from ``seed``.
 
-    ``hier_index`` is a :class:`TwoTower` subclass (same tower parameters, plus the
-    index's node embeddings), so everything that handles a two-tower handles it.
+def build_model(cfg: ModelConfig, dataset: FederatedDataset, seed: int) -> FederatedModel:
+    """The global model, initialised deterministically from ``seed``: the user's
+    ``cfg._target_`` when set, else rf2's model named by ``cfg.name``.
+
+    Raises ConfigError naming ``model._target_`` when it cannot be imported or does not
+    give a :class:`FederatedModel`.
     """
-    cls = HierIndexModel if cfg.name == "hier_index" else TwoTower
-    return cls(dataset.num_items, cfg, dataset.item_genres, dataset.history_len, seed=seed)
+    if not cfg._target_:
+        cls = HierIndexModel if cfg.name == "hier_index" else TwoTower
+        return cls.from_dataset(dataset, cfg, seed)
+    try:
+        target = resolve_target(cfg._target_)
+    except Exception as ex:  # noqa: BLE001 - ImportError, AttributeError, ValueError...
+        raise ConfigError("model._target_", cfg._target_,
+                          f"{_ALLOWED}; it cannot be imported: {ex}") from ex
+    if isinstance(target, type) and issubclass(target, FederatedModel):
+        model = target.from_dataset(dataset, cfg, seed)
+    elif callable(target) and not isinstance(target, type):
+        model = target(dataset, cfg, seed)
+    else:
+        raise ConfigError("model._target_", cfg._target_, _ALLOWED)
+    if not isinstance(model, FederatedModel):
+        raise ConfigError("model._target_", cfg._target_,
+                          f"{_ALLOWED}; it returned a {type(model).__name__}")
+    if model.user_state_names():
+        raise ConfigError("model._target_", cfg._target_,
+                          "a model without per-user state (user_state_names() is "
+                          f"{model.user_state_names()}; rf2 has no per-user state store yet)")
+    return model
 
 
 __all__ = [
+    "CANDIDATE",
+    "HISTORY",
     "PAD",
+    "FederatedModel",
     "BeamSearchRetriever",
     "BruteForceRetriever",
     "FaissIVFRetriever",

@@ -4,10 +4,15 @@ Every client of a cohort starts from the same global model, but trains alone: it
 seed, its own examples, its own loss sample, its own parameters. Each client's
 parameters are gathered into a stacked copy that holds only the rows it can touch:
 
-* ``history_table``: the items of its histories, (C, Rh, D);
-* ``item_table`` / ``bias``: its targets, its negatives and (index) its balance sample,
-  (C, Ri, D) / (C, Ri); the whole catalogue for a full softmax (every row moves);
+* row tables read by history items (``FederatedModel.row_tables``; the two-tower's
+  ``history_table``): the items of its histories, (C, Rh, D);
+* row tables read by candidates (``item_table`` / ``bias``): its targets, its negatives
+  and (index) its balance sample (``FederatedModel.candidate_rows``), (C, Ri, D) /
+  (C, Ri); the whole catalogue for a full softmax (every row moves);
 * every other parameter (genre table, index nodes): a full copy, (C, ...).
+
+Only models that declare it (``FederatedModel.cohort_unsupported_reason`` is None) come
+here: the stacked loss below is rf2's two-tower / index maths, by parameter name.
 
 Clients are padded to the cohort's largest row set and example count; padded rows are
 never read and padded examples carry zero weight, so they get exactly zero gradient.
@@ -32,13 +37,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rf2.model.base import CANDIDATE, HISTORY
 from rf2.model.hier_index import _JOINT_LIMIT, HierIndexModel
 from rf2.model.local_training import client_sample
 from rf2.model.two_tower import TwoTower
 
-HISTORY = "history_table"
-ITEM_ROW_TABLES = ("item_table", "bias")
-ROW_TABLES = (HISTORY, *ITEM_ROW_TABLES)
+
+class NotVectorisable(Exception):
+    """The model does not declare cohort support: train its users one by one."""
 
 
 @dataclass(frozen=True)
@@ -106,21 +112,25 @@ class _Cohort:
         self.n = np.array([len(j.targets) for j in jobs], dtype=np.int64)  # (C,)
         samples = [client_sample(model, j.seed) for j in jobs]
         self.samples = samples
+        reason = model.cohort_unsupported_reason()
+        if reason is not None:
+            raise NotVectorisable(reason)
+        tables = model.row_tables()
+        self.history_tables = {n for n, roles in tables.items() if roles == {HISTORY}}
+        self.item_tables = {n for n, roles in tables.items() if roles == {CANDIDATE}}
+        if len(self.history_tables) + len(self.item_tables) != len(tables):
+            raise NotVectorisable("a row table read by both history and candidate ids")
         num_items = model.num_items
-        # Which item rows each client can touch.
-        self.full_items = not model.sampled or (self.hier and samples[0].balance is None
-                                                and model.index_weight() > 0)
+        # Which item rows each client can touch (the same kind for every client: a full
+        # softmax, or the index's balance term without a sample, reads every item).
+        candidates = [model.candidate_rows(np.asarray(j.targets, dtype=np.int64), s)
+                      for j, s in zip(jobs, samples, strict=True)]
+        self.full_items = candidates[0] is None
         hrows = [np.unique(j.histories[j.histories >= 0]) for j in jobs]
         if self.full_items:
             irows = [np.arange(num_items, dtype=np.int64)] * c
         else:
-            irows = []
-            for j, s in zip(jobs, samples, strict=True):
-                parts = [np.asarray(j.targets, dtype=np.int64)]
-                for extra in (s.negatives, s.balance):
-                    if extra is not None:
-                        parts.append(extra.numpy())
-                irows.append(np.unique(np.concatenate(parts)))
+            irows = [np.asarray(r, dtype=np.int64) for r in candidates]
         self.hrows, self.irows = hrows, irows
         rh = max(1, max(len(r) for r in hrows))
         ri = max(1, max(len(r) for r in irows))
@@ -159,9 +169,9 @@ class _Cohort:
         params: dict[str, torch.Tensor] = {}
         for name, g in arrays.items():
             g = np.asarray(g)
-            if name == HISTORY:
+            if name in self.history_tables:
                 value = g[hidx]  # (C, Rh, D)
-            elif name in ITEM_ROW_TABLES:
+            elif name in self.item_tables:
                 value = np.broadcast_to(g, (c, *g.shape)) if self.full_items else g[iidx]
             else:
                 value = np.broadcast_to(g, (c, *g.shape))
@@ -187,7 +197,7 @@ class _Cohort:
         p, model = self.params, self.model
         hist = self._gather(self.hist_local, ex)  # (C, B, H)
         hmask = self._gather(self.hist_mask, ex).unsqueeze(-1)  # (C, B, H, 1)
-        emb = self._gather(p[HISTORY], hist) * hmask  # (C, B, H, D)
+        emb = self._gather(p["history_table"], hist) * hmask  # (C, B, H, D)
         user = emb.sum(2) / hmask.sum(2).clamp(min=1.0)  # (C, B, D)
         items = p["item_table"]  # (C, Ri, D)
         if self.genres is not None:
@@ -307,6 +317,9 @@ def train_cohort(
     and training-progress schedules are read; its parameters are not used).
     Equal to ``train_locally`` per job (tests/test_cohort.py).
     """
+    reason = model.cohort_unsupported_reason()
+    if reason is not None:
+        raise NotVectorisable(reason)
     if not jobs:
         return []
     active = [k for k, j in enumerate(jobs) if len(j.targets) > 0]
@@ -404,10 +417,10 @@ def _train(model: TwoTower, arrays: Mapping[str, np.ndarray], jobs: Sequence[Cli
         values: dict[str, np.ndarray] = {}
         for name in names:
             value = cohort.params[name].detach()[k]
-            if name == HISTORY:
+            if name in cohort.history_tables:
                 rows[name] = cohort.hrows[k]
                 value = value[: len(cohort.hrows[k])]
-            elif name in ITEM_ROW_TABLES:
+            elif name in cohort.item_tables:
                 rows[name] = cohort.irows[k]
                 value = value[: len(cohort.irows[k])]
             values[name] = value.numpy()  # float32, as the model's state_dict

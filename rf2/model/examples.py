@@ -45,10 +45,11 @@ def eval_histories(dataset: FederatedDataset, users: np.ndarray) -> np.ndarray:
     h = dataset.history_len
     users = np.asarray(users, dtype=np.int64)
     out = np.full((len(users), h), PAD, dtype=np.int64)  # (U, H)
-    for row, u in enumerate(users):
-        last = dataset.train_of(int(u))[-h:]
-        if len(last):
-            out[row, h - len(last) :] = last
+    end = dataset.train_indptr[users + 1]  # (U,) one past each user's last train click
+    count = np.minimum(end - dataset.train_indptr[users], h)  # (U,) clicks that fit
+    cols = np.arange(h)
+    filled = cols >= (h - count)[:, None]  # (U, H) right-aligned
+    out[filled] = dataset.train_items[(end[:, None] - h + cols)[filled]]
     return out
 
 

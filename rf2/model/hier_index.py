@@ -281,6 +281,23 @@ class HierIndexModel(TwoTower):
             terms.append(share.numel() * (share * share).sum() - 1.0)
         return torch.stack(terms).mean()
 
+    cohort_vectorisable = True  # rf2.model.cohort re-implements this loss too
+
+    def width_rules(self) -> dict[str, tuple[int, ...]]:
+        """The towers' rules; node tables (K_l, D) narrow along D, node biases do not."""
+        rules = super().width_rules()
+        for level in range(len(self.node_vecs)):
+            rules[f"node_vecs.{level}"] = (1,)
+            rules[f"node_bias.{level}"] = ()
+        return rules
+
+    def candidate_rows(self, targets: np.ndarray, sample: LossSample | None
+                       ) -> np.ndarray | None:
+        # Without a balance sample the balance term reads every item's key.
+        if sample is not None and sample.balance is None and self.index_weight() > 0:
+            return None
+        return super().candidate_rows(targets, sample)
+
     def item_keys_of(self, ids: torch.Tensor) -> torch.Tensor:
         """(N,) item ids -> (N, Dq) their keys, without building the catalogue's."""
         items, bias = self.item_rows(ids)

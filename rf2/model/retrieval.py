@@ -198,6 +198,32 @@ class BeamSearchRetriever:
             ids = torch.where(torch.isfinite(scores), ids, torch.full_like(ids, -1))
         return ids, scores
 
+    def _leaf_slots(self, leaves: torch.Tensor, lens: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, b) kept leaves (unused slots: length 0) -> (B, N) positions in the
+        leaf-sorted item order of the items under them, and which slots are real."""
+        starts = self.leaf_start[leaves]  # (B, b)
+        width = max(int(lens.sum(1).max()), 1) if lens.numel() else 1
+        # Slot j of row b falls in the leaf whose cumulative length first exceeds j.
+        ends = torch.cumsum(lens, 1)  # (B, b)
+        slots = torch.arange(width).expand(leaves.shape[0], -1).contiguous()  # (B, N)
+        leaf_of = torch.searchsorted(ends, slots, right=True)  # (B, N)
+        in_range = leaf_of < lens.shape[1]
+        leaf_of = leaf_of.clamp(max=lens.shape[1] - 1)
+        offset = slots - (torch.gather(ends, 1, leaf_of) - torch.gather(lens, 1, leaf_of))
+        return torch.gather(starts, 1, leaf_of) + offset, in_range
+
+    def leaf_items(self, leaves: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, b) leaves from :meth:`leaves` (-1 = unused) -> (B, N) ids of the items
+        under them (-1 = padding) and (B,) how many there are: the items a query scores
+        exactly."""
+        valid = leaves >= 0
+        safe = leaves.clamp(min=0)
+        lens = torch.where(valid, self.leaf_count[safe], 0)  # (B, b)
+        pos, in_range = self._leaf_slots(safe, lens)
+        ids = self.sorted_ids[pos.clamp(max=self.num_items - 1)]
+        return torch.where(in_range, ids, -1), lens.sum(1)
+
     def topk(
         self, queries: torch.Tensor, k: int, exclude: Sequence[np.ndarray] | None = None
     ) -> RetrievalResult:
@@ -229,16 +255,7 @@ class BeamSearchRetriever:
         k: int,
         exclude: Sequence[np.ndarray] | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = self.leaf_start[leaves]  # (B, b)
-        width = max(int(lens.sum(1).max()), 1)
-        # Slot j of row b falls in the leaf whose cumulative length first exceeds j.
-        ends = torch.cumsum(lens, 1)  # (B, b)
-        slots = torch.arange(width).expand(q.shape[0], -1).contiguous()  # (B, N)
-        leaf_of = torch.searchsorted(ends, slots, right=True)  # (B, N)
-        in_range = leaf_of < lens.shape[1]
-        leaf_of = leaf_of.clamp(max=lens.shape[1] - 1)
-        offset = slots - (torch.gather(ends, 1, leaf_of) - torch.gather(lens, 1, leaf_of))
-        pos = torch.gather(starts, 1, leaf_of) + offset  # (B, N) rows of sorted_keys
+        pos, in_range = self._leaf_slots(leaves, lens)  # (B, N) rows of sorted_keys
         pad_row = self.sorted_keys.shape[0] - 1
         pos = torch.where(in_range, pos, torch.full_like(pos, pad_row))
         # (B, N, Dq): index_select copies whole rows (~1.5x faster than fancy indexing).

@@ -13,7 +13,9 @@ Recall@20 at every round versus plain mean pooling.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rf2.core.config import ModelConfig
+from rf2.model.base import CANDIDATE, HISTORY, FederatedModel, Role
 
 PAD = -1
 
@@ -40,7 +43,7 @@ class LossSample:
     balance: torch.Tensor | None = None  # (S,) int64, items for the index's balance term
 
 
-class TwoTower(nn.Module):
+class TwoTower(FederatedModel):
     """score(user, item) = <u(history), v(item)> + b_item.
 
     u(history) = mean of the history-item embeddings of the clicked items (PAD ignored;
@@ -69,6 +72,7 @@ class TwoTower(nn.Module):
         self.genre_table: nn.Parameter | None = None
         self.item_genres: torch.Tensor | None
         if cfg.use_genres and item_genres is not None and item_genres.shape[1] > 0:
+            self._genres_raw = np.asarray(item_genres)  # as given, for at_width
             g = torch.as_tensor(np.asarray(item_genres), dtype=torch.float32)  # (I, G)
             if g.shape[0] != num_items:
                 raise ValueError(f"item_genres has {g.shape[0]} rows, expected {num_items}")
@@ -81,6 +85,52 @@ class TwoTower(nn.Module):
             self.item_genres = None
         self._sampler = torch.Generator()
         self.reset_parameters(seed)
+
+    # -- the model contract (rf2.model.base) ----------------------------------------------
+    def score_users(self, histories: torch.Tensor, users: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        """(B, H) histories -> (B, I) scores (no per-user state: ``users`` unused)."""
+        return self.score_all(self.user_embedding(histories))
+
+    def row_tables(self) -> Mapping[str, frozenset[Role]]:
+        tables: dict[str, frozenset[Role]] = {"history_table": frozenset({HISTORY}),
+                                              "item_table": frozenset({CANDIDATE})}
+        if self.bias is not None:
+            tables["bias"] = frozenset({CANDIDATE})
+        return tables
+
+    def candidate_rows(self, targets: np.ndarray, sample: LossSample | None
+                       ) -> np.ndarray | None:
+        if sample is None or sample.negatives is None:
+            return None  # full softmax: every item's score is in the loss
+        parts = [np.asarray(targets, dtype=np.int64), sample.negatives.numpy()]
+        if sample.balance is not None:
+            parts.append(sample.balance.numpy())
+        return np.unique(np.concatenate(parts))
+
+    def width_rules(self) -> dict[str, tuple[int, ...]]:
+        """Embedding tables narrow along D (columns); the per-item bias has no D axis."""
+        return {"history_table": (1,), "item_table": (1,), "genre_table": (1,), "bias": ()}
+
+    def at_width(self, width: float) -> TwoTower:
+        # ceil(width * D), rounded first: rf2.optim.heterofl.kept's rule (tested equal).
+        dim = max(1, math.ceil(round(width * self.dim, 9)))
+        cfg = dataclasses.replace(self.cfg, dim=dim)
+        genres = None if self.item_genres is None else self._genres_raw
+        return type(self)(self.num_items, cfg, genres, self.history_len, seed=0)
+
+    # Classes whose maths rf2.model.cohort re-implements, stacked over clients. A
+    # subclass may change any method (tie tables, add a layer), so it is vectorised
+    # only if it says so by setting ``cohort_vectorisable = True`` in its own body.
+    cohort_vectorisable = True
+
+    def cohort_unsupported_reason(self) -> str | None:
+        cls = type(self)
+        if cls.__dict__.get("cohort_vectorisable", False):
+            return None
+        return (f"{cls.__module__}.{cls.__qualname__} subclasses {cls.__mro__[1].__name__} "
+                "without declaring cohort_vectorisable = True (the cohort trains rf2's own "
+                "two-tower maths, which a subclass may have changed)")
 
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:

@@ -5,7 +5,8 @@ parameter keeps its first ceil(r·d) entries (nested top-left slices). For an ML
 HeteroFL's rule: a hidden layer keeps ceil(r·d_out) output rows and the previous layer's
 kept columns, the first layer keeps all its inputs, the output layer all its outputs.
 Which axes of which parameter are width axes is data (``Rules``: param name -> axes), so
-a model declares it instead of this module guessing from names.
+a model declares it (``FederatedModel.width_rules``) instead of this module guessing
+from names; a model that declares none gets :func:`default_rules`.
 
 For rf2's two-tower the width is the embedding dimension D: a client at width r is the
 same ``TwoTower`` built with dim = ceil(r·D), holding the first ceil(r·D) columns of
@@ -29,16 +30,6 @@ import numpy as np
 Shapes = Mapping[str, tuple[int, ...]]
 Rules = Mapping[str, tuple[int, ...]]  # param name -> axes that shrink with the width
 Spec = dict[str, tuple[slice, ...]]  # param name -> the client's top-left slice
-
-# rf2.model.two_tower.TwoTower's state_dict: embedding tables narrow along D (columns);
-# the per-item bias has no D axis. A model with other parameters falls back to
-# :func:`default_rules` (which also handles square D x D hidden layers).
-TWO_TOWER_RULES: dict[str, tuple[int, ...]] = {
-    "history_table": (1,),  # (I, D)
-    "item_table": (1,),  # (I, D)
-    "genre_table": (1,),  # (G, D)
-    "bias": (),  # (I,)
-}
 
 
 def kept(d: int, width: float) -> int:
@@ -66,26 +57,13 @@ def default_rules(shapes: Shapes, dim: int) -> dict[str, tuple[int, ...]]:
     return rules
 
 
-# The hierarchical index's node tables (K_l, D) narrow along D only, like embeddings;
-# their per-node biases (K_l,) keep their shape (a name-blind guess would take a K x D
-# table with K == D for a square hidden layer).
-INDEX_PREFIX_RULES: dict[str, tuple[int, ...]] = {"node_vecs.": (1,), "node_bias.": ()}
-
-
-def rules_for(shapes: Shapes, dim: int) -> dict[str, tuple[int, ...]]:
-    """Known rf2 model states (two-tower, + hierarchical index) by name, else
-    :func:`default_rules`."""
-    rules: dict[str, tuple[int, ...]] = {}
-    for name in shapes:
-        if name in TWO_TOWER_RULES:
-            rules[name] = TWO_TOWER_RULES[name]
-        else:
-            prefix = next((p for p in INDEX_PREFIX_RULES if name.startswith(p)), None)
-            if prefix is not None:
-                rules[name] = INDEX_PREFIX_RULES[prefix]
-    if len(rules) == len(shapes):
-        return rules
-    return default_rules(shapes, dim)
+def rules_for(shapes: Shapes, dim: int, declared: Rules | None = None
+              ) -> dict[str, tuple[int, ...]]:
+    """The model's declared rules (``FederatedModel.width_rules``; a parameter it does
+    not name keeps its full shape), else :func:`default_rules`."""
+    if declared is None:
+        return default_rules(shapes, dim)
+    return {name: tuple(declared.get(name, ())) for name in shapes}
 
 
 def slice_spec(shapes: Shapes, width: float, rules: Rules) -> Spec:

@@ -1,7 +1,7 @@
 """Row-sparse client updates: the wire format and the exact aggregation maths.
 
-A client's reply carries, for each row table (parameters indexed by item id:
-``history_table``, ``item_table``, ``bias``), only the rows it changed:
+A client's reply carries, for each row table (parameters with one row per item, as the
+model declares them: ``rf2.model.base.FederatedModel.row_tables``), only the rows it changed:
 ``<name>.rows`` (R,) int64 sorted unique ids and ``<name>.values`` (R, ...) their new
 values; every other parameter travels whole under its own name. A row that is not in
 the reply is the global row: a zero update. With a sampled softmax a client changes its
@@ -18,12 +18,11 @@ still decay the moments of rows nobody touched. Rules that need one array per cl
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-ROW_TABLES = ("item_table", "bias", "history_table")  # reply order: a values array first
 ROWS, VALUES = ".rows", ".values"
 
 Arrays = Mapping[str, np.ndarray]
@@ -53,12 +52,13 @@ def encode(received: Arrays, rows: Mapping[str, np.ndarray], values: Mapping[str
            ) -> dict[str, np.ndarray]:
     """Reply arrays: only the rows (of ``rows``) whose values differ from ``received``.
 
-    ``rows[name]``/``values[name]``: candidate rows of a row table and their new values;
-    other names of ``values`` are whole parameters.
+    ``rows[name]``/``values[name]``: candidate rows of a row table (the names of
+    ``rows``) and their new values; other names of ``values`` are whole parameters.
+    Each table's values array comes before its row ids.
     """
     out: dict[str, np.ndarray] = {}
-    for name in ROW_TABLES:
-        if name in received:
+    for name in received:
+        if name in rows:
             cand = np.asarray(rows[name], dtype=np.int64)
             vals = np.asarray(values[name])
             # Compared in the client's dtype: a float64 w_t (q-FFL's aggregate) would
@@ -67,15 +67,17 @@ def encode(received: Arrays, rows: Mapping[str, np.ndarray], values: Mapping[str
             keep = changed_rows(vals, old) if len(cand) else cand
             out[name + VALUES] = np.ascontiguousarray(vals[keep])
             out[name + ROWS] = cand[keep]
-    for name in received:
-        if name not in ROW_TABLES:
+        else:
             out[name] = values[name]
     return out
 
 
-def encode_dense(received: Arrays, arrays: Arrays) -> dict[str, np.ndarray]:
-    """Reply arrays from a full trained state (the per-user path): the changed rows."""
-    rows = {name: np.arange(np.shape(received[name])[0]) for name in ROW_TABLES if name in received}
+def encode_dense(received: Arrays, arrays: Arrays, row_tables: Iterable[str]
+                 ) -> dict[str, np.ndarray]:
+    """Reply arrays from a full trained state (the per-user path): the changed rows of
+    ``row_tables``, the other parameters whole."""
+    rows = {name: np.arange(np.shape(received[name])[0]) for name in row_tables
+            if name in received}
     return encode(received, rows, arrays)
 
 
