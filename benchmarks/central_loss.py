@@ -67,6 +67,34 @@ def variant_config(name: str, data: Path, model: str, seed: int) -> dict[str, An
             "eval": {"ks": [20], "max_users": 0}}
 
 
+def step_seconds(data: Path, variants: list[str], model: str, seed: int, steps: int,
+                 repeats: int) -> dict[str, float]:
+    """Median seconds per training step of each variant, measured interleaved
+    (``steps`` steps of each variant in turn, ``repeats`` times), so that a change of
+    load on a shared machine hits every variant alike."""
+    import statistics
+
+    from rf2.core.config import load_run_config
+    from rf2.data import load_dataset
+    from rf2.model import build_model
+    from rf2.model.central import CentralTrainer, pooled_examples
+
+    cfgs = {v: load_run_config(variant_config(v, data, model, seed)) for v in variants}
+    dataset = load_dataset(cfgs[variants[0]].dataset, seed)
+    hist, tgt = pooled_examples(dataset)
+    trainers = {v: CentralTrainer(build_model(c.model, dataset, seed), hist, tgt, c.central,
+                                  seed) for v, c in cfgs.items()}
+    for trainer in trainers.values():
+        trainer.train_until(2)  # warm-up: allocations, optimizer state
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(repeats):
+        for v, trainer in trainers.items():
+            started = time.perf_counter()
+            trainer.train_until(trainer.step + steps)
+            times[v].append((time.perf_counter() - started) / steps)
+    return {v: statistics.median(t) for v, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=shared_data("amazon-cds"))
@@ -75,6 +103,11 @@ def main() -> None:
     parser.add_argument("--variants", default="200,1000,2000,full",
                         help="comma-separated: full, or a number of negatives")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--probe-steps", type=int, default=10,
+                        help="steps per variant per turn of the interleaved timing")
+    parser.add_argument("--probe-repeats", type=int, default=5)
+    parser.add_argument("--no-epoch", action="store_true",
+                        help="only the interleaved step timing (no one-epoch runs)")
     args = parser.parse_args()
     if not (args.data / f"{args.data.name}.inter").is_file():
         sys.exit(f"no RecBole data at {args.data}")
@@ -86,9 +119,15 @@ def main() -> None:
 
     torch.set_num_threads(1)
     results = []
+    variants = args.variants.split(",")
     with tempfile.TemporaryDirectory(prefix="rf2-central-loss-") as tmp:
         data = subset(args.data, args.users, Path(tmp) / "data") if args.users else args.data
-        for name in args.variants.split(","):
+        probe = step_seconds(data, variants, args.model, args.seed, args.probe_steps,
+                             args.probe_repeats)
+        ref_step = probe.get("200", next(iter(probe.values())))
+        print("seconds per step (interleaved, median): " + ", ".join(
+            f"{v} {t:.3f} ({t / ref_step:.2f}x)" for v, t in probe.items()), flush=True)
+        for name in [] if args.no_epoch else variants:
             started = time.perf_counter()
             run = run_job(variant_config(name, data, args.model, args.seed),
                           Path(tmp) / f"run-{name}")
@@ -101,16 +140,20 @@ def main() -> None:
                             "popularity": rows[0].get("popularity/recall@20")})
             print(f"{name}: recall@20 {last['recall@20']:.4f} train {train_s:.0f} s",
                   flush=True)
+    if not results:
+        return
     ref = next((r for r in results if r["variant"] == "200"), results[0])
     users = f"first {args.users} users" if args.users else "all users"
     print(f"\n{args.data.name} ({users}), {args.model}, mode=central, 1 epoch, Adam 0.01, "
-          f"batch 256; time ratio vs sampled K=200 in this run")
-    print("| loss | Recall@20 | NDCG@20 | train s | time vs K=200 |")
-    print("|---|---|---|---|---|")
+          f"batch 256; time ratios vs sampled K=200 in this run")
+    print("| loss | Recall@20 | NDCG@20 | epoch train s | epoch time vs K=200 | "
+          "step time vs K=200 (interleaved) |")
+    print("|---|---|---|---|---|---|")
     for r in results:
         label = "full softmax" if r["variant"] == "full" else f"sampled, K={r['variant']}"
         print(f"| {label} | {r['recall']:.4f} | {r['ndcg']:.4f} | {r['train_s']:.0f} | "
-              f"{r['train_s'] / ref['train_s']:.2f}x |")
+              f"{r['train_s'] / ref['train_s']:.2f}x | "
+              f"{probe[r['variant']] / ref_step:.2f}x |")
     if ref.get("popularity") is not None:
         print(f"popularity Recall@20: {ref['popularity']:.4f}")
 
