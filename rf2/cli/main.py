@@ -327,11 +327,32 @@ def _stop_idle_workers() -> None:
         getattr(executor, "terminate", executor.shutdown)()
 
 
+def _narrowed_help(argv: list[str]) -> None:
+    """``rf2 --help PREFIX``: the keys under PREFIX (Hydra's help lists them all), exit 0;
+    an unknown prefix is one line naming the sections, exit 2."""
+    from rf2.cli.config_docs import narrowed_help, sections
+
+    prefixes = [a for a in argv if not a.startswith("-") and "=" not in a]
+    if not prefixes:
+        return
+    for prefix in prefixes:
+        lines = narrowed_help(prefix)
+        if lines is None:
+            known = ", ".join(s.name for s in sections() if s.name)
+            print(f"rf2: --help {prefix}: no config key starts with {prefix!r}; sections: "
+                  f"{known} (and the top-level keys: rf2 --help)", file=sys.stderr, flush=True)
+            sys.exit(2)
+        print("\n".join(lines), flush=True)
+    sys.exit(0)
+
+
 def _main() -> None:
     from rf2.cli.precheck import fixed_sweep_dir
     from rf2.cli.support import precheck_overrides, preflight_output_dir
     from rf2.runs.lock import RunLock
 
+    if any(a in ("--help", "-h") for a in sys.argv[1:]):
+        _narrowed_help(sys.argv[1:])
     sys.argv[1:] = precheck_overrides(sys.argv[1:])
     argv = sys.argv[1:]
     if not any(a in ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help") for a in argv):
