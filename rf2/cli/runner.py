@@ -93,13 +93,6 @@ def check_against_data(cfg: RunConfig, dataset: FederatedDataset) -> None:
           f"cut-offs <= the number of items ({dataset.num_items})")
     check(cfg.clients_per_round <= dataset.num_users, "clients_per_round", cfg.clients_per_round,
           f"an integer in [1, {dataset.num_users}] (the number of users)")
-    if cfg.model.loss_kind(dataset.num_items) == "sampled":
-        # More negatives than items is no estimate worth having: the full softmax is
-        # exact and cheaper there.
-        check(cfg.model.num_negatives <= dataset.num_items, "model.num_negatives",
-              cfg.model.num_negatives,
-              f"an integer in [1, {dataset.num_items}] (the number of items) with the "
-              "sampled loss; for a catalogue this small use model.loss=full")
     if cfg.model.name == "hier_index":
         # k-means initialises each level from the items: more nodes than items is empty
         # clusters at best.
