@@ -157,12 +157,15 @@ def max_difference(a: dict[str, float], b: dict[str, float]) -> float:
         print(f"keys only in this tree: {sorted(a.keys() - b.keys())[:10]}; "
               f"only in the baseline: {sorted(b.keys() - a.keys())[:10]}")
         return float("inf")
-    worst = 0.0
+    worst, where = 0.0, ""
     for key, x in a.items():
         y = b[key]
         if x != x and y != y:  # both NaN
             continue
-        worst = max(worst, abs(x - y))
+        if abs(x - y) > worst:
+            worst, where = abs(x - y), f"{key}: {x!r} vs {y!r}"
+    if worst:
+        print(f"largest difference: {where}")
     return worst
 
 

@@ -22,7 +22,12 @@ import pytest
 import yaml
 from conftest import compose_experiment, text_layout_problems
 
-from rf2.analysis.figures import plot_fairness_gap, plot_participation, plot_tier_curves
+from rf2.analysis.figures import (
+    plot_fairness_gap,
+    plot_participation,
+    plot_tier_curves,
+    plot_user_cdf,
+)
 from rf2.analysis.results import find_runs, load
 from rf2.cli.support import precheck_overrides
 from rf2.core.config import load_run_config
@@ -236,7 +241,7 @@ def test_quick_study_sweep_figures_and_notebook(quick_sweep: Path) -> None:
 def test_quick_study_figures_keep_their_text_clear(quick_sweep: Path) -> None:
     df = load(quick_sweep)
     figures = {"tier curves": plot_tier_curves(df), "fairness gap": plot_fairness_gap(df),
-               "participation": plot_participation(df)}
+               "participation": plot_participation(df), "user cdf": plot_user_cdf(df)}
     for name, figure in figures.items():
         assert text_layout_problems(figure) == [], name
         # honest titles: what was averaged, over how many seeds

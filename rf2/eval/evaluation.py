@@ -285,12 +285,17 @@ def _index_metrics(sb: ScoredBlock, ctx: EvalContext) -> dict[str, np.ndarray]:
         # Training items are -inf in the block already (rank_block's top-k stage).
         vals = np.take_along_axis(sb.scores.numpy(), np.maximum(ids, 0), axis=1)
         served = (ids >= 0) & np.isfinite(vals)  # unserved slots rank last, then become -1
-        best = best_of(np.where(served, vals, np.float32("-inf")),
-                       np.where(served, ids, _UNSERVED), k_max)  # (B, K')
+        vals = np.where(served, vals, np.float32("-inf"))
+        best, tied = best_of(vals, np.where(served, ids, _UNSERVED), k_max)  # (B, K')
         index_ids = np.where(best == _UNSERVED, -1, best)
         if index_ids.shape[1] < k_max:  # fewer items under the leaves than K
             pad = np.full((len(index_ids), k_max - index_ids.shape[1]), -1, dtype=np.int64)
             index_ids = np.concatenate([index_ids, pad], axis=1)
+        for row in np.flatnonzero(tied):  # as the all-item ranking: torch.topk among ties
+            full = torch.full((ctx.num_items,), float("-inf"))
+            full[torch.from_numpy(ids[row][served[row]])] = torch.from_numpy(vals[row][served[row]])
+            top_s, top_i = torch.topk(full, k_max, sorted=True)
+            index_ids[row] = torch.where(torch.isfinite(top_s), top_i, -1).numpy()
         items_scored = scored.numpy()
     else:
         result = retriever.topk(queries, k_max, b.exclude)
