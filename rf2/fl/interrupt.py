@@ -216,3 +216,19 @@ def start_noting_stops(start: Callable[[], None], poll_s: float = 0.05) -> Itera
     finally:
         release.set()
         thread.join()
+
+
+@contextmanager
+def children_ignore_sigint() -> Iterator[None]:
+    """Processes started inside inherit SIGINT ignored, and so does this process
+    meanwhile (a Ctrl-C then is lost: prefer :func:`start_noting_stops`, which keeps
+    this process's handler). Used where a Ctrl-C reaches the work another way
+    (``rf2.fl.ray_jobs``: through its stop flag)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
