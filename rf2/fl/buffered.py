@@ -116,6 +116,9 @@ class BufferedRounds:
                  ) -> UsableReply:
         if s == 0:
             return reply
+        if getattr(reply, "partial", None) is not None:
+            raise RuntimeError("strategy=fedbuff rebases each stale client's own update; a "
+                               "message replied a partial sum")
         weight = staleness_weight(s, self.cfg.strategy.staleness_exponent)
         arrays = rebase(reply.arrays, self.tiers.reference_arrays(reply.user, pulled),
                         self.tiers.reference_arrays(reply.user, current), weight)
