@@ -13,7 +13,12 @@ done, minus one steady round) and the process tree's peak RSS.
     python benchmarks/sim_overhead.py --ml100k ../shared/data/ml-100k   # on MovieLens-100K
 
 rf2 runs with each client path (``--paths``): ``vectorised`` (cohort-vectorised training,
-sparse replies: the default) and ``per-user`` (one user at a time, whole-model replies).
+sparse replies, partial sums inside a message: the default), ``vectorised-no-sums``
+(the same, one reply per client: ``simulation.partial_aggregation=false``) and
+``per-user`` (one user at a time, whole-model replies, no sums).
+
+    python benchmarks/sim_overhead.py --ml100k ../shared/data/ml-100k --loss full \
+        --paths vectorised,vectorised-no-sums --clients 100 --backends inprocess,ray
 """
 
 from __future__ import annotations
@@ -106,10 +111,14 @@ def plain_loop_round_s(cfg_map: dict, rounds: int) -> float:
     return statistics.median(times[1:])
 
 
-# rf2's client paths: cohort-vectorised training with sparse replies (the default), and
-# the per-user reference path with whole-model replies.
+# rf2's client paths: cohort-vectorised training with sparse replies and partial sums
+# (the default), the same with one reply per client, and the per-user reference path
+# with whole-model replies.
 PATHS = {"vectorised": {"vectorise": True, "sparse_updates": True},
-         "per-user": {"vectorise": False, "sparse_updates": False}}
+         "vectorised-no-sums": {"vectorise": True, "sparse_updates": True,
+                                "partial_aggregation": False},
+         "per-user": {"vectorise": False, "sparse_updates": False,
+                      "partial_aggregation": False}}
 
 
 def measure_one(backend: str, clients: int, users: int, path: str = "vectorised",
@@ -163,6 +172,8 @@ def main() -> None:
                         help="MovieLens-100K folder: measure on it instead of synthetic users")
     parser.add_argument("--loss", default="auto", choices=["auto", "full", "sampled"],
                         help="model.loss (auto: full softmax below 5,000 items)")
+    parser.add_argument("--clients", default="10,100", help="clients per round (comma-separated)")
+    parser.add_argument("--backends", default="inprocess,ray", help="comma-separated")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per setting; the table shows the median-ratio run and the range")
@@ -174,7 +185,8 @@ def main() -> None:
                                      args.loss)))
         return
     user_counts = (943,) if args.ml100k else (1000, 100_000)
-    settings = [(b, c, u, p) for b in ("inprocess", "ray") for c in (10, 100) for u in user_counts
+    settings = [(b, int(c), u, p) for b in args.backends.split(",")
+                for c in args.clients.split(",") for u in user_counts
                 for p in args.paths.split(",")]
     if args.quick:
         settings = [(b, 10, 1000, p) for b in ("inprocess", "ray") for p in args.paths.split(",")]

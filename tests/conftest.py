@@ -117,3 +117,48 @@ def pytest_configure(config: pytest.Config) -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+def text_layout_problems(fig: Any) -> list[str]:
+    """Texts of a drawn matplotlib figure that leave the canvas or overlap each other.
+
+    Every visible, non-empty Text (titles, labels, tick labels, legend entries,
+    annotations) is measured after a full draw on the Agg canvas; its bounding box must lie
+    inside the figure and must not intersect another text's (1 px of slack).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    width, height = fig.bbox.width, fig.bbox.height
+    # Tick labels of ticks outside an axis's view interval exist but are not drawn.
+    hidden = set()
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            lo, hi = sorted(axis.get_view_interval())
+            slack = (hi - lo) * 1e-6
+            for tick in [*axis.get_major_ticks(), *axis.get_minor_ticks()]:
+                if not lo - slack <= tick.get_loc() <= hi + slack:
+                    hidden.update({id(tick.label1), id(tick.label2)})
+    boxes = []
+    for text in fig.findobj(Text):
+        if id(text) in hidden or not text.get_visible() or not text.get_text().strip():
+            continue
+        axes = text.axes
+        if axes is not None and not axes.get_visible():
+            continue
+        box = text.get_window_extent(renderer)
+        if box.width == 0 or box.height == 0:
+            continue
+        boxes.append((text.get_text().replace("\n", " "), box))
+    problems = [f"{label!r} leaves the canvas ({box.x0:.0f},{box.y0:.0f})-"
+                f"({box.x1:.0f},{box.y1:.0f}) of {width:.0f}x{height:.0f}"
+                for label, box in boxes
+                if box.x0 < -1 or box.y0 < -1 or box.x1 > width + 1 or box.y1 > height + 1]
+    for i, (a_label, a) in enumerate(boxes):
+        for b_label, b in boxes[i + 1:]:
+            if (min(a.x1, b.x1) - max(a.x0, b.x0) > 1 and min(a.y1, b.y1) - max(a.y0, b.y0) > 1):
+                problems.append(f"{a_label!r} overlaps {b_label!r}")
+    return problems

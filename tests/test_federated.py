@@ -114,7 +114,8 @@ def test_refuses_to_overwrite_an_existing_run(inprocess_run: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ray_backend_matches_inprocess_and_improves(inprocess_run: Path, tmp_path: Path) -> None:
+def test_ray_backend_matches_inprocess_and_improves(inprocess_run: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """The Ray path is first-class: real Flower simulation engine on Ray actors."""
     ray_dir = tmp_path / "ray"
     cfg = small_run(num_rounds=4)
@@ -127,6 +128,10 @@ def test_ray_backend_matches_inprocess_and_improves(inprocess_run: Path, tmp_pat
         shutil.rmtree(ray_tmp, ignore_errors=True)
     rows = read_rows(ray_dir)
     assert rows[-1]["recall@20"] > rows[0]["recall@20"] + 0.05
+    # Ray's start and stop take seconds: the console says what is happening.
+    out = capsys.readouterr().out
+    workers = max(1, os.cpu_count() or 1)  # 1 CPU per client worker
+    assert f"[rf2] starting Ray: {workers} workers" in out and "[rf2] stopping Ray" in out
     # Aggregation in partition-id order: Ray's reply order does not change a number.
     assert without_timing(rows) == without_timing(read_rows(inprocess_run))
 

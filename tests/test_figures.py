@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import text_layout_problems
 from matplotlib.figure import Figure
 
 from rf2.analysis.figures import main, plot_fairness_gap, plot_participation, plot_tier_curves
@@ -88,11 +89,46 @@ def test_plot_functions_return_figures(multirun: Path) -> None:
     df = load(multirun)
     fig = plot_fairness_gap(df)
     assert isinstance(fig, Figure)
-    assert "3.33x" in fig.axes[0].get_title()
-    # One population only: still plotted, the ratio shown as n/a.
+    # Two seeds: a ratio's seed spread means nothing, so the ratio is not drawn.
+    assert "MDAC ratio not shown: 2 seed(s), needs 3" in fig.axes[0].get_title()
+    assert "over 2 seeds" in fig.get_suptitle().replace("\n", " ")
+    # One population only: still plotted, without a ratio.
     fig = plot_fairness_gap(df[df["population"] == "independent"])
-    assert "n/a" in fig.axes[0].get_title()
+    assert "no realistic/independent ratio" in fig.axes[0].get_title()
     with pytest.raises(ResultsError, match="tier/<tier>/auc"):
         plot_tier_curves(df, "auc")
     with pytest.raises(ResultsError, match="completed"):
         plot_participation(df[~df["metric"].str.endswith("/completed")])
+
+
+def test_fairness_gap_with_three_seeds_shows_the_ratio_with_its_spread(
+        multirun: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # seed 3's MDAC: independent 0.3, realistic 1.0, so the means stay 0.3 and 1.0
+    monkeypatch.setitem(fabric.D["independent"], 3, (-0.15, 0.0, 0.15))
+    monkeypatch.setitem(fabric.D["popularity-dirichlet"], 3, (-0.55, 0.0, 0.45))
+    runs = tmp_path / "runs"
+    shutil.copytree(multirun, runs)
+    for job, (optimization, population) in enumerate(
+            [(o, p) for p in fabric.POPULATIONS for o in ("none", "exclude_low")], start=100):
+        fabric.write_run(runs / str(job), optimization, population, 3)
+    fig = plot_fairness_gap(load(runs))
+    title = fig.axes[0].get_title()
+    assert "3.33x" in title and "per seed" in title and "n = 3" in title
+    # every grid slot holds a panel: the optimization's bars and the MDAC panel
+    assert len(fig.axes) == 2 and fig.axes[1].get_title().startswith("MDAC = max")
+    assert text_layout_problems(fig) == []
+
+
+def test_single_tier_curves_draw_no_duplicate_series_and_the_baseline(tmp_path: Path) -> None:
+    fabric.write_run(tmp_path / "run", "none", "independent", 1)
+    df = load(tmp_path / "run")
+    one_tier = df[~df["metric"].str.startswith(("tier/low/", "tier/mid/"))]
+    fig = plot_tier_curves(one_tier)
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert labels == ["all users", "popularity baseline"]  # the one tier is all users
+    baseline = df[df["metric"] == "popularity/recall@20"]["value"].item()
+    assert fig.axes[0].get_lines()[1].get_ydata()[0] == pytest.approx(baseline)
+    assert "one seed" in fig.get_suptitle() and "±" not in fig.get_suptitle()
+    assert not fig.axes[0].collections  # no ± std band for a single seed
+    for figure in (fig, plot_tier_curves(df), plot_participation(df)):
+        assert text_layout_problems(figure) == []

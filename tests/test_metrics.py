@@ -205,8 +205,26 @@ def test_top_ids_on_a_large_catalogue_and_extreme_values() -> None:
 def test_best_of_ranks_candidates_with_ties_to_the_lower_id() -> None:
     vals = np.array([[1.0, 3.0, 3.0, -np.inf, 2.0]], dtype=np.float32)
     ids = np.array([[10, 7, 4, 0, 99]])
-    assert best_of(vals, ids, 3).tolist() == [[4, 7, 99]]
-    assert best_of(vals, ids, 9).tolist() == [[4, 7, 99, 10, 0]]  # k > N: all, ranked
+    best, tied = best_of(vals, ids, 3)
+    assert best.tolist() == [[4, 7, 99]] and tied.tolist() == [True]
+    best, tied = best_of(vals, ids, 9)
+    assert best.tolist() == [[4, 7, 99, 10, 0]]  # k > N: all of them, ranked
+    assert not best_of(vals[:, [0, 2, 4]], ids[:, [0, 2, 4]], 2)[1].any()  # 3 > 2 > 1
+    assert not best_of(np.full((1, 3), -np.inf, np.float32), ids[:, :3], 2)[1].any()
+
+
+@settings(max_examples=40, deadline=None)
+@given(score_blocks())
+def test_torch_ties_give_torch_topk_lists(case: tuple[torch.Tensor, int]) -> None:
+    """With ``torch_ties`` the lists are ``torch.topk``'s, as rf2 ranked before the
+    chunked top-k: the same where scores tie (its heap decides), and the same where they
+    do not (where the stable sort agrees)."""
+    scores, k = case
+    k = min(k, scores.shape[1])
+    want_s, want_i = torch.topk(scores, k, dim=1, sorted=True)
+    got = top_ids(scores, k, torch_ties=True)
+    finite = torch.isfinite(want_s).numpy()  # -inf slots (excluded items) are never hits
+    np.testing.assert_array_equal(np.where(finite, got, -1), np.where(finite, want_i.numpy(), -1))
 
 
 def test_fairness_summary_by_hand() -> None:

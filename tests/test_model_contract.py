@@ -160,7 +160,14 @@ def test_plugin_model_runs_federated_per_user_with_a_logged_reason_and_central(
     forced = run_job(small_run(**{"model._target_": target, "model.loss": "full",
                                   "simulation.vectorise": False}), tmp_path / "p")
     default_rows = without_timing(read_rows(tmp_path / "d"))
-    assert default_rows == without_timing(read_rows(forced))
+    forced_rows = without_timing(read_rows(forced))
+    # Equal to rounding: the two paths batch users into messages differently, so their
+    # partial sums (rf2.fl.partial_sum) add the same updates in another order.
+    assert [r.keys() for r in default_rows] == [r.keys() for r in forced_rows]
+    for a, b in zip(default_rows, forced_rows, strict=True):
+        for key, value in b.items():
+            assert a[key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float)
+                              else value), key
     # It learned: the tied model beats its own initial scores.
     assert default_rows[-1]["recall@20"] > default_rows[0]["recall@20"]
     central = run_job(small_run(**{"model._target_": target, "mode": "central",

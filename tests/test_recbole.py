@@ -178,6 +178,42 @@ def test_compressed_inter_is_named_as_such(tmp_path: Path) -> None:
         load_dataset(_cfg(root), seed=0)
 
 
+def test_tokens_are_read_exactly_and_never_merge(tmp_path: Path) -> None:
+    # café / cafè are distinct valid UTF-8 tokens; so are "a" and "a " (spaces count)
+    root = _files(tmp_path / "toy", inter=_tsv(_H, "u1\tcafé", "u1\tcafè", "u2\tcafé",
+                                               "u2\ta", "u2\ta "))
+    ds = load_dataset(_cfg(root), seed=0)
+    assert ds.num_items == 4 and ds.num_users == 2
+
+
+def test_invalid_utf8_names_file_line_and_bytes(tmp_path: Path) -> None:
+    # Latin-1 bytes: before, both decoded to U+FFFD and the two items merged silently
+    root = tmp_path / "toy"
+    root.mkdir()
+    (root / "toy.inter").write_bytes(b"user_id:token\titem_id:token\nu1\tcafe\n"
+                                     b"u1\tcaf\xe9\nu2\tcaf\xe8\n")
+    with pytest.raises(DataError) as info:
+        load_dataset(_cfg(root), seed=0)
+    err = info.value
+    assert err.path.endswith("toy.inter") and err.line == 3
+    assert "invalid UTF-8 (bytes e9 at column 7)" in err.problem and "\n" not in str(err)
+    (root / "toy.inter").write_bytes(b"user_id:token\titem_\xffid:token\n1\t2\n")
+    with pytest.raises(DataError, match=r"toy\.inter:1: invalid UTF-8 \(bytes ff"):
+        load_dataset(_cfg(root), seed=0)
+    (root / "toy.inter").write_bytes(_tsv(_H, "1\t2").encode())
+    (root / "toy.item").write_bytes(b"item_id:token\n2\n\xc3(\n")  # broken 2-byte sequence
+    with pytest.raises(DataError, match=r"toy\.item:3: invalid UTF-8 \(bytes c3"):
+        load_dataset(_cfg(root), seed=0)
+
+
+def test_bom_and_old_mac_line_ends(tmp_path: Path) -> None:
+    root = tmp_path / "toy"
+    root.mkdir()
+    (root / "toy.inter").write_bytes("\ufeffuser_id:token\titem_id:token\r1\t2\r3\t4\r".encode())
+    ds = load_dataset(_cfg(root), seed=0)
+    assert (ds.num_users, ds.num_items) == (2, 2)
+
+
 def test_recbole_yaml_is_a_valid_config() -> None:
     data = yaml.safe_load((REPO / "conf" / "dataset" / "recbole.yaml").read_text())
     data["path"] = "/somewhere"

@@ -3,13 +3,17 @@ end to end through the CLI and ``rf2-figures --passes``."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import nbformat
 import pytest
-from conftest import compose_experiment
+from conftest import REPO, compose_experiment, text_layout_problems
+from nbclient import NotebookClient
 
+from rf2.analysis.figures import plot_pass_study
 from rf2.analysis.results import find_runs, load, pass_study_tables
 from rf2.core.config import load_run_config
 
@@ -46,8 +50,30 @@ def test_quick_reproduce_study_end_to_end(tmp_path: Path) -> None:
          f"hydra.sweep.dir={sweep}"], cwd=tmp_path, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(find_runs(sweep)) == 18
+    # the notebook draws the same pass study with the same rf2.analysis functions
+    nb = nbformat.read(REPO / "notebooks" / "fairness_gap.ipynb", as_version=4)
+    env = {"RF2_RUN_DIR": str(sweep), "RF2_PASS_RUN_DIR": str(sweep), "RF2_PASSES": "1,2"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the kernel inherits this process's environment
+    try:
+        NotebookClient(nb, kernel_name="python3", timeout=300,
+                       resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    (cell,) = [c for c in nb.cells if "pass-study" in c.metadata.get("tags", [])]
+    assert "rf2-dirichlet" in "".join(o.get("data", {}).get("text/plain", "") for o in cell.outputs)
     tables = pass_study_tables(load(sweep), "rated_auc", passes=(1, 2))
     assert set(tables.ratio["realistic"]) == {"rf2-dirichlet", "rf2-dirichlet-leaky"}
+    # two seeds: the ratios' spread means nothing, so the figure draws MDAC only, clear text
+    figure = plot_pass_study(tables, "rated_auc")
+    assert len(figure.axes) == 2 and "ratios need 3 seeds" in figure.get_suptitle().replace("\n", " ")
+    assert text_layout_problems(figure) == []
     assert tables.mdac["mdac"].notna().all() and (tables.mdac["mdac"] >= 0).all()
     assert (tables.mdac_summary["n_seeds"] == 2).all()
     fig = subprocess.run(

@@ -90,8 +90,10 @@ def _compare(tmp_path: Path, base: dict, extra: dict, rounds: int) -> list[dict]
         rows[on] = without_timing(read_rows(tmp_path / f"{on}"))
     for a, b in zip(rows[True], rows[False], strict=True):
         for key, value in a.items():
-            if key.startswith(("bytes_up", "tier/")) and "bytes_up" in key:
-                continue  # what is shipped differs: that is the point
+            if "bytes_up" in key or "bytes_down" in key or key == "sim_time_s":
+                # What is shipped differs (that is the point), and so does the clock's
+                # transfer time; who completes a round does not on these configs.
+                continue
             if isinstance(value, float):
                 assert value == pytest.approx(b[key], abs=1e-5, rel=1e-5), key
             else:

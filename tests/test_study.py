@@ -20,9 +20,15 @@ from typing import Any
 import nbformat
 import pytest
 import yaml
-from conftest import compose_experiment
+from conftest import compose_experiment, text_layout_problems
 
-from rf2.analysis.results import find_runs
+from rf2.analysis.figures import (
+    plot_fairness_gap,
+    plot_participation,
+    plot_tier_curves,
+    plot_user_cdf,
+)
+from rf2.analysis.results import find_runs, load
 from rf2.cli.support import precheck_overrides
 from rf2.core.config import load_run_config
 from rf2.core.errors import ConfigError
@@ -160,17 +166,41 @@ def test_tensorboard_real_events_file(tmp_path: Path) -> None:
 
 # -- the quick study, end to end -----------------------------------------------------------
 
+# The README's and docs/studies.md's commands, run verbatim (tests/test_docs_commands.py
+# checks these strings are the documented ones) from a fresh folder.
+SWEEP_COMMAND = "rf2 -m +experiment=rf2_fairness_gap_quick hydra.sweep.dir=multirun/rf2_fairness_gap_quick"  # noqa: E501
+FIGURES_COMMAND = "rf2-figures multirun/rf2_fairness_gap_quick"
+NOTEBOOK_COMMAND = "RF2_RUN_DIR=multirun/rf2_fairness_gap_quick jupyter nbconvert --to notebook --execute notebooks/fairness_gap.ipynb --output-dir multirun/rf2_fairness_gap_quick"  # noqa: E501
+
+
+def _documented(command: str, cwd: Path, **extra_env: str) -> subprocess.CompletedProcess[str]:
+    """Run a documented command line in bash, with this interpreter's scripts on PATH."""
+    bin_dirs = [str(Path(sys.executable).parent)]
+    if not (Path(sys.executable).parent / "jupyter").exists():
+        # A virtualenv on a shared base has no jupyter script of its own: make `jupyter`
+        # this interpreter's (a jupyter found elsewhere on PATH would import another rf2).
+        shim = cwd / ".bin"
+        shim.mkdir(exist_ok=True)
+        (shim / "jupyter").write_text(  # `jupyter nbconvert ARGS` = `python -m nbconvert ARGS`
+            f'#!/bin/sh\n[ "$1" = nbconvert ] && shift && exec "{sys.executable}" -m nbconvert "$@"'
+            f'\nexec "{sys.executable}" -m jupyter "$@"\n')
+        (shim / "jupyter").chmod(0o755)
+        bin_dirs.insert(0, str(shim))
+    env = {**os.environ, **extra_env, "HYDRA_FULL_ERROR": "1",
+           "PATH": os.pathsep.join([*bin_dirs, os.environ["PATH"]])}
+    proc = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, command + "\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 @pytest.fixture(scope="module")
 def quick_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("study")
-    sweep = tmp / "multirun"
-    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "rf2", "-m", "+experiment=rf2_fairness_gap_quick",
-         f"hydra.sweep.dir={sweep}"],
-        cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return sweep
+    (tmp / "notebooks").symlink_to(NOTEBOOK.parent)  # the notebook's path as documented
+    proc = _documented(SWEEP_COMMAND, tmp)
+    (tmp / "console.txt").write_text(proc.stdout, encoding="utf-8")
+    return tmp / "multirun" / "rf2_fairness_gap_quick"
 
 
 @pytest.mark.slow
@@ -188,12 +218,15 @@ def test_quick_study_sweep_figures_and_notebook(quick_sweep: Path) -> None:
         assert [r["round"] for r in rows] == [0, 1, 2, 3]
         assert "tier/low/recall@20" in rows[-1]
     assert seen == expected
+    # the sweep ends with one table of its jobs and the command to run next
+    console = (quick_sweep.parent.parent / "console.txt").read_text(encoding="utf-8")
+    assert f"rf2: sweep finished: {len(expected)} of {len(expected)} job(s) done" in console
+    assert console.rstrip().endswith(f"next: {FIGURES_COMMAND}")  # what the docs run next
+    assert "rf2: run finished" not in console  # one line per job, not a summary each
 
     # 2. rf2-figures on the folder: PNG and PDF of every figure
-    out = quick_sweep.parent / "figures"
-    proc = subprocess.run([sys.executable, "-m", "rf2.analysis.figures", str(quick_sweep), "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = quick_sweep / "figures"
+    proc = _documented(FIGURES_COMMAND, quick_sweep.parent.parent)
     assert "MDAC" in proc.stdout and "exclude-low" in proc.stdout
     for name in FIGURES:
         for ext in ("png", "pdf"):
@@ -204,29 +237,42 @@ def test_quick_study_sweep_figures_and_notebook(quick_sweep: Path) -> None:
     _execute_notebook(quick_sweep)
 
 
-def _execute_notebook(run_dir: Path) -> None:
-    from nbclient import NotebookClient
+@pytest.mark.slow
+def test_quick_study_figures_keep_their_text_clear(quick_sweep: Path) -> None:
+    df = load(quick_sweep)
+    figures = {"tier curves": plot_tier_curves(df), "fairness gap": plot_fairness_gap(df),
+               "participation": plot_participation(df), "user cdf": plot_user_cdf(df)}
+    for name, figure in figures.items():
+        assert text_layout_problems(figure) == [], name
+        # honest titles: what was averaged, over how many seeds
+        assert f"over {len(QUICK_SEEDS)} seeds" in figure.get_suptitle().replace("\n", " ")
+    gap = figures["fairness gap"]
+    # 5 optimizations + the MDAC panel fill the 2 x 3 grid: no empty panel
+    assert len(gap.axes) == len(OPTIMIZATIONS)
+    assert all("ratio not shown: 2 seed(s)" in ax.get_title() for ax in gap.axes[:-1])
+    curves = figures["tier curves"]
+    assert all("popularity baseline" in [ln.get_label() for ln in ax.get_lines()]
+               for ax in curves.axes)
 
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    # jupyter_client launches the "python3" kernel with sys.executable (its argv[0] is
-    # "python"): this extra cell proves the kernel is this interpreter (the venv's).
-    nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.prefix)"))
-    old = os.environ.get("RF2_RUN_DIR")
-    os.environ["RF2_RUN_DIR"] = str(run_dir)  # the kernel inherits this process's env
-    try:
-        NotebookClient(nb, kernel_name="python3", timeout=300,
-                       resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
-    finally:
-        if old is None:
-            os.environ.pop("RF2_RUN_DIR", None)
-        else:
-            os.environ["RF2_RUN_DIR"] = old
+
+def _execute_notebook(run_dir: Path) -> None:
+    """The documented nbconvert command; the executed copy lands in the run folder. The
+    quick sweep stands in for the scale study too (same tierings, compared at the end)."""
+    _documented(NOTEBOOK_COMMAND, run_dir.parent.parent,
+                RF2_SCALE_RUN_DIR=str(run_dir.relative_to(run_dir.parent.parent)))
+    assert not list(NOTEBOOK.parent.glob("*.nbconvert.ipynb"))  # nothing left in notebooks/
+    nb = nbformat.read(run_dir / NOTEBOOK.name, as_version=4)
     cells = _code_cells(nb)
     errors = [o for c in cells for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
-    assert cells[-1].outputs[0]["text"].strip() == sys.prefix
     (mdac,) = [c for c in cells if "mdac-table" in c.metadata.get("tags", [])]
     text = "".join(o.get("data", {}).get("text/plain", "") for o in mdac.outputs)
     assert "mdac_mean" in text and "exclude-low" in text
     images = [c for c in cells if any("image/png" in o.get("data", {}) for o in c.outputs)]
-    assert len(images) == 3  # tier curves, fairness gap, participation
+    # tier curves, fairness gap, participation; the scale study's fairness gap and curves
+    assert len(images) == 5
+    (scale,) = [c for c in cells if "scale-study" in c.metadata.get("tags", [])]
+    assert "mdac_realistic" in "".join(o.get("data", {}).get("text/plain", "")
+                                       for o in scale.outputs)
+    (passes,) = [c for c in cells if "pass-study" in c.metadata.get("tags", [])]
+    assert "RF2_PASS_RUN_DIR is not set" in "".join(o.get("text", "") for o in passes.outputs)

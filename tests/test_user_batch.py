@@ -99,12 +99,15 @@ def test_auto_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
      "fault_injection": [{"kind": "raise", "users": list(range(0, 200, 7)), "rounds": [2]}]},
 ])
 def test_batching_users_changes_no_number(tmp_path: Path, extra: dict) -> None:
-    """On the per-user path; vectorised cohorts are the messages (test_cohort.py)."""
+    """On the per-user path; vectorised cohorts are the messages (test_cohort.py).
+    One update per client: partial sums (test_partial_sums.py) add a message's updates
+    together, so another batching rounds differently."""
     rows = {}
     for per_message in (1, 6, 0):
         cfg = small_run(num_rounds=3, **{"devices.profile": "rf2-3tier"}, **extra,
                         **{"simulation.users_per_message": per_message,
-                           "simulation.vectorise": False})
+                           "simulation.vectorise": False,
+                           "simulation.partial_aggregation": False})
         run_job(cfg, tmp_path / f"b{per_message}")
         rows[per_message] = without_timing(read_rows(tmp_path / f"b{per_message}"))
     assert rows[1] == rows[6] == rows[0]

@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -72,7 +74,54 @@ def _with_variant(df: pd.DataFrame, reference: str = "none") -> tuple[pd.DataFra
 
 
 def _grid(rows: int, cols: int, width: float = 4.4, height: float = 3.2) -> Figure:
-    return Figure(figsize=(width * cols + 1.6, height * rows + 0.6), layout="constrained")
+    # Constrained layout keeps titles, tick labels and the (outside) legend clear of
+    # each other; the legend goes below the panels, never over data or the title.
+    return Figure(figsize=(max(width * cols + 0.6, 5.0), height * rows + 1.2),
+                  layout="constrained")
+
+
+def _seeds(df: pd.DataFrame) -> int:
+    """How many seeds the figure averages over (1 for a single run)."""
+    return int(df["seed"].nunique()) if "seed" in df and df["seed"].notna().any() else 1
+
+
+def _over_seeds(n: int) -> str:
+    """What a figure's lines or bars are, said honestly: one seed has no spread."""
+    return "one seed" if n == 1 else f"mean ± std over {n} seeds"
+
+
+def _finish(fig: Figure, title: str, handles: Sequence[object], labels: Sequence[str],
+            legend_title: str) -> None:
+    """The legend below the panels (outside the data) and a title wrapped to the width."""
+    if handles:
+        # As many entries per row as fit the width (~0.6 em per character + the swatch).
+        entry_pt = max(len(lab) for lab in labels) * 0.6 * STYLE["legend.fontsize"] + 40
+        ncols = max(1, min(len(labels), int(fig.get_figwidth() * 72 * 0.95 // entry_pt)))
+        fig.legend(handles, labels, loc="outside lower center", title=legend_title or None,
+                   ncols=ncols)
+    # ~0.6 em per character at the title's size: wrap rather than run off the canvas.
+    width_pt = fig.get_figwidth() * 72
+    chars = max(20, int(width_pt / (0.62 * STYLE["figure.titlesize"])))
+    fig.suptitle(textwrap.fill(title, chars))
+
+
+def _legend_entries(axes: Iterable[Axes]) -> tuple[list[object], list[str]]:
+    """Each label once, in first-seen order, across all panels (a panel may lack a tier)."""
+    handles: list[object] = []
+    labels: list[str] = []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    return handles, labels
+
+
+def _balanced_columns(panels: int, most: int = 3) -> int:
+    """Columns for ``panels`` panels leaving the fewest empty slots (ties: more columns)."""
+    if panels <= most:
+        return panels
+    return min(range(2, most + 1), key=lambda c: (-(-panels // c) * c - panels, -c))
 
 
 def _slug(text: str) -> str:
@@ -80,19 +129,26 @@ def _slug(text: str) -> str:
 
 
 def plot_tier_curves(df: pd.DataFrame, metric: str = "recall@20") -> Figure:
-    """``tier/<tier>/<metric>`` over rounds: mean over seeds with a ±1 std band.
+    """``tier/<tier>/<metric>`` over rounds: mean over seeds with a ±1 std band (no band
+    for a single seed).
 
     One panel per optimization (rows) x population (columns); the dashed line is the
-    all-users metric, so a tier's gap to the average is visible at a glance.
+    all-users metric, so a tier's gap to the average is visible at a glance, and the
+    dotted grey line the popularity baseline (round 0's ``popularity/<metric>``). With a
+    single tier the tier line is the all-users line, so only the latter is drawn.
     """
     t = tier_metric(df, metric)
     if t.empty:
         raise ResultsError(f"no tier/<tier>/{metric} values to plot")
     t, variants = _with_variant(t)
     overall, _ = _with_variant(df[df["metric"] == metric])
+    baseline, _ = _with_variant(df[df["metric"] == f"popularity/{metric}"])
     pops = _ordered(t["population"].unique(), POPULATION_ORDER)
     tiers = order_tiers(list(t["tier"].unique()))
+    if len(tiers) == 1 and not overall.empty:
+        tiers = []  # one tier = all users: drawing both would be the same line twice
     colors = _colors(tiers)
+    seeds = _seeds(t)
     with matplotlib.rc_context(STYLE):
         fig = _grid(len(variants), len(pops))
         axes = np.atleast_2d(fig.subplots(len(variants), len(pops), sharex=True, sharey=True,
@@ -109,35 +165,47 @@ def plot_tier_curves(df: pd.DataFrame, metric: str = "recall@20") -> Figure:
                     if s.empty:
                         continue
                     ax.plot(s.index, s["mean"], color=colors[tier], lw=2, label=tier)
-                    ax.fill_between(s.index, s["mean"] - s["std"].fillna(0),
-                                    s["mean"] + s["std"].fillna(0), color=colors[tier], alpha=0.2)
+                    if seeds > 1:
+                        ax.fill_between(s.index, s["mean"] - s["std"].fillna(0),
+                                        s["mean"] + s["std"].fillna(0), color=colors[tier],
+                                        alpha=0.2)
                 o = overall[(overall["variant"] == variant) & (overall["population"] == pop)]
                 o = o.groupby("round")["value"].mean()
                 if not o.empty:
-                    ax.plot(o.index, o.to_numpy(), "k--", lw=1.2, label="all users")
+                    ax.plot(o.index, o.to_numpy(), "k--" if tiers else "k-", lw=1.2 if tiers else 2,
+                            label="all users")
+                b = baseline[(baseline["variant"] == variant) & (baseline["population"] == pop)]
+                if not b.empty and not o.empty:
+                    ax.axhline(float(b["value"].mean()), color="0.45", ls=":", lw=1.5,
+                               label="popularity baseline")
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
                 if i == len(variants) - 1:
                     ax.set_xlabel("round")
                 if j == 0:
                     ax.set_ylabel(metric)
-        handles, labels = axes[0, 0].get_legend_handles_labels()
-        for ax in axes.flat:  # the first panel may lack a tier
-            for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-                if lab not in labels:
-                    handles.append(h)
-                    labels.append(lab)
-        fig.legend(handles, labels, loc="outside right upper", title="tier")
-        fig.suptitle(f"Per-tier {metric} (mean ± std over seeds)")
+        handles, labels = _legend_entries(axes.flat)
+        what = "Per-tier " if tiers else ""
+        _finish(fig, f"{what}{metric} by round ({_over_seeds(seeds)})", handles, labels,
+                "tier" if tiers else "")
     return fig
 
 
-def _mdac_label(pop: str, mdac: pd.DataFrame) -> str:
-    """Tick label of a population group: its name and MDAC (mean ± std over seeds)."""
-    name = pop.replace("-", "-\n")
-    if pop not in mdac.index:
-        return name
-    mean, std = mdac.loc[pop, "mdac_mean"], mdac.loc[pop, "mdac_std"]
-    return f"{name}\nMDAC {mean:.3f}" + (f" ± {std:.3f}" if np.isfinite(std) else "")
+MIN_SEEDS_FOR_RATIO = 3  # below this a ratio's seed spread means nothing: not shown
+_POPULATION_COLORS = ("#7f7f7f", "#9467bd", "#17becf", "#8c564b")
+
+
+def _ratio_text(row: pd.DataFrame) -> str:
+    """A panel's MDAC(realistic)/MDAC(independent), with its per-seed spread, or why not."""
+    if row.empty:
+        return "no realistic/independent ratio"
+    r = row.iloc[0]
+    n = int(r.get("n_seeds", 0))
+    if n == 0:  # no seed has both populations
+        return "no realistic/independent ratio"
+    if n < MIN_SEEDS_FOR_RATIO or not np.isfinite(r["ratio"]):
+        return f"MDAC ratio not shown: {n} seed(s), needs {MIN_SEEDS_FOR_RATIO}"
+    return (f"MDAC realistic/independent {r['ratio']:.3g}x\n"
+            f"(per seed {r['ratio_seed_mean']:.3g} ± {r['ratio_seed_std']:.3g}, n = {n})")
 
 
 def plot_fairness_gap(df: pd.DataFrame, metric: str = "recall@20", round: int | None = None,
@@ -146,9 +214,12 @@ def plot_fairness_gap(df: pd.DataFrame, metric: str = "recall@20", round: int | 
                       tables: FairnessTables | None = None) -> Figure:
     """RF²'s figure: per-tier D_t of each optimization under each population.
 
-    Bars are seed means with seed-std error bars; each population group is annotated with
-    its MDAC (the spread of its bars), each panel with MDAC(realistic)/MDAC(independent).
-    Raises :class:`ResultsError` when there is no reference run.
+    One panel per optimization: bars are seed means of each tier's D_t with seed-std
+    error bars, grouped by population; the panel title gives MDAC(realistic) /
+    MDAC(independent) with its per-seed spread, or says why it is not shown (fewer than
+    ``MIN_SEEDS_FOR_RATIO`` seeds). A last panel draws MDAC itself (the spread of each
+    group's bars) per optimization and population. Raises :class:`ResultsError` when
+    there is no reference run.
     """
     if tables is None:
         tables = fairness_gap_table(df, metric, round, reference_optimization, realistic,
@@ -159,32 +230,49 @@ def plot_fairness_gap(df: pd.DataFrame, metric: str = "recall@20", round: int | 
     pops = _ordered(summary["population"].unique(), (independent, realistic))
     tiers = order_tiers([str(x) for x in summary["tier"].unique()])
     colors = _colors(tiers)
-    ncols = min(len(variants), 3)
-    nrows = -(-len(variants) // ncols)
+    seeds = int(summary["n_seeds"].max()) if "n_seeds" in summary and len(summary) else 1
+    panels = len(variants) + 1  # + the MDAC panel: no grid slot stays empty
+    ncols = _balanced_columns(panels)
+    nrows = -(-panels // ncols)
     width = 0.8 / max(len(tiers), 1)
     with matplotlib.rc_context(STYLE):
-        fig = _grid(nrows, ncols, width=max(2.4 + 1.6 * len(pops), 6.0 / ncols), height=3.8)
-        axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
-        for ax in axes.flat[len(variants):]:
-            ax.set_visible(False)
+        fig = _grid(nrows, ncols, width=max(2.6 + 1.5 * len(pops), 4.4), height=3.6)
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        for ax in axes.flat[panels:]:
+            fig.delaxes(ax)
         for ax, variant in zip(axes.flat, variants, strict=False):
+            if ax is not axes.flat[0]:
+                ax.sharey(axes.flat[0])  # D_t on one scale: panels compare at a glance
             rows = summary[summary["variant"] == variant]
             for k, tier in enumerate(tiers):
                 sel = rows[rows["tier"] == tier].set_index("population").reindex(pops)
                 x = np.arange(len(pops)) + (k - (len(tiers) - 1) / 2) * width
-                ax.bar(x, sel["d_mean"], width, yerr=sel["d_std"].to_numpy(), capsize=3,
-                       color=colors[tier], label=tier)
+                err = sel["d_std"].to_numpy() if seeds > 1 else None
+                ax.bar(x, sel["d_mean"], width, yerr=err, capsize=3, color=colors[tier],
+                       label=tier)
             ax.axhline(0, color="black", lw=0.8)
-            m = mdac[mdac["variant"] == variant].set_index("population")
-            ax.set_xticks(np.arange(len(pops)), [_mdac_label(p, m) for p in pops])
-            r = ratio[ratio["variant"] == variant]["ratio"]
-            ratio_text = f"{r.iloc[0]:.3g}x" if len(r) and np.isfinite(r.iloc[0]) else "n/a"
-            ax.set_title(f"{variant}\nMDAC realistic/independent = {ratio_text}")
-        for ax in axes[:, 0]:
-            ax.set_ylabel(f"D_t = relative change of {metric}")
-        handles, labels = axes.flat[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside right upper", title="tier")
-        fig.suptitle(f"Per-tier change vs {reference_optimization!r} (mean ± std over seeds)")
+            ax.set_xticks(np.arange(len(pops)), [p.replace("-", "-\n") for p in pops])
+            ax.set_title(f"{variant}\n{_ratio_text(ratio[ratio['variant'] == variant])}",
+                         fontsize=STYLE["axes.titlesize"] - 1)
+            ax.set_ylabel(f"D_t of {metric}")
+        ax = axes.flat[len(variants)]
+        opts = [v for v in variants if v in set(mdac["variant"])]
+        bar = 0.8 / max(len(pops), 1)
+        for k, pop in enumerate(pops):  # horizontal bars: optimization names stay level
+            m = mdac[mdac["population"] == pop].set_index("variant").reindex(opts)
+            y = np.arange(len(opts)) - (k - (len(pops) - 1) / 2) * bar
+            err = m["mdac_std"].to_numpy() if seeds > 1 else None
+            ax.barh(y, m["mdac_mean"], bar, xerr=err, capsize=3,
+                    color=_POPULATION_COLORS[k % len(_POPULATION_COLORS)],
+                    label=f"MDAC, {pop}")
+        ax.set_yticks(np.arange(len(opts)), opts)
+        ax.invert_yaxis()  # the panels' order, top to bottom
+        ax.set_title("MDAC = max − min over tiers of D_t", fontsize=STYLE["axes.titlesize"] - 1)
+        ax.set_xlabel("MDAC")
+        handles, labels = _legend_entries(axes.flat[:panels])
+        _finish(fig, f"Per-tier relative change (D_t) of {metric} against "
+                f"{reference_optimization!r}, same seed and population ({_over_seeds(seeds)})",
+                handles, labels, "")
     return fig
 
 
@@ -212,8 +300,9 @@ def plot_participation(df: pd.DataFrame) -> Figure:
     tiers = order_tiers(list(per_run["tier"].unique()))
     colors = _colors(tiers)
     width = 0.8 / len(tiers)
+    seeds = _seeds(done)
     with matplotlib.rc_context(STYLE):
-        fig = _grid(len(panels), len(pops), width=1.2 + 1.1 * len(variants), height=3.4)
+        fig = _grid(len(panels), len(pops), width=2.0 + 1.1 * len(variants), height=3.4)
         axes = fig.subplots(len(panels), len(pops), squeeze=False, sharey="row")
         for i, (column, ylabel) in enumerate(panels):
             for j, pop in enumerate(pops):
@@ -223,15 +312,15 @@ def plot_participation(df: pd.DataFrame) -> Figure:
                 for k, tier in enumerate(tiers):
                     s = stats[stats["tier"] == tier].set_index("variant").reindex(variants)
                     x = np.arange(len(variants)) + (k - (len(tiers) - 1) / 2) * width
-                    ax.bar(x, s["mean"], width, yerr=s["std"].to_numpy(), capsize=3,
-                           color=colors[tier], label=tier)
+                    ax.bar(x, s["mean"], width, yerr=s["std"].to_numpy() if seeds > 1 else None,
+                           capsize=3, color=colors[tier], label=tier)
                 ax.set_xticks(np.arange(len(variants)), variants, rotation=20, ha="right")
                 ax.set_title(pop if i == 0 else "")
                 if j == 0:
                     ax.set_ylabel(ylabel)
-        handles, labels = axes[0, 0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside right upper", title="tier")
-        fig.suptitle("Participation by tier (all rounds, mean ± std over seeds)")
+        handles, labels = _legend_entries(axes.flat)
+        _finish(fig, f"Participation by tier, all rounds ({_over_seeds(seeds)})", handles,
+                labels, "tier")
     return fig
 
 
@@ -269,9 +358,11 @@ def plot_user_cdf(df: pd.DataFrame, metric: str = "recall@20", round: int | None
                     ax.set_xlabel(f"per-user {metric}")
                 if j == 0:
                     ax.set_ylabel("share of users <= x")
-        handles, labels = axes[0, 0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside right upper", title="tier")
-        fig.suptitle(f"CDF of per-user {metric} by tier (last evaluation, mean over seeds)")
+        handles, labels = _legend_entries(axes.flat)
+        seeds = _seeds(cdf)
+        what = "one seed" if seeds == 1 else f"mean over {seeds} seeds"
+        _finish(fig, f"CDF of per-user {metric} by tier (last evaluation, {what})", handles,
+                labels, "tier")
     return fig
 
 
@@ -282,7 +373,8 @@ def plot_pass_study(tables: PassStudyTables, metric: str = "rated_auc") -> Figur
     mean, error bars = seed std, dots = single seeds). Bottom row: MDAC(realistic) /
     MDAC(independent) per pass (of the seed means), one bar per realistic tiering side
     by side (e.g. the leaky and the leak-free rf2-dirichlet map); error bars = std of the
-    per-seed quotients.
+    per-seed quotients. Ratios from fewer than ``MIN_SEEDS_FOR_RATIO`` seeds are not
+    drawn (their spread means nothing); without any, the figure has the top row only.
     """
     m, ratio = tables.mdac, tables.ratio
     opts = [o for o in _ordered(m["optimization"].unique(), ()) if o != "none"]
@@ -290,10 +382,13 @@ def plot_pass_study(tables: PassStudyTables, metric: str = "rated_auc") -> Figur
     passes = sorted(m["pass"].unique())
     reals = _ordered(ratio["realistic"].unique(), ())
     spare = iter(matplotlib.colormaps["tab10"].colors)
-    color = {t: matplotlib.colors.to_hex(next(spare)) for t in [*tierings, *reals]}
+    color = {t: matplotlib.colors.to_hex(next(spare)) for t in dict.fromkeys([*tierings, *reals])}
+    ratio = ratio[ratio["n_seeds"] >= MIN_SEEDS_FOR_RATIO]
+    seeds = int(m["seed"].nunique()) if "seed" in m else 1
+    rows = 2 if len(ratio) else 1
     with matplotlib.rc_context(STYLE):
-        fig = _grid(2, len(opts), width=1.6 + 1.3 * len(passes), height=3.4)
-        axes = fig.subplots(2, len(opts), squeeze=False, sharey="row")
+        fig = _grid(rows, len(opts), width=1.6 + 1.3 * len(passes), height=3.4)
+        axes = fig.subplots(rows, len(opts), squeeze=False, sharey="row")
         for j, opt in enumerate(opts):
             ax = axes[0, j]
             width = 0.8 / max(len(tierings), 1)
@@ -310,6 +405,8 @@ def plot_pass_study(tables: PassStudyTables, metric: str = "rated_auc") -> Figur
                     ax.plot(np.full(v.size, x0[i]), v, "k.", ms=3)
             ax.set_xticks(np.arange(len(passes)), [f"pass {p}" for p in passes])
             ax.set_title(f"{opt}: MDAC of {metric}")
+            if rows == 1:
+                continue
             ax = axes[1, j]
             width = 0.8 / max(len(reals), 1)
             for k, real in enumerate(reals):
@@ -318,15 +415,18 @@ def plot_pass_study(tables: PassStudyTables, metric: str = "rated_auc") -> Figur
                 r = r.set_index("pass").reindex(passes)
                 ax.bar(x0, r["ratio"].to_numpy(dtype=float), width, color=color[real],
                        yerr=r["ratio_seed_std"].fillna(0).to_numpy(dtype=float), capsize=3,
-                       label=real)
+                       label=None if real in tierings else real)
             ax.axhline(1.0, color="black", lw=0.8)
             ax.set_xticks(np.arange(len(passes)), [f"pass {p}" for p in passes])
             ax.set_title(f"{opt}: MDAC realistic / random")
         axes[0, 0].set_ylabel("MDAC (seed mean ± std)")
-        axes[1, 0].set_ylabel("ratio (of seed means)")
-        axes[0, 0].legend(title="tiering", fontsize=8)
-        axes[1, 0].legend(title="realistic", fontsize=8)
-        fig.suptitle(f"RF² after whole passes: MDAC of {metric} by tiering")
+        if rows == 2:
+            axes[1, 0].set_ylabel("realistic / random MDAC")
+        handles, labels = _legend_entries(axes.flat)
+        note = "" if rows == 2 else (f"; ratios need {MIN_SEEDS_FOR_RATIO} seeds, "
+                                     "not drawn")
+        _finish(fig, f"RF² after whole passes: MDAC of {metric} by tiering "
+                f"({_over_seeds(seeds)}{note})", handles, labels, "tiering")
     return fig
 
 

@@ -36,6 +36,9 @@ log = logging.getLogger("rf2")
 # environment, so that jobs in a parallel launcher's worker processes see it too): the
 # jobs still to start skip, and the command prints what to resume once Hydra returns.
 SWEEP_INTERRUPTS = "RF2_SWEEP_INTERRUPTS"
+# Every job of a sweep appends "number<TAB>folder<TAB>status<TAB>overrides" here (a parallel launcher's
+# workers too): the command prints one table of the jobs once Hydra returns.
+SWEEP_JOBS = "RF2_SWEEP_JOBS"
 
 
 def _sweep_interrupts() -> Path | None:
@@ -74,14 +77,37 @@ def run_from_hydra(cfg: DictConfig) -> Path | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     interrupts = _sweep_interrupts()
     in_sweep = interrupts is not None and HydraConfig.get().mode == RunMode.MULTIRUN
+    job = str(HydraConfig.get().job.num) if HydraConfig.get().mode == RunMode.MULTIRUN else ""
     if in_sweep and _sweep_interrupted():
         remove_unused_run_dir(run_dir)  # the sweep was interrupted: start nothing new
+        _note_job(job, None, "not started")
         return None
     _job_here.set()
+    written: Path | None = None
+    status = "failed"  # unless _run returns: it exits on bad input or a full disk
     try:
-        return _run(run_dir, _data_of(cfg), in_sweep)
+        written = _run(run_dir, _data_of(cfg), in_sweep)
+        status = "done" if written else "interrupted"
+        return written
     finally:
         _job_here.clear()
+        if job:
+            _note_job(job, written or _folder_of(run_dir, cfg), status)
+
+
+def _folder_of(run_dir: Path, cfg: DictConfig) -> Path | None:
+    """The folder a job wrote (its resumed run's, with ``resume=``), if it holds a run."""
+    resume = cfg.get("resume")
+    folder = Path(resume) if resume else run_dir
+    return folder if (folder / "metrics.jsonl").exists() else None
+
+
+def _note_job(job: str, folder: Path | None, status: str) -> None:
+    path = os.environ.get(SWEEP_JOBS)
+    if path and job:
+        overrides = "\x1f".join(HydraConfig.get().overrides.task)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(f"{job}\t{folder or ''}\t{status}\t{overrides}\n")
 
 
 def _data_of(cfg: DictConfig) -> dict[str, Any]:
@@ -92,7 +118,8 @@ def _data_of(cfg: DictConfig) -> dict[str, Any]:
 
 def _run(run_dir: Path, data: dict[str, Any], in_sweep: bool) -> Path | None:
     from rf2.cli.support import remove_unused_run_dir, run_job
-    from rf2.runs.console import console_copied_to, run_summary
+    from rf2.runs.console import console_copied_to
+    from rf2.runs.summary import job_line, run_summary
 
     debug = bool(data.get("debug", False))
     resume = data.get("resume")
@@ -105,7 +132,9 @@ def _run(run_dir: Path, data: dict[str, Any], in_sweep: bool) -> Path | None:
         try:
             overrides = list(HydraConfig.get().overrides.task)
             written = run_job(data, run_dir, overrides)  # type: ignore[arg-type]
-            for line in run_summary(RunFolder(written)):
+            # In a sweep one line per job; the sweep's table follows at the end.
+            for line in [job_line(RunFolder(written))] if in_sweep else run_summary(
+                    RunFolder(written)):
                 print(line, flush=True)
             return written
         except RunFolderError as ex:
@@ -159,18 +188,26 @@ def _fail(ex: UserInputError, debug: bool) -> None:
 
 def main() -> None:
     multirun = any(a in ("-m", "--multirun") for a in sys.argv[1:])
-    interrupts = None
+    interrupts = jobs = None
     if multirun:
         fd, name = tempfile.mkstemp(prefix="rf2-sweep-", suffix=".txt")
         os.close(fd)
         interrupts = Path(name)
         os.environ[SWEEP_INTERRUPTS] = name
+        fd, name = tempfile.mkstemp(prefix="rf2-sweep-jobs-", suffix=".tsv")
+        os.close(fd)
+        jobs = Path(name)
+        os.environ[SWEEP_JOBS] = name
         signal.signal(signal.SIGINT, _on_sweep_sigint)
     try:
         _main()
+        if jobs is not None:
+            _sweep_table(jobs)
         if interrupts is not None:
             _sweep_summary(interrupts)
     except KeyboardInterrupt:  # before the run started (composing, checking, importing)
+        if jobs is not None:
+            _sweep_table(jobs)
         if interrupts is not None:  # a sweep: between jobs, or in the launcher's wait
             _sweep_summary(interrupts, interrupted=True)
         print("rf2: interrupted before round 0; nothing to resume", file=sys.stderr, flush=True)
@@ -183,8 +220,28 @@ def main() -> None:
         print("rf2: output closed early (broken pipe)", file=sys.stderr, flush=True)
         sys.exit(141)  # 128 + SIGPIPE, as a shell reports it
     finally:
-        if interrupts is not None:
-            interrupts.unlink(missing_ok=True)
+        for path in (interrupts, jobs):
+            if path is not None:
+                path.unlink(missing_ok=True)
+
+
+def _sweep_table(jobs: Path) -> None:
+    """After a sweep: one table of its jobs (final metric, status) and what to run next."""
+    from rf2.runs.summary import JobOutcome, sweep_summary
+
+    try:
+        lines = jobs.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return
+    outcomes: dict[str, JobOutcome] = {}
+    for line in lines:
+        parts = line.split("\t")
+        if len(parts) == 4:
+            num, folder, status, overrides = parts
+            outcomes[num] = JobOutcome(num, Path(folder) if folder else None, status,
+                                       tuple(x for x in overrides.split("\x1f") if x))
+    for line in sweep_summary(list(outcomes.values())):
+        print(line, flush=True)
 
 
 def _sweep_summary(interrupts: Path, interrupted: bool = False) -> None:
@@ -204,9 +261,30 @@ def _sweep_summary(interrupts: Path, interrupted: bool = False) -> None:
     os._exit(130)
 
 
+def _narrowed_help(argv: list[str]) -> None:
+    """``rf2 --help PREFIX``: the keys under PREFIX (Hydra's help lists them all), exit 0;
+    an unknown prefix is one line naming the sections, exit 2."""
+    from rf2.cli.config_docs import narrowed_help, sections
+
+    prefixes = [a for a in argv if not a.startswith("-") and "=" not in a]
+    if not prefixes:
+        return
+    for prefix in prefixes:
+        lines = narrowed_help(prefix)
+        if lines is None:
+            known = ", ".join(s.name for s in sections() if s.name)
+            print(f"rf2: --help {prefix}: no config key starts with {prefix!r}; sections: "
+                  f"{known} (and the top-level keys: rf2 --help)", file=sys.stderr, flush=True)
+            sys.exit(2)
+        print("\n".join(lines), flush=True)
+    sys.exit(0)
+
+
 def _main() -> None:
     from rf2.cli.support import precheck_overrides, preflight_output_dir
 
+    if any(a in ("--help", "-h") for a in sys.argv[1:]):
+        _narrowed_help(sys.argv[1:])
     sys.argv[1:] = precheck_overrides(sys.argv[1:])
     argv = sys.argv[1:]
     if not any(a in ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help") for a in argv):

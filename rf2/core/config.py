@@ -20,6 +20,7 @@ DatasetName = Literal[
 
 @dataclass
 class DatasetConfig:
+    # Which loader reads the data (the dataset= group sets it with its defaults).
     name: DatasetName = "synthetic"
     # Directory holding the dataset's files (MovieLens: u.data/ratings.dat/ratings.csv;
     # lightgcn: train.txt/test.txt; recbole: NAME.inter). Unused by ``synthetic``.
@@ -41,12 +42,17 @@ class DatasetConfig:
     protocol: Literal["clicks", "rf2"] = "clicks"
     # Features: the last ``history_len`` clicked items before the predicted click.
     history_len: int = 10
-    # Synthetic generator only.
+    # Synthetic: number of users (this and the keys below: the synthetic generator only).
     num_users: int = 1000
+    # Synthetic: number of items.
     num_items: int = 1000
+    # Synthetic: latent taste groups users and items are drawn from.
     num_groups: int = 20
+    # Synthetic: mean clicks per user (activity is long-tailed around it).
     mean_clicks_per_user: float = 25.0
+    # Synthetic: Zipf exponent of item popularity (0 = uniform).
     popularity_exponent: float = 1.0
+    # Synthetic: number of item genres (0 = none).
     num_genres: int = 18
 
     def validate(self, path: str = "dataset") -> None:
@@ -73,29 +79,42 @@ class IndexConfig:
     A "step" is a server round in federated training, an optimizer step centrally.
     """
 
+    # Residual levels of the index tree.
     levels: int = 2
+    # Learnable nodes per level; leaves = their product (aim for a few items per leaf).
     nodes_per_level: list[int] = field(default_factory=lambda: [16, 16])
+    # Node initialisation: k-means of the item embeddings at build time, or random.
     init: Literal["kmeans", "random"] = "kmeans"
     # Soft-assignment temperature alpha = min + (max - min) * progress ** alpha_power,
     # progress = min(1, step / anneal_steps); anneal_steps = 0: step / total steps of the
     # run (num_rounds). An absolute length keeps a resumed, extended run identical.
     min_alpha: float = 1.0
+    # Final soft-assignment temperature (see min_alpha).
     max_alpha: float = 20.0
+    # Shape of the temperature schedule (1 = linear in progress).
     alpha_power: float = 1.0
+    # Steps from min_alpha to max_alpha; 0 = the whole run.
     anneal_steps: int = 100
+    # Weight of the index's retrieval loss against the model's loss.
     index_loss_weight: float = 1.0
+    # Steps over which the index loss ramps up from 0.
     warmup_steps: int = 20
+    # Weight of the balance term against cluster collapse (share of items per path).
     balance_weight: float = 0.01
     # Catalogue items sampled per step for the balance term (all items when fewer).
     balance_sample: int = 4096
+    # Weight of reconstructing item embeddings from their path.
     reconstruction_weight: float = 1.0
     # Paths kept per level by beam search at evaluation/serving.
     beam: int = 16
     # Test-time training: fine-tune on (user, node-on-path at depth ttt_depth) pairs.
     ttt: bool = False
+    # Test-time training: tree depth of the (user, node) pairs.
     ttt_depth: int = 2
     ttt_rate: float = 1.0  # node pairs per training example (expected)
+    # Test-time training: epochs over the node pairs.
     ttt_epochs: int = 2
+    # Test-time training: learning rate.
     ttt_lr: float = 0.001
 
     def validate(self, path: str = "model.index") -> None:
@@ -129,9 +148,13 @@ class ModelConfig:
     # .FederatedModel`` subclass (built with its ``from_dataset``) or a function
     # (dataset, cfg, seed) -> model. Empty: rf2's model named by ``name``.
     _target_: str = ""
+    # two_tower: the retrieval model alone; hier_index: with a jointly learned index.
     name: Literal["two_tower", "hier_index"] = "hier_index"
+    # Embedding width D of users and items.
     dim: int = 64
+    # Add the item's genre embedding to the item tower.
     use_genres: bool = True
+    # Learn a per-item bias added to the score.
     item_bias: bool = True
     # full: softmax over the whole catalogue (exact; O(I) work and an O(I) update per
     # client). sampled: ``num_negatives`` uniform negatives drawn once per client per
@@ -139,12 +162,14 @@ class ModelConfig:
     # a client then touches only its own items and its negatives. auto: sampled when
     # the catalogue has more than ``auto_sampled_above`` items (see docs/performance.md "Scale").
     loss: Literal["full", "sampled", "auto"] = "auto"
+    # Uniform negatives per client and round for loss=sampled.
     num_negatives: int = 200
     # 5,000: below it full softmax costs a client about as much as the rest of its step
     # and K=200 negatives would already be >4% of the catalogue (ML-100K, ML-1M, the
     # synthetic default stay exact); above it the full softmax's O(I) scores and its
     # O(I·D) dense update dominate a round (36k items: ~15x the 1.7k-item round).
     auto_sampled_above: int = 5000
+    # Std of the normal initialisation of the embeddings.
     init_scale: float = 0.1
     index: IndexConfig = field(default_factory=IndexConfig)
 
@@ -165,7 +190,9 @@ class ModelConfig:
 
 @dataclass
 class ClientConfig:
+    # Passes over the client's own examples per round.
     local_epochs: int = 1
+    # Client SGD learning rate (RF²: 1.0 with one full-batch step).
     lr: float = 1.0
     # 0 = full batch (RF²: one full-batch SGD step per local epoch).
     batch_size: int = 0
@@ -181,12 +208,16 @@ class ClientConfig:
 class CentralConfig:
     """``mode=central``: the same model trained on all users' pooled examples."""
 
+    # Epochs over the pooled training examples.
     epochs: int = 1
+    # Examples per optimizer step.
     batch_size: int = 256
+    # Optimizer of central training.
     optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
     # Adam 0.01: on MovieLens-100K (two_tower) Recall@20 0.258 after 2 epochs at batch
     # 256; 0.001 reached 0.097, 0.05 peaked at 0.232 after 1 epoch then overfit.
     lr: float = 0.01
+    # L2 weight decay of the optimizer.
     weight_decay: float = 0.0
     # Metrics rows per epoch (evenly spaced in steps); round = evaluation number, so
     # with 1 (the default) round = epoch.
@@ -210,20 +241,27 @@ class StrategyConfig:
     called with ``kwargs`` (see ``rf2.strategies.instantiate``).
     """
 
+    # What builds the strategy: rf2's builder, or your Flower Strategy class (docs/extending.md).
     _target_: str = "rf2.strategies.build_strategy"
     # Keyword arguments for a custom ``_target_`` (``+strategy.kwargs.alpha=0.5``).
     kwargs: dict[str, Any] = field(default_factory=dict)
-    # fedbuff: FedAvg's mean (and server optimizer) applied asynchronously: FedBuff
-    # (Nguyen et al. 2022) on the simulated clock, one server step per "round" after
-    # clients_per_round arrivals (docs/strategies.md#asynchronous-fedbuff).
+    # Aggregation rule of rf2's builder (the strategy= group sets it). fedbuff: FedAvg's
+    # mean (and server optimizer) applied asynchronously, FedBuff on the simulated clock:
+    # one server step per "round" after clients_per_round arrivals (docs/strategies.md).
     name: Literal["fedavg", "fedprox", "qffl", "fedbuff"] = "fedavg"
     # Server optimizer applied to the aggregated pseudo-gradient (FedOpt, Reddi et al.).
     server_optimizer: Literal["none", "adagrad", "adam", "yogi"] = "adagrad"
+    # Server optimizer's learning rate.
     server_lr: float = 0.1
+    # Adaptivity constant of Adagrad/Adam/Yogi (FedOpt's tau).
     tau: float = 1e-9
+    # Adam/Yogi first-moment decay.
     beta_1: float = 0.9
+    # Adam/Yogi second-moment decay.
     beta_2: float = 0.99
+    # FedProx: weight mu of the proximal term (mu/2)||w - w_global||^2.
     proximal_mu: float = 0.01
+    # q-FFL: fairness exponent q (0 = unweighted mean, larger = fairer).
     q: float = 1.0
     # fedbuff: clients training at once (null = 2 x clients_per_round, the buffer size K).
     concurrency: int | None = None
@@ -256,6 +294,7 @@ PopulationMode = Literal["independent", "popularity-dirichlet", "activity", "rf2
 
 @dataclass
 class PopulationConfig:
+    # How users get tiers (the population= group sets it; docs/populations.md).
     mode: PopulationMode = "independent"
     alpha: float = 0.005  # popularity-dirichlet / rf2-dirichlet concentration
     strength: float = 1.0  # activity: 0 = independent, larger = stronger correlation
@@ -277,10 +316,15 @@ class PopulationConfig:
 class RoundConfig:
     """Round policies of the simulated clock (FedScale-style); combinable."""
 
+    # Round deadline in simulated seconds; clients finishing later are dropped.
     deadline_s: float | None = None
+    # Deadline at this quantile of the selected clients' simulated times.
     deadline_quantile: float | None = None
+    # Select ceil((1 + overcommit) K) clients and keep the K that finish first.
     overcommit: float = 0.0
+    # Apply each tier's availability (offline clients cannot be selected).
     availability: bool = True
+    # Apply each tier's mid-round dropout probability.
     dropout: bool = True
     # A round with fewer completed clients is skipped (logged with its reason).
     min_completed: int = 1
@@ -299,12 +343,19 @@ class RoundConfig:
 class OptimizationConfig:
     """RF²'s tier-aware optimizations; each usable with any strategy."""
 
+    # Which tier-aware optimization (the optimization= group sets it; docs/strategies.md).
     name: str = "none"
+    # Tiers never selected for training (still evaluated).
     exclude_tiers: list[str] = field(default_factory=list)
+    # Over-selection: select ceil((1 + x) K), keep the K that finish first.
     overselect: float = 0.0
+    # Per tier: probability of dropping each update element (unbiased rescaling).
     prune_rate: dict[str, float] = field(default_factory=dict)
+    # Per tier: bits of unbiased stochastic quantization of the update.
     quant_bits: dict[str, int] = field(default_factory=dict)
+    # Per tier: HeteroFL sub-model width as a fraction of the embedding dim.
     width: dict[str, float] = field(default_factory=dict)
+    # Average each item row only over the clients that touched it (RF²'s fsl).
     per_row_embedding_avg: bool = False
 
     def validate(self, path: str = "optimization") -> None:
@@ -323,12 +374,15 @@ class OptimizationConfig:
 
 @dataclass
 class SimulationConfig:
+    # ray: Flower's simulation engine on Ray; inprocess: the same apps in this process.
     backend: Literal["ray", "inprocess"] = "ray"
     # Ray client resources: 1 CPU per client gives two actors on a 2-core machine.
     num_cpus_per_client: float = 1.0
+    # Ray GPU share per client worker.
     num_gpus_per_client: float = 0.0
     # Join an existing Ray cluster (e.g. "auto" or "ray://host:10001") instead of starting one.
     ray_address: str | None = None
+    # Ray's temp/session folder (null = Ray's default; keep the path short).
     ray_temp_dir: str | None = None
     # Seconds to wait for one round's replies before counting the missing ones as faults
     # (both backends: in-process, clients run in a worker thread the server stops waiting
@@ -354,6 +408,11 @@ class SimulationConfig:
     # Clients reply only the rows of the item tables they changed (rf2.optim.sparse);
     # aggregation is exactly the dense one. false = whole models (the reference).
     sparse_updates: bool = True
+    # Partial aggregation inside a message (rf2.fl.partial_sum): when the aggregate is a
+    # weighted mean of client deltas and no per-client transform applies, a message
+    # replies the weighted sum of its users' deltas (the same mean to rounding).
+    # false = one update per client (the reference).
+    partial_aggregation: bool = True
 
     def validate(self, path: str = "simulation") -> None:
         check(self.num_cpus_per_client > 0, f"{path}.num_cpus_per_client",
@@ -379,6 +438,7 @@ class PrivacyConfig:
     with Google's dp-accounting at the round's real sampling rate.
     """
 
+    # none: off; dp: clip each update and add Gaussian noise to the mean.
     name: Literal["none", "dp"] = "none"
     # z: noise std / C. Ignored when target_epsilon is set (z is then solved for it).
     noise_multiplier: float = 1.0
@@ -388,11 +448,13 @@ class PrivacyConfig:
     delta: float | None = None
     # C (fixed) or the initial C (adaptive); null = no clipping (C = inf: z must be 0).
     clip_norm: float | None = 1.0
+    # fixed C, or adaptive C following the target_quantile of update norms.
     clipping: Literal["fixed", "adaptive"] = "fixed"
     target_quantile: float = 0.5  # adaptive: gamma, the share of updates left unclipped
     clip_lr: float = 0.2  # adaptive: eta_C of C <- C exp(-eta_C (b - gamma))
     # adaptive: std of the noised unclipped count; null = clients_per_round / 20 (Flower's).
     clipped_count_stddev: float | None = None
+    # Privacy accountant of dp-accounting: RDP or PLD.
     accountant: Literal["rdp", "pld"] = "rdp"
     # uniform: every client weighs 1/m (the DP-FedAvg estimator the accounting covers);
     # examples: FedAvg's num-examples weights, noise scaled to the largest weight share
@@ -432,7 +494,9 @@ METRIC_FAMILIES = ("recall", "ndcg", "auc", "loss", "index", "popularity", "rate
 
 @dataclass
 class EvalConfig:
+    # Cut-offs K of recall@K and ndcg@K.
     ks: list[int] = field(default_factory=lambda: [10, 20, 50])
+    # Evaluate every N rounds (round 0 and the last round always).
     every: int = 1
     # Upper bound on users scored in one block; the evaluator also caps a block at a few
     # MB of scores so the passes over it stay in cache.
@@ -483,9 +547,12 @@ class FaultInjection:
     ``simulation.round_timeout_s`` on the Ray backend).
     """
 
+    # How the chosen clients fail: raise, nan (NaN weights), shape, hang.
     kind: Literal["raise", "nan", "shape", "hang"] = "raise"
+    # User ids that fail.
     users: list[int] = field(default_factory=list)
     rounds: list[int] = field(default_factory=list)  # empty = every round
+    # hang: seconds the client sleeps.
     hang_s: float = 30.0
 
     def validate(self, path: str = "fault_injection") -> None:
@@ -497,11 +564,14 @@ class RunConfig:
     # federated: Flower rounds over clients; central: the same model on pooled data
     # (``central.*``), same run folder and metrics rows (round = evaluation number).
     mode: Literal["federated", "central"] = "federated"
+    # Seed of every random stream (data split, tiers, devices, client sampling, training).
     seed: int = 123
+    # Federated rounds to train (round 0, the untrained model, is always evaluated).
     num_rounds: int = 20
     # Stop after the round that completes this many passes over the eligible clients
     # (RF²'s "global epochs"; 0 = no limit). num_rounds stays an upper bound.
     num_passes: int = 0
+    # Clients selected per round (K); over-selection and deadlines work from it.
     clients_per_round: int = 100
     # Save a resumable checkpoint every N rounds (0 = only at the end).
     checkpoint_every: int = 10

@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from rf2.data.base import FederatedDataset, Interactions, RatedSplit
+from rf2.data.sorting import lex_stable_argsort
 
 PROTOCOLS = ("clicks", "rf2")
 
@@ -62,7 +63,7 @@ def split_rated(inter: Interactions, name: str, train_fraction: float,
         raise ValueError(f"{name}: dataset.protocol=rf2 needs ratings")
     n_users = inter.num_users
     # (user, timestamp, label, item): lexsort's last key is the primary one.
-    order = np.lexsort((r.item, r.label, r.timestamp, r.user))  # (R,)
+    order = lex_stable_argsort(r.item, r.label, r.timestamp, r.user)  # (R,) = np.lexsort
     user, item, label = r.user[order], r.item[order].astype(np.int64), r.label[order]
     counts = np.bincount(user, minlength=n_users)  # (U,)
     start = np.concatenate([[0], np.cumsum(counts)[:-1]])  # (U,)

@@ -30,8 +30,14 @@ without one, the same fractions over a seeded per-user random order (``split_see
 the loader turns a seeded permutation into the ordering key, so one split routine serves
 both, and the dataset records which one it used (``FederatedDataset.split``).
 
-Bulk parsing is pandas' C reader (777k rows in well under a second); on failure the file
-is re-scanned in Python to name the first bad line.
+Text: strict UTF-8. A byte sequence that is not UTF-8 is an error naming file, line and
+column (before, it was replaced by U+FFFD, and two distinct tokens such as ``caf\xe9``
+and ``caf\xe8`` merged into one). Tokens are compared exactly as written.
+
+Bulk parsing is pyarrow's multi-threaded CSV reader and hash encoding (a 25M-row
+``.inter`` in seconds; no Python object per row); when it refuses a file, pandas' C
+reader (the loader's reference semantics) re-reads it and the file is re-scanned in
+Python to name the first bad line.
 """
 
 from __future__ import annotations
@@ -43,11 +49,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 
 from rf2.core.errors import DataError
 from rf2.data.base import Interactions
 from rf2.data.compressed import compressed_sibling, refuse_compressed
 from rf2.data.movielens import line_of_row, require_dir
+from rf2.data.sorting import first_of_each
 
 FIELD_TYPES = ("token", "token_seq", "float", "float_seq")
 USER_FIELD, ITEM_FIELD, RATING_FIELD, TIME_FIELD = "user_id", "item_id", "rating", "timestamp"
@@ -56,6 +66,7 @@ _INTER_TYPES = {USER_FIELD: "token", ITEM_FIELD: "token", RATING_FIELD: "float",
 _SEP = "\t"  # RecBole's field_separator default
 _SEQ_SEP = " "  # RecBole's seq_separator default
 _INT_TOKEN = re.compile(r"-?\d{1,18}")
+_BLOCK = 16 << 20  # bytes per block read (pyarrow's parse unit; the UTF-8 scan's too)
 
 
 @dataclass(frozen=True)
@@ -64,11 +75,14 @@ class AtomicFile:
 
     path: Path
     types: dict[str, str]  # column name -> RecBole type, in file order
-    values: pd.DataFrame  # one string column per header column, one row per data line
+    values: pa.Table  # one string column per header column, one row per data line
 
     @property
     def num_rows(self) -> int:
-        return int(self.values.shape[0])
+        return int(self.values.num_rows)
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        return self.values.column(name)
 
 
 def parse_header(path: Path, line: str) -> dict[str, str]:
@@ -89,26 +103,87 @@ def parse_header(path: Path, line: str) -> dict[str, str]:
     return types
 
 
-def read_atomic(path: Path) -> AtomicFile:
-    """Read one atomic file: header checked, every row with the header's field count."""
+def read_header(path: Path) -> dict[str, str]:
+    """The checked header of an atomic file (strict UTF-8, a leading BOM allowed)."""
     refuse_compressed(path)
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            header = f.readline()
+        with open(path, "rb") as f:  # up to the first line end (\n, \r\n or \r)
+            head = b""
+            while not re.search(rb"[\r\n]", head) and (block := f.read(1 << 16)):
+                head += block
+        head = re.split(rb"\r\n|\r|\n", head, maxsplit=1)[0]
     except OSError as exc:
         raise DataError(str(path), f"cannot read file: {exc.strerror or exc}") from None
+    try:
+        header = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(str(path), _utf8_problem(head, exc.start, exc.end), 1) from None
     if not header.strip():
         raise DataError(str(path), "empty file (expected a header of 'name:type' columns)", 1)
-    types = parse_header(path, header.lstrip("\ufeff"))
+    return parse_header(path, header.lstrip("\ufeff"))
+
+
+def read_atomic(path: Path) -> AtomicFile:
+    """Read one atomic file: header checked, every row with the header's field count.
+
+    pyarrow's multi-threaded CSV reader parses the rows (a 25M-row ``.inter`` in
+    seconds) as strict UTF-8 strings; when it refuses a file, the invalid byte is named
+    by file:line, or the reference reader (pandas' C parser, the loader's original
+    semantics) re-reads it and names the bad line.
+    """
+    types = read_header(path)
     names = list(types)
+    try:
+        table = pacsv.read_csv(
+            path,
+            read_options=pacsv.ReadOptions(column_names=names, skip_rows=1, block_size=_BLOCK),
+            parse_options=pacsv.ParseOptions(delimiter=_SEP, quote_char=False,
+                                             double_quote=False, escape_char=False,
+                                             newlines_in_values=False, ignore_empty_lines=True),
+            convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
+                                                 strings_can_be_null=False, check_utf8=True),
+        )
+    except pa.ArrowInvalid as exc:
+        _raise_invalid_utf8(path)
+        table = _read_reference(path, names, exc)
+    return AtomicFile(path, types, table)
+
+
+def _utf8_problem(line: bytes, start: int, end: int) -> str:
+    return (f"invalid UTF-8 (bytes {line[start:end].hex(' ')} at column {start + 1}): RecBole "
+            "atomic files are UTF-8 text; re-encode the file (e.g. iconv -f latin1 -t utf-8)")
+
+
+def _raise_invalid_utf8(path: Path) -> None:
+    """Raise a DataError at the first line that is not valid UTF-8; return if none is."""
+    lineno, rest = 1, b""
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(_BLOCK)
+            data = rest + block
+            cut = data.rfind(b"\n") + 1 if block else len(data)  # whole lines only
+            whole, rest = data[:cut], data[cut:]
+            try:
+                whole.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                first = whole.rfind(b"\n", 0, exc.start) + 1
+                line = whole[first:].split(b"\n", 1)[0]
+                raise DataError(str(path), _utf8_problem(line, exc.start - first, exc.end - first),
+                                lineno + whole.count(b"\n", 0, exc.start)) from None
+            lineno += whole.count(b"\n")
+            if not block:
+                return
+
+
+def _read_reference(path: Path, names: list[str], exc: Exception) -> pa.Table:
+    """pandas' C reader with the loader's original checks: the exact errors (or table)."""
     try:
         df = pd.read_csv(
             path, sep=_SEP, header=None, names=names, skiprows=1, dtype=str, engine="c",
-            quoting=csv.QUOTE_NONE, na_filter=False, keep_default_na=False,
-            encoding="utf-8", encoding_errors="replace",
+            quoting=csv.QUOTE_NONE, na_filter=False, keep_default_na=False, encoding="utf-8",
         )
-    except (ValueError, pd.errors.ParserError) as exc:
-        _raise_field_count(path, len(names), exc)
+    except (ValueError, pd.errors.ParserError) as pd_exc:
+        _raise_field_count(path, len(names), pd_exc)
     # The C reader pads short rows with empty strings instead of failing; catch that here.
     if len(names) > 1 and df.shape[0]:
         empty_last = (df[names[-1]] == "").to_numpy()
@@ -116,7 +191,7 @@ def read_atomic(path: Path) -> AtomicFile:
             short = empty_last & ~_has_tabs(path, len(names) - 1)
             if short.any():
                 _raise_field_count(path, len(names), None, int(np.argmax(short)))
-    return AtomicFile(path, types, df)
+    return pa.table({n: pa.array(df[n].to_numpy(dtype=object), type=pa.string()) for n in names})
 
 
 def _has_tabs(path: Path, n: int) -> np.ndarray:
@@ -127,7 +202,7 @@ def _has_tabs(path: Path, n: int) -> np.ndarray:
 
 def _lines(path: Path):  # type: ignore[no-untyped-def]
     """(line number, line) of every data line, skipping blank lines as pandas does."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8") as f:  # valid UTF-8: checked before this runs
         for lineno, raw in enumerate(f, start=1):
             line = raw.rstrip("\r\n")
             if lineno == 1 or not line.strip(" "):
@@ -148,20 +223,28 @@ def _raise_field_count(path: Path, n: int, exc: Exception | None, row: int | Non
 
 
 def _floats(f: AtomicFile, name: str) -> np.ndarray:
-    """A ``float`` column as float64; an empty or non-numeric value names its line."""
-    raw = f.values[name]
-    out = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    """A ``float`` column as float64; an empty or non-numeric value names its line.
+
+    Arrow's parser first; it accepts a subset of what pandas' ``to_numeric`` does (no
+    surrounding spaces, no empty fields), so on refusal pandas decides, as before.
+    """
+    raw = f.column(name)
+    try:
+        out = pc.cast(raw, pa.float64()).to_numpy()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        out = pd.to_numeric(raw.to_pandas(), errors="coerce").to_numpy(dtype=np.float64,
+                                                                     na_value=np.nan)
     bad = ~np.isfinite(out)  # (N,)
     if bad.any():
         row = int(np.argmax(bad))
-        raise DataError(str(f.path), f"field {name} is {raw.iloc[row]!r}, not a finite number",
+        raise DataError(str(f.path), f"field {name} is {raw[row].as_py()!r}, not a finite number",
                         line_of_row(f.path, row, header=True))
     return out
 
 
-def _tokens(f: AtomicFile, name: str) -> pd.Series:
-    raw = f.values[name]
-    empty = (raw == "").to_numpy()
+def _tokens(f: AtomicFile, name: str) -> pa.ChunkedArray:
+    raw = f.column(name)
+    empty = pc.equal(pc.utf8_length(raw), 0).to_numpy(zero_copy_only=False)
     if empty.any():
         row = int(np.argmax(empty))
         raise DataError(str(f.path), f"field {name} is empty (every row needs a {name})",
@@ -169,34 +252,112 @@ def _tokens(f: AtomicFile, name: str) -> pd.Series:
     return raw
 
 
-def encode_tokens(tokens: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """(codes (N,) int64, vocabulary (V,) str): contiguous ids in sorted token order.
+@dataclass(frozen=True)
+class Codes:
+    """A token column factorized: ``codes`` (N,) int64 index ``uniq`` (V,) distinct tokens.
+
+    ``ints`` (V,) int64 is set when every token is a canonical integer of at most 18
+    digits (``7``, not ``07``, ``+7`` or `` 7``): ``uniq`` is then in ascending numeric
+    order, which is the order :func:`sorted_codes` would give anyway.
+    """
+
+    codes: np.ndarray
+    uniq: np.ndarray  # (V,) object array of str
+    ints: np.ndarray | None = None
+
+    def subset(self, rows: np.ndarray) -> Codes:
+        """The same factorization restricted to ``rows`` (only tokens that occur there)."""
+        sub = self.codes[rows]
+        present = np.bincount(sub, minlength=self.uniq.size) > 0  # (V,)
+        local = np.cumsum(present) - 1  # (V,) index among the present tokens
+        ints = None if self.ints is None else self.ints[present]
+        return Codes(local[sub], self.uniq[present], ints)
+
+
+def _canonical_ints(tokens: pa.ChunkedArray) -> np.ndarray | None:
+    """(N,) int64 when every token is a canonical integer of <= 18 digits, else None."""
+    try:
+        ints = pc.cast(tokens, pa.int64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    if len(tokens) and not pc.all(pc.equal(pc.cast(ints, pa.string()), tokens)).as_py():
+        return None  # "07", "+7": same number, different token
+    out = ints.to_numpy()
+    if out.size and np.abs(out).max() >= 10**18:
+        return None  # the text rule only reads up to 18 digits as a number
+    return out
+
+
+def _dense_rank(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct ascending (V,), rank of each value (N,)) for int64 values."""
+    if values.size == 0:
+        return values, np.zeros(0, dtype=np.int64)
+    lo, span = int(values.min()), int(values.max()) - int(values.min()) + 1
+    if span <= 4 * values.size + 1024:  # dense ids (0..U-1 and the like): O(N), no sort
+        present = np.zeros(span, dtype=bool)
+        present[values - lo] = True
+        rank = np.cumsum(present) - 1
+        return np.flatnonzero(present) + lo, rank[values - lo]
+    uniq, inverse = np.unique(values, return_inverse=True)
+    return uniq, inverse.reshape(-1).astype(np.int64)
+
+
+def factorize(tokens: pa.ChunkedArray) -> Codes:
+    """Distinct tokens and each row's code; tokens compared exactly, never merged.
+
+    Canonical integer tokens (most id columns) are parsed by Arrow and ranked in O(N).
+    Other tokens go through Arrow's hash encoding per chunk, the chunks' dictionaries
+    unified (first-appearance order, what ``pd.factorize`` gives) -- no Python object
+    per row either way.
+    """
+    ints = _canonical_ints(tokens)
+    if ints is not None:
+        uniq_ints, codes = _dense_rank(ints)
+        return Codes(codes, uniq_ints.astype(str).astype(object), uniq_ints)
+    parts, dicts, offset = [], [], 0
+    for chunk in tokens.chunks:
+        enc = chunk.dictionary_encode()
+        parts.append(enc.indices.to_numpy(zero_copy_only=False).astype(np.int64) + offset)
+        dicts.append(enc.dictionary)
+        offset += len(enc.dictionary)
+    if not dicts:
+        return Codes(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=object))
+    every = pa.concat_arrays(dicts)  # (sum of per-chunk distinct,)
+    uniq = pc.unique(every)  # first appearance order across chunks
+    remap = pc.index_in(every, value_set=uniq).to_numpy(zero_copy_only=False).astype(np.int64)
+    return Codes(remap[np.concatenate(parts)], np.asarray(uniq.to_pylist(), dtype=object))
+
+
+def sorted_codes(c: Codes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes (N,), vocabulary (V,) str, raw ids (V,)) in sorted token order.
 
     Sorted numerically when every token is an integer (ids 0..N-1 stay 0..N-1), as
-    text otherwise. Hash-based (``pd.factorize``), then only the V distinct tokens sort.
+    text (code point order) otherwise; only the V distinct tokens sort. Raw ids are
+    int64 in the numeric case, the tokens otherwise (they name users in tiers.csv).
     """
-    codes, uniq = pd.factorize(tokens)  # (N,), (V,) in order of first appearance
-    text = pd.Series(np.asarray(uniq, dtype=object), dtype=object)  # (V,)
+    if c.ints is not None:
+        return c.codes, c.uniq.astype(str), c.ints
+    text = pd.Series(np.asarray(c.uniq, dtype=object), dtype=object)  # (V,)
     order = np.argsort(text.to_numpy(dtype=str), kind="stable")
-    if text.str.fullmatch(_INT_TOKEN.pattern).all():
+    keys = None
+    if text.size and text.str.fullmatch(_INT_TOKEN.pattern).all():
         keys = text.astype(np.int64).to_numpy()
         # "07" and "7" are different tokens but the same number: keep text order then.
         if np.unique(keys).size == keys.size:
             order = np.argsort(keys, kind="stable")
+        else:
+            keys = None
     rank = np.empty(order.size, dtype=np.int64)
     rank[order] = np.arange(order.size)  # (V,) sorted position of each first-seen token
-    return rank[codes], text.to_numpy(dtype=str)[order]
+    vocab = text.to_numpy(dtype=str)[order]
+    return rank[c.codes], vocab, (vocab if keys is None else keys[order])
 
 
-def token_ids(vocab: np.ndarray) -> np.ndarray:
-    """(V,) raw ids of a sorted vocabulary: int64 where :func:`encode_tokens` sorted it
-    numerically (every token an integer, no two equal as numbers), else the tokens."""
-    text = pd.Series(vocab, dtype=object)
-    if vocab.size and text.str.fullmatch(_INT_TOKEN.pattern).all():
-        ids = text.astype(np.int64).to_numpy()
-        if np.unique(ids).size == ids.size:
-            return ids
-    return np.asarray(vocab, dtype=str)
+def encode_tokens(tokens: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(codes (N,) int64, vocabulary (V,) str): contiguous ids in sorted token order."""
+    codes, uniq = pd.factorize(tokens)  # (N,), (V,) in order of first appearance
+    return sorted_codes(Codes(np.asarray(codes, dtype=np.int64),
+                              np.asarray(uniq, dtype=object)))[:2]
 
 
 def _require_columns(f: AtomicFile, expected: dict[str, str], required: tuple[str, ...]) -> None:
@@ -221,7 +382,8 @@ def _item_genres(f: AtomicFile, field: str, rows: np.ndarray,
                         f"token_seq column of {f.path.name}; candidates: {', '.join(allowed) or 'none'}",
                         1)
     # ``rows``: (R,) item index of each .item row
-    lists = [v.split(_SEQ_SEP) if kind == "token_seq" else [v] for v in f.values[field].tolist()]
+    lists = [v.split(_SEQ_SEP) if kind == "token_seq" else [v]
+             for v in f.column(field).to_pylist()]
     names = tuple(sorted({g for gs in lists for g in gs if g}))
     col = {g: j for j, g in enumerate(names)}
     out = np.zeros((num_items, len(names)), dtype=np.float32)  # (I, G)
@@ -272,48 +434,50 @@ def load_recbole(path: str | None, name_in_dir: str | None, threshold: float, se
 
     item_file = root / f"{name}.item"
     item_atomic = read_atomic(item_file) if item_file.is_file() else None
-    listed = pd.Series([], dtype=object)
+    listed = pa.chunked_array([], type=pa.string())
     if item_atomic is not None:
         _require_columns(item_atomic, {ITEM_FIELD: "token"}, (ITEM_FIELD,))
         listed = _tokens(item_atomic, ITEM_FIELD)
-        dup = listed.duplicated().to_numpy()
+        dup = ~first_of_each(factorize(listed).codes)
         if dup.any():
             row = int(np.argmax(dup))
-            raise DataError(str(item_file), f"item_id {listed.iloc[row]!r} listed twice",
+            raise DataError(str(item_file), f"item_id {listed[row].as_py()!r} listed twice",
                             line_of_row(item_file, row, header=True))
     elif genre_field:
         raise DataError(str(item_file), f"dataset.genre_field={genre_field!r} needs {name}.item")
     user_file = root / f"{name}.user"
     if user_file.is_file():
-        refuse_compressed(user_file)
-        with open(user_file, encoding="utf-8", errors="replace") as f:
-            user_types = parse_header(user_file, f.readline().lstrip("\ufeff"))
-        if user_types.get(USER_FIELD) != "token":
+        if read_header(user_file).get(USER_FIELD) != "token":
             raise DataError(str(user_file), f"header needs {USER_FIELD}:token", 1)
 
     if not click.any():
         raise DataError(str(inter_f), f"no interaction has rating >= {threshold:g} "
                         "(dataset.click_threshold): nothing left to train on")
     # Catalogue: items of .item plus any interacted with (RecBole remaps them jointly).
-    all_items = pd.concat([listed.astype(object), items_raw.astype(object)], ignore_index=True)
-    item_codes, item_vocab = encode_tokens(all_items)  # (R + N,), (I,)
-    item = item_codes[listed.size:][click]  # (C,)
-    user, user_vocab = encode_tokens(users_raw[click])  # (C,), (U,) only users with a click
+    n_listed = len(listed)
+    item_codes, item_vocab, _ = sorted_codes(factorize(
+        pa.chunked_array(listed.chunks + items_raw.chunks, type=pa.string())))  # (R + N,), (I,)
+    item = item_codes[n_listed:][click]  # (C,)
+    users_all = factorize(users_raw)  # every user of the file
+    user, user_vocab, user_ids = sorted_codes(users_all.subset(click))  # only clickers
     if has_time:
-        # Dense rank keeps the exact order of float timestamps in int64.
-        ts = np.unique(_floats(inter, TIME_FIELD)[click], return_inverse=True)[1]
+        times = _floats(inter, TIME_FIELD)[click]  # (C,)
+        if np.all(times == np.round(times)) and np.abs(times).max() < 2.0**53:
+            ts = times.astype(np.int64)  # whole seconds (the usual case): exact as int64
+        else:  # dense rank keeps the exact order of fractional timestamps in int64
+            ts = np.unique(times, return_inverse=True)[1]
     else:
         ts = np.random.default_rng(seed).permutation(user.size)  # (C,) random per-user order
     genres, genre_names = None, ()
     if genre_field and item_atomic is not None:
-        genres, genre_names = _item_genres(item_atomic, genre_field, item_codes[:listed.size],
+        genres, genre_names = _item_genres(item_atomic, genre_field, item_codes[:n_listed],
                                            item_vocab.size)
     interactions = Interactions(
         user=user, item=item, timestamp=np.asarray(ts, dtype=np.int64).reshape(-1),
         num_users=int(user_vocab.size), num_items=int(item_vocab.size),
-        item_genres=genres, genre_names=genre_names, user_ids=token_ids(user_vocab),
+        item_genres=genres, genre_names=genre_names, user_ids=user_ids,
     )
-    all_users = int(users_raw.nunique())
+    all_users = int(users_all.uniq.size)
     report: dict[str, int | str | bool] = {
         "format": "recbole", "name_in_dir": name, "rows": int(rows),
         "has_rating": has_rating, "has_timestamp": has_time, "clicks": int(click.sum()),

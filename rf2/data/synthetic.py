@@ -21,7 +21,7 @@ Generative story (all vectorised with NumPy; no per-click Python loop):
   to [2, num_items // 2]; a user never clicks the same item twice (successive sampling
   without replacement from the user's click distribution).
 - Timestamps (seconds) increase along each user's sequence from a random start.
-- Ratings for ``dataset.protocol=rf2`` (``Interactions.ratings``): every click plus one
+- Ratings for ``dataset.protocol=rf2`` only (``Interactions.ratings``): every click plus one
   non-click exposure per click, an item drawn from global popularity one second before
   the click (dropped if the user clicked that item or was already shown it). Drawn
   from their own stream, so the clicks are the same with or without them.
@@ -35,6 +35,7 @@ import numpy as np
 
 from rf2.core.config import DatasetConfig
 from rf2.data.base import Interactions, Ratings
+from rf2.data.sorting import first_of_each, stable_argsort
 
 DRIFT = 0.2  # share of group-driven clicks that has moved to the second cluster by the end
 ACTIVITY_SIGMA = 1.0  # lognormal sigma of clicks per user
@@ -44,6 +45,8 @@ _START_SPAN = 365 * 86_400  # users start within one year
 _MEAN_GAP = 2 * 86_400  # mean seconds between a user's clicks
 _CHUNK = 4_000_000  # max elements of a dense (users, items) block in the exact fill
 _STREAM_EXPOSURES = 77  # RNG stream of the non-click exposures
+_STREAM_FILL = 78  # RNG stream that finishes users still short after two rounds
+_FILL_ROUNDS = 6  # with-replacement rounds before the exact (dense) fill
 
 
 @dataclass(frozen=True)
@@ -120,8 +123,7 @@ def _build_taste(rng: np.random.Generator, cfg: DatasetConfig) -> _Taste:
 def _dedupe(owner: np.ndarray, item: np.ndarray, seq: np.ndarray,
             n_items: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Keep the first of each repeated (owner, item) pair; rows must be in click order."""
-    _, first = np.unique(owner * n_items + item, return_index=True)  # stable: first wins
-    keep = np.sort(first)
+    keep = first_of_each(owner * n_items + item)  # (M,) stable: first wins
     return owner[keep], item[keep], seq[keep]
 
 
@@ -156,6 +158,64 @@ def _gumbel_fill(rng: np.random.Generator, taste: _Taste, users: np.ndarray,
     return np.repeat(users, need), np.concatenate(out_item), np.concatenate(out_seq)
 
 
+def _finish(rng: np.random.Generator, taste: _Taste, users: np.ndarray, n_clicks: np.ndarray,
+            rows: tuple[np.ndarray, np.ndarray, np.ndarray]
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Give ``users`` (all short of ``n_clicks``) their missing distinct items.
+
+    More rounds of the same with-replacement draws (end-of-sequence taste), repeats
+    dropped, on these users' rows only: O(their clicks) per round. The few still short
+    after :data:`_FILL_ROUNDS` rounds (taste so concentrated that repeats dominate) get
+    exact Gumbel-top-k, dense over the catalogue but for a handful of rows.
+    """
+    owner, item, seq = rows
+    n_items = taste.pop.size
+    short = np.zeros(taste.group.size, dtype=bool)
+    short[users] = True
+    mine = short[owner]  # (M,) rows of the users being finished
+    done = (owner[~mine], item[~mine], seq[~mine])
+    owner, item, seq = owner[mine], item[mine], seq[mine]
+    for rnd in range(2, 2 + _FILL_ROUNDS):
+        have = np.bincount(owner, minlength=taste.group.size)
+        users = np.flatnonzero(short & (have < n_clicks))
+        if users.size == 0:
+            break
+        cols = _concat((owner, item, seq), taste.draw(rng, users, 2 * (n_clicks - have)[users] + 4,
+                                                      rnd))
+        order = stable_argsort(cols[0])  # by user; earlier rows first
+        owner, item, seq = _dedupe(*(a[order] for a in cols), n_items)
+    have = np.bincount(owner, minlength=taste.group.size)
+    users = np.flatnonzero(short & (have < n_clicks))
+    if users.size:
+        fill = _gumbel_fill(rng, taste, users, (n_clicks - have)[users], owner, item)
+        owner, item, seq = _concat((owner, item, seq), fill)
+    return _concat(done, (owner, item, seq))
+
+
+def skip_float32(rng: np.random.Generator, count: int) -> None:
+    """Advance ``rng`` exactly as ``rng.random(count, dtype=np.float32)`` would.
+
+    NumPy draws a float32 from 32 bits: PCG64 hands out the low half of a 64-bit output
+    and buffers the high half for the next one. ``PCG64.advance`` jumps in O(log n).
+    """
+    bits = rng.bit_generator
+    if not isinstance(bits, np.random.PCG64):  # not what default_rng builds; just draw
+        for lo in range(0, count, _CHUNK):
+            rng.random(min(_CHUNK, count - lo), dtype=np.float32)
+        return
+    if count <= 0:
+        return
+    state = bits.state
+    m = count - 1 if state["has_uint32"] else count  # the buffered half is used first
+    full, odd = divmod(m, 2)
+    bits.advance(full)  # also clears the buffer
+    if odd:
+        raw = int(bits.random_raw())
+        state = bits.state
+        state["has_uint32"], state["uinteger"] = 1, raw >> 32
+        bits.state = state
+
+
 def _genres(rng: np.random.Generator, item_cluster: np.ndarray, k: int, g: int) -> np.ndarray:
     """Multi-hot genres: the cluster's home genre (80%) plus a random one (35%)."""
     num_items = item_cluster.size
@@ -184,21 +244,27 @@ def generate_synthetic(cfg: DatasetConfig, seed: int) -> SyntheticWorld:
 
     # Drawing with replacement and dropping repeats *is* sampling without replacement;
     # it is cheap for most users, so oversample, top up once, and finish the users still
-    # short (heavy users with concentrated taste) with exact Gumbel-top-k.
+    # short (heavy users with concentrated taste) in further rounds (``_finish``).
     owner, item, seq = _dedupe(*taste.draw(rng, np.arange(n_users), n_clicks * 3 // 2 + 4, 0),
                                n_items)
     have = np.bincount(owner, minlength=n_users)  # (U,)
     users = np.flatnonzero(have < n_clicks)
     cols = _concat((owner, item, seq), taste.draw(rng, users, 2 * (n_clicks - have)[users] + 4, 1))
-    order = np.argsort(cols[0], kind="stable")  # by user; earlier rows first
+    order = stable_argsort(cols[0])  # by user; earlier rows first
     owner, item, seq = _dedupe(*(a[order] for a in cols), n_items)
     have = np.bincount(owner, minlength=n_users)
     users = np.flatnonzero(have < n_clicks)
     if users.size:
-        fill = _gumbel_fill(rng, taste, users, (n_clicks - have)[users], owner, item)
-        owner, item, seq = _concat((owner, item, seq), fill)
+        # These users (heavy, concentrated taste; ~6% of them) were once finished by a
+        # dense Gumbel-top-k over the catalogue drawn from the main stream: O(users x
+        # items), minutes at 500k users. They now draw from their own stream, and the main
+        # stream skips exactly what that fill consumed, so every other user's clicks and
+        # every later draw (timestamps, genres, exposures) stay as before.
+        skip_float32(rng, users.size * n_items)
+        owner, item, seq = _finish(np.random.default_rng([seed, _STREAM_FILL]), taste, users,
+                                   n_clicks, (owner, item, seq))
     # Stable sort by user keeps each user's rows in sequence order (fill rows come last).
-    order = np.argsort(owner, kind="stable")  # (M,)
+    order = stable_argsort(owner)  # (M,)
     owner, item = owner[order], item[order]
     counts = np.bincount(owner, minlength=n_users)  # (U,)
     rank = np.arange(owner.size) - (np.cumsum(counts) - counts)[owner]
@@ -215,8 +281,10 @@ def generate_synthetic(cfg: DatasetConfig, seed: int) -> SyntheticWorld:
     genres = (_genres(rng, taste.cluster, cfg.num_groups, cfg.num_genres)
               if cfg.num_genres else None)
     user64, item64 = owner.astype(np.int64), item.astype(np.int64)
-    ratings = _ratings(np.random.default_rng([seed, _STREAM_EXPOSURES]), taste.pop,
-                       user64, item64, timestamp)
+    # Only dataset.protocol=rf2 reads the exposures; their own stream means skipping
+    # them under "clicks" changes nothing else.
+    ratings = (_ratings(np.random.default_rng([seed, _STREAM_EXPOSURES]), taste.pop,
+                        user64, item64, timestamp) if cfg.protocol == "rf2" else None)
     inter = Interactions(
         user=user64, item=item64, timestamp=timestamp,
         num_users=n_users, num_items=n_items, item_genres=genres, genre_names=names,
@@ -228,13 +296,13 @@ def generate_synthetic(cfg: DatasetConfig, seed: int) -> SyntheticWorld:
 def _ratings(rng: np.random.Generator, pop: np.ndarray, user: np.ndarray, item: np.ndarray,
              timestamp: np.ndarray) -> Ratings:
     """Clicks (label 1) plus one popularity-drawn non-click exposure per click (label 0)."""
-    n_items = pop.size
-    neg = np.minimum(np.searchsorted(np.cumsum(pop), rng.random(user.size)), n_items - 1)
-    key = user * n_items + neg  # (N,)
-    _, first = np.unique(key, return_index=True)
-    keep = np.zeros(user.size, dtype=bool)
-    keep[first] = True  # one exposure per (user, item)
-    keep &= ~np.isin(key, user * n_items + item)  # never an item the user clicked
+    n_items, n = pop.size, user.size
+    neg = np.minimum(np.searchsorted(np.cumsum(pop), rng.random(n)), n_items - 1)
+    # One stable sort of click keys then exposure keys: an exposure is kept when it is
+    # the first row of its (user, item) key -- one exposure per pair, and never an item
+    # the user clicked (a click of the same key sorts before it).
+    first = first_of_each(np.concatenate([user * n_items + item, user * n_items + neg]))
+    keep = first[n:]  # (N,)
     return Ratings(
         user=np.concatenate([user, user[keep]]),
         item=np.concatenate([item, neg[keep].astype(np.int64)]),

@@ -67,6 +67,7 @@ from rf2.eval.ranking import (
     sorted_unique,
     topk_list_metrics,
 )
+from rf2.model.base import FederatedModel
 from rf2.model.examples import eval_histories
 from rf2.model.retrieval import BeamSearchRetriever, Retriever
 
@@ -201,7 +202,7 @@ class ScoredBlock:
     """A block with its scores: ``scores`` is raw until the ranking stage masks it."""
 
     block: EvalBlock
-    user_emb: torch.Tensor  # (B, D)
+    user_emb: torch.Tensor | None  # (B, D) if the caller has it (else a family computes it)
     scores: torch.Tensor  # (B, I)
     scratch: torch.Tensor  # (>= B, I) a second buffer families may overwrite
     ranking: BlockRanking | None = None
@@ -274,7 +275,8 @@ def _index_metrics(sb: ScoredBlock, ctx: EvalContext) -> dict[str, np.ndarray]:
     assert ctx.retriever is not None and sb.ranking is not None and sb.ranking.top_ids is not None
     b = sb.block
     k_max = min(max(ctx.ks), ctx.num_items)
-    queries = ctx.model.query_vectors(sb.user_emb)  # (B, Dq)
+    user = sb.user_emb if sb.user_emb is not None else ctx.model.user_embedding(b.histories)
+    queries = ctx.model.query_vectors(user)  # (B, Dq)
     retriever = ctx.retriever
     if isinstance(retriever, BeamSearchRetriever) and retriever.scan == "torch":
         leaves, _ = retriever.leaves(queries)  # (B, beam), -1 = unused slot
@@ -283,12 +285,17 @@ def _index_metrics(sb: ScoredBlock, ctx: EvalContext) -> dict[str, np.ndarray]:
         # Training items are -inf in the block already (rank_block's top-k stage).
         vals = np.take_along_axis(sb.scores.numpy(), np.maximum(ids, 0), axis=1)
         served = (ids >= 0) & np.isfinite(vals)  # unserved slots rank last, then become -1
-        best = best_of(np.where(served, vals, np.float32("-inf")),
-                       np.where(served, ids, _UNSERVED), k_max)  # (B, K')
+        vals = np.where(served, vals, np.float32("-inf"))
+        best, tied = best_of(vals, np.where(served, ids, _UNSERVED), k_max)  # (B, K')
         index_ids = np.where(best == _UNSERVED, -1, best)
         if index_ids.shape[1] < k_max:  # fewer items under the leaves than K
             pad = np.full((len(index_ids), k_max - index_ids.shape[1]), -1, dtype=np.int64)
             index_ids = np.concatenate([index_ids, pad], axis=1)
+        for row in np.flatnonzero(tied):  # as the all-item ranking: torch.topk among ties
+            full = torch.full((ctx.num_items,), float("-inf"))
+            full[torch.from_numpy(ids[row][served[row]])] = torch.from_numpy(vals[row][served[row]])
+            top_s, top_i = torch.topk(full, k_max, sorted=True)
+            index_ids[row] = torch.where(torch.isfinite(top_s), top_i, -1).numpy()
         items_scored = scored.numpy()
     else:
         result = retriever.topk(queries, k_max, b.exclude)
@@ -403,7 +410,7 @@ class Evaluator:
         self.rated_items = rated.test_items  # (R,) grouped by user ascending, like rows
         self.rated_labels = rated.test_labels.astype(np.int64)
 
-    def rated_metrics(self, model: torch.nn.Module) -> dict[str, float]:
+    def rated_metrics(self, model: FederatedModel) -> dict[str, float]:
         """RF²'s CTR metrics over all test ratings (empty without labelled samples).
 
         Not a per-user family: pooled over every test rating, of all users with one
@@ -414,7 +421,8 @@ class Evaluator:
         with torch.no_grad():
             for start in range(0, self.rated_users.size, self.batch_size):
                 stop = start + self.batch_size
-                scores = model.score_all(model.user_embedding(self.rated_histories[start:stop]))
+                users = torch.from_numpy(self.rated_users[start:stop])
+                scores = model.score_users(self.rated_histories[start:stop], users)
                 m = (self.rated_rows >= start) & (self.rated_rows < stop)
                 logits[m] = scores[torch.from_numpy(self.rated_rows[m] - start),
                                    torch.from_numpy(self.rated_items[m])].double().numpy()
@@ -514,23 +522,21 @@ class Evaluator:
         return out
 
     @torch.no_grad()
-    def evaluate_model(self, model: torch.nn.Module) -> dict[str, float]:
+    def evaluate_model(self, model: FederatedModel) -> dict[str, float]:
         model.eval()
         families = [FAMILIES[m] for m in self.metrics if m in FAMILIES
                     and FAMILIES[m].applies(model)]
         self._ctx = EvalContext(model, self.ks, self.dataset.num_items)
-        with torch_threads(self.num_threads):
-            if any(f.name == "index" for f in families):
+        if any(f.name == "index" for f in families):
+            with torch_threads(self.num_threads):
                 self._ctx.retriever = model.build_retriever()  # type: ignore[operator]
-            items = model.item_embeddings().detach()  # (I, D), once per evaluation
-            bias = model.item_bias_vector().detach()  # (I,)
 
         def score(block: EvalBlock, buf: torch.Tensor, cmp: torch.Tensor) -> dict[str, np.ndarray]:
-            n = block.held.num_users
-            user = model.user_embedding(block.histories)  # (B, D)
-            scores = torch.matmul(user, items.T, out=buf[:n])  # (B, I)
-            scores.add_(bias)  # = model.score_all(user), into a reused buffer
-            return self._scored(ScoredBlock(block, user, scores, cmp), families)
+            users = torch.from_numpy(self.users[block.rows])
+            scores = model.score_users(block.histories, users)  # (B, I), ours to overwrite
+            if scores.dtype != torch.float32 or not scores.is_contiguous():
+                scores = scores.float().contiguous()
+            return self._scored(ScoredBlock(block, None, scores, cmp), families)
 
         row = self.summarise(self._map_blocks(score))
         if "rated" in self.metrics:
@@ -550,7 +556,7 @@ class Evaluator:
             n = block.held.num_users
             scores = buf[:n]
             scores.copy_(pop.unsqueeze(0).expand(n, -1))  # (B, I)
-            return self._scored(ScoredBlock(block, torch.empty(0), scores, cmp), [])
+            return self._scored(ScoredBlock(block, None, scores, cmp), [])
 
         per_user = self._map_blocks(score)
         return {f"popularity/{k}": float(np.nanmean(v)) for k, v in per_user.items()}

@@ -7,10 +7,10 @@ over a (B, I) block. Per block, in this order and on the same buffer:
 2. the scores of each user's retrievable held-out items (its *positives*) are gathered;
 3. the training items are set to -inf in place and one exact top-k (:func:`top_ids`)
    gives recall/NDCG;
-4. training and held-out items are set to NaN in place (NaN compares false), and each
-   positive is compared with its row: AUC = (below + below-or-equal) / 2 / pairs, i.e.
-   the positive's rank among the negatives with ties counted 1/2. No second copy and no
-   sort of the catalogue.
+4. training and held-out items are set to +inf in place, and each positive is compared
+   with its row in one sign pass (see :func:`_auc`): AUC = the positive's rank among the
+   negatives with ties counted 1/2, over the pairs. No second copy and no sort of the
+   catalogue.
 
 The per-block index structures (:class:`HeldOut`: flat keys of excluded and held-out
 items, packed positive slots, counts) depend only on the data, so an evaluator builds
@@ -55,17 +55,25 @@ def _sort_keys(values: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return (ordered.astype(np.int64) << 32) + (_LOW - ids.astype(np.int64, copy=False))
 
 
-def best_of(values: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
-    """(B, N) candidate scores and ids -> (B, k) ids, best first (ties: lower id)."""
+_NEG_INF_KEY = int(_sort_keys(np.array([-np.inf], dtype=np.float32), np.zeros(1))[0] >> 32)
+
+
+def best_of(values: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B, N) candidate scores and ids -> (B, k') ids, best first (ties: lower id),
+    k' = min(k, N), and (B,) whether a row's best k' + 1 hold two equal finite scores
+    (where another tie rule could pick or order differently)."""
     keys = _sort_keys(values, ids)  # (B, N)
     n = keys.shape[1]
-    if k < n:
-        keys = np.partition(keys, n - k, axis=1)[:, n - k :]
+    m = min(k + 1, n)
+    if m < n:
+        keys = np.partition(keys, n - m, axis=1)[:, n - m :]
     keys = np.sort(keys, axis=1)[:, ::-1]  # best first; keys are unique: no tie is left
-    return _LOW - (keys & _LOW)
+    value = keys >> 32  # the score's order-preserving integer
+    tied = ((value[:, 1:] == value[:, :-1]) & (value[:, 1:] != _NEG_INF_KEY)).any(1)
+    return _LOW - (keys[:, :k] & _LOW), tied
 
 
-def top_ids(scores: torch.Tensor, k: int) -> np.ndarray:
+def top_ids(scores: torch.Tensor, k: int, torch_ties: bool = False) -> np.ndarray:
     """(B, I) float32 scores -> (B, k) int64 item ids of each row's k best, best first.
 
     Exact, with ties ranked by lower item id (= the first k of a stable descending
@@ -73,12 +81,17 @@ def top_ids(scores: torch.Tensor, k: int) -> np.ndarray:
     least the k-th largest chunk maximum (k chunks hold k items at least that large),
     so only those chunks are ranked. Rows where ties select many chunks, and small
     catalogues, rank the whole row.
+
+    ``torch_ties``: rows whose best k + 1 hold equal finite scores are ranked by
+    ``torch.topk`` instead (its heap decides among the tied items), so the lists equal
+    rf2's evaluation before this function existed, ties included.
     """
     num_users, num_items = scores.shape
     k = min(k, num_items)
     chunks = num_items // CHUNK
     if chunks < 4 * k:
-        return best_of(scores.numpy(), np.arange(num_items)[None, :], k)
+        return _with_ties(scores, *best_of(scores.numpy(), np.arange(num_items)[None, :], k),
+                          k, torch_ties)
     full = scores.as_strided((num_users, chunks, CHUNK), (scores.stride(0), CHUNK, 1))
     cmax = full.amax(2)  # (B, C) each chunk's maximum
     if chunks * CHUNK < num_items:  # the short last chunk
@@ -86,11 +99,13 @@ def top_ids(scores: torch.Tensor, k: int) -> np.ndarray:
     cm = cmax.numpy()
     n_chunks = cm.shape[1]
     if np.isnan(cm).any():  # NaN scores: no threshold to trust
-        return best_of(scores.numpy(), np.arange(num_items)[None, :], k)
+        return _with_ties(scores, *best_of(scores.numpy(), np.arange(num_items)[None, :], k),
+                          k, torch_ties)
     kth = np.partition(cm, n_chunks - k, axis=1)[:, n_chunks - k : n_chunks - k + 1]
     width = int((cm >= kth).sum(1).max())  # chunks at or above the threshold (>= k)
     if width * CHUNK * 2 > num_items:  # heavy ties: ranking whole rows is cheaper
-        return best_of(scores.numpy(), np.arange(num_items)[None, :], k)
+        return _with_ties(scores, *best_of(scores.numpy(), np.arange(num_items)[None, :], k),
+                          k, torch_ties)
     # The `width` largest chunk maxima of each row: every chunk at or above its
     # threshold, plus (in rows with fewer) some below it, which changes nothing.
     sel = np.argpartition(cm, n_chunks - width, axis=1)[:, n_chunks - width :]  # (B, W)
@@ -100,7 +115,16 @@ def top_ids(scores: torch.Tensor, k: int) -> np.ndarray:
     if not inside.all():
         vals = np.where(inside, vals, np.float32("-inf"))
         ids = np.where(inside, ids, _LOW)  # ranks below every real item of equal score
-    return best_of(vals, ids, k)
+    return _with_ties(scores, *best_of(vals, ids, k), k, torch_ties)
+
+
+def _with_ties(scores: torch.Tensor, best: np.ndarray, tied: np.ndarray, k: int,
+               torch_ties: bool) -> np.ndarray:
+    """``best``, with the tied rows re-ranked by ``torch.topk`` when asked."""
+    if torch_ties and tied.any():
+        rows = torch.from_numpy(np.flatnonzero(tied))
+        best[tied] = torch.topk(scores[rows], k, dim=1, sorted=True).indices.numpy()
+    return best
 
 
 def sorted_unique(keys: np.ndarray) -> np.ndarray:
@@ -162,7 +186,7 @@ class HeldOut:
     num_users: int
     num_items: int
     ex_keys: torch.Tensor  # (E,) int64 flat keys of excluded items (-inf before top-k)
-    seen_keys: torch.Tensor  # (S,) int64 flat keys of excluded | held-out (NaN before AUC)
+    seen_keys: torch.Tensor  # (S,) int64 flat keys of excluded | held-out (+inf before AUC)
     pos_keys: np.ndarray  # (P,) int64 sorted flat keys of retrievable held-out items
     pos_rows: torch.Tensor  # (P,) row of each positive
     pos_slots: torch.Tensor  # (P,) its slot among its row's positives
@@ -256,7 +280,7 @@ def rank_block(
     best = None
     if topk:
         flat[held.ex_keys] = float("-inf")
-        best = top_ids(scores, min(max(ks), num_items))  # (B, K)
+        best = top_ids(scores, min(max(ks), num_items), torch_ties=True)  # (B, K)
         out.update(topk_list_metrics(best, held, ks))
     ranking = BlockRanking(out, best, packed)
     if auc and not defer_auc:
@@ -297,23 +321,23 @@ def _auc(scores: torch.Tensor, packed: torch.Tensor, held: HeldOut,
          cmp_buffer: torch.Tensor | None) -> np.ndarray:
     """Per-user AUC: share of (positive, negative) pairs with the positive above, ties 1/2.
 
-    Excluded and held-out items become NaN, so each comparison pass counts negatives only.
-    Pass j compares positive j of each row with its whole row, only for the rows (a
-    contiguous suffix) that have a j-th positive. Comparing into a float buffer and
-    summing is ~3x faster on CPU than reducing a bool tensor (which first copies to
-    int64); the float32 counts are exact below 2**24 items.
+    Twice a positive p's wins over a negative s is sign(p - s) + 1 (2 below, 1 tied, 0
+    above), so one subtraction, one sign and one sum per positive and row count them all:
+    excluded and held-out items are set to +inf first, each contributing exactly -1,
+    which gives 2 * wins = sum over all items of sign(p - s) + I. Pass j handles positive
+    j of each row, only for the rows (a contiguous suffix) that have a j-th positive.
+    The float32 sums are exact integers below 2**24 items.
     """
     num_users, num_items = scores.shape
-    scores.view(-1)[held.seen_keys] = float("nan")  # never compares
+    scores.view(-1)[held.seen_keys] = float("inf")  # sign(p - inf) = -1, accounted for
     buf = cmp_buffer if cmp_buffer is not None else torch.empty_like(scores)
     acc = torch.zeros(num_users, dtype=torch.float64)
     for j, start in enumerate(held.col_start.tolist()):
         block = scores[start:]
         out = buf[: num_users - start].view(num_users - start, num_items)
-        p = packed[start:, j : j + 1]  # (C, 1)
-        acc[start:] += torch.lt(block, p, out=out).sum(1)
-        acc[start:] += torch.le(block, p, out=out).sum(1)
-    wins = 0.5 * acc.numpy()
+        torch.sub(packed[start:, j : j + 1], block, out=out).sign_()  # (C, I)
+        acc[start:] += out.sum(1)
+    wins = 0.5 * (acc.numpy() + held.n_pos * num_items)
     pairs = (held.n_pos * held.n_neg).astype(np.float64)
     return np.where(pairs > 0, wins / np.maximum(pairs, 1), np.nan)
 

@@ -4,6 +4,9 @@
   Sparse replies (``rf2.optim.sparse``): the FedAvg family gets the weighted mean
   computed from the rows (one merged reply, as below); q-FFL and strategies rf2 does not
   know get every reply densified.
+* Partial sums (``rf2.fl.partial_sum``: only asked for when :meth:`Aggregator.accepts_sums`):
+  the weighted mean combines each message's sum_k n_k Δ_k and the single replies exactly
+  (``sparse.mean_with_sums``) and goes to the strategy as one merged reply.
 * HeteroFL (some tier trains a narrower slice) and per-row embedding averaging: rf2
   computes the mean itself (``rf2.optim``) and hands it to the strategy through
   ``rf2.strategies.merge.aggregate_precomputed``, so server optimizers and q-FFL apply.
@@ -32,6 +35,11 @@ class Aggregator:
         self.tiers = tiers
         self.num_items = num_items
 
+    def accepts_sums(self) -> bool:
+        """True when this run's aggregate is a function of the weighted mean of client
+        deltas with no per-client transform on the server: clients may sum."""
+        return self._takes_a_mean() and not self.tiers.custom_aggregation
+
     def _takes_a_mean(self) -> bool:
         """True for rf2's and Flower's FedAvg-family strategies: their aggregate is a
         function of the weighted mean alone, so one merged reply may stand for all."""
@@ -57,6 +65,8 @@ class Aggregator:
                ) -> tuple[Any, Any]:
         replies = [r.message for r in usable]
         weights = [float(m.content["metrics"]["num-examples"]) for m in replies]
+        if any(r.partial is not None for r in usable):
+            return self._with_sums(rnd, g, usable)
         any_sparse = any(sparse.is_sparse(r.arrays) for r in usable)
         if not self.tiers.custom_aggregation and not any_sparse:
             return self.strategy.aggregate_train(rnd, replies)
@@ -87,3 +97,22 @@ class Aggregator:
             mean=lambda: aggregate_rows(g, clients, touched, weights),
             padded=lambda: [mask_untouched(g, c, t) for c, t in zip(clients, touched, strict=True)],
         )
+
+    def _with_sums(self, rnd: int, g: dict[str, np.ndarray], usable: list[UsableReply]
+                   ) -> tuple[Any, Any]:
+        if not self.accepts_sums():
+            raise RuntimeError("partial sums arrived for a rule that needs each client's update")
+        sums = {id(r.partial): r.partial for r in usable if r.partial is not None}
+        single = [r for r in usable if r.partial is None]
+        updates = [sparse.decode(r.arrays) for r in single]
+        weights = [float(r.message.content["metrics"]["num-examples"]) for r in single]
+        replies = [r.message for r in usable]
+
+        def padded() -> list[dict[str, np.ndarray]]:
+            raise RuntimeError("a mean-only strategy asked for each client's arrays")
+
+        return aggregate_precomputed(
+            self.strategy, rnd, replies,
+            mean=lambda: sparse.mean_with_sums(
+                g, updates, weights, [(p.update, p.weight) for p in sums.values()]),
+            padded=padded)

@@ -35,10 +35,19 @@ from rf2.fl.params import (
     state_to_numpy,
     use_fast_arrays,
 )
-from rf2.fl.user_batch import pack_results, user_configs
+from rf2.fl.partial_sum import SumBuilder, finite, reply_bytes, summable
+from rf2.fl.user_batch import pack_results, pack_sum, user_configs
 from rf2.hetero.faults import apply_injected_fault
 from rf2.model import FederatedModel, build_model
-from rf2.model.cohort import ClientJob, ClientUpdate, NotVectorisable, train_cohort
+from rf2.model.cohort import (
+    ClientJob,
+    ClientSummary,
+    ClientUpdate,
+    NotVectorisable,
+    one_full_batch_step,
+    summed_step,
+    train_cohort,
+)
 from rf2.model.examples import user_examples
 from rf2.model.local_training import LocalTrainingResult, train_locally
 from rf2.optim.compression import compress_update
@@ -124,45 +133,75 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
 
     Vectorised (``spec.vectorise``): the batch's users of equal width and settings train
     as one cohort; otherwise one after the other. Either way each user has its own seed,
-    loss and reply, and a user whose training raises gets an error entry while the others
-    still reply.
+    loss and metrics, and a user whose training raises gets an error entry while the
+    others still reply. Users the server lets sum (``rf2.fl.partial_sum``) reply one
+    sum of their deltas; the others reply their own arrays.
     """
     use_fast_arrays(spec.fast_transport)  # this worker's codec (Ray workers are processes)
     state = worker_state(spec)
     received = record_to_numpy(msg.content["arrays"])  # the global model, decoded once
     configs = user_configs(msg)
+    builder = SumBuilder(received, state.model.row_tables()) if any(
+        summable(c) for c in configs) else None
     trained: list[_Trained | BaseException | None] = [None] * len(configs)
     if spec.vectorise:
         for group in _cohorts(configs):
-            for i, out in zip(group, _train_cohort(state, received, [configs[i] for i in group]),
-                              strict=True):
+            members = [configs[i] for i in group]
+            outs = None
+            if builder is not None and all(summable(c) for c in members):
+                outs = _sum_cohort(state, received, members, builder, group)
+            if outs is None:
+                outs = _train_cohort(state, received, members)
+            for i, out in zip(group, outs, strict=True):
                 trained[i] = out
     results: list[dict[str, Any] | BaseException] = []
     started = time.monotonic()
     for i, config in enumerate(configs):
+        done = trained[i]
+        if isinstance(done, _Trained) and done.summary is not None:
+            # Already in the sum: only its metrics are left to reply.
+            results.append({"metrics": _metrics(done, reply_bytes(
+                received, done.summary.rows, spec.sparse_updates))})
+            continue
         # Each user's own part (its training when not in a cohort, compression, reply)
         # has its own deadline: a hanging user times out alone, the batch goes on.
         timeout = user_timeout(config, time.monotonic() - started)
+        into_sum = builder if summable(config) else None
         try:
-            results.append(call_with_deadline(
-                lambda s=state, c=config, d=trained[i]: _user_reply(s, received, c, d,
-                                                                    spec.sparse_updates),
-                timeout))
+            records, contribution = call_with_deadline(
+                lambda s=state, c=config, d=done, b=into_sum: _user_reply(
+                    s, received, c, d, spec.sparse_updates, b is not None),
+                timeout)
         except DeadlineExceeded as ex:
             results.append(ex)
             state = retire_worker_model(spec)  # the late call may still write the old one
+            continue
         except Exception as ex:  # noqa: BLE001 - reported per user, as Flower reports a client
             results.append(ex)
-    return Message(content=pack_results(results), reply_to=msg)
+            continue
+        if into_sum is not None and contribution is not None:
+            contribution(into_sum, i)  # added here: a late, abandoned call never writes it
+        results.append(records)
+    content = pack_results(results)
+    if builder is not None and builder.positions:
+        pack_sum(content, builder.arrays(), builder.positions, builder.weight)
+    return Message(content=content, reply_to=msg)
 
 
 def _user_reply(state: _WorkerState, received: dict[str, np.ndarray], config: dict[str, Any],
-                done: _Trained | BaseException | None, sparse: bool) -> dict[str, Any]:
+                done: _Trained | BaseException | None, sparse: bool, into_sum: bool
+                ) -> tuple[dict[str, Any], Any]:
+    """A user's reply records, and (``into_sum``, update finite) the function that adds
+    its update to the message's sum, its records then being its metrics alone."""
     if isinstance(done, BaseException):
         raise done
     if done is None:
         done = _train_one(state, received, config)
-    return _reply(config, done, sparse)
+    if into_sum:
+        add = done.sum_contribution()
+        if add is not None:
+            return {"metrics": _metrics(done, num_bytes(done.reply_arrays(sparse)))}, add
+    return _reply(config, done, sparse), None
 
 
 def user_timeout(config: dict[str, Any], elapsed_s: float) -> float | None:
@@ -197,6 +236,21 @@ class _Trained:
     row_tables: tuple[str, ...]  # the model's row tables (FederatedModel.row_tables)
     arrays: dict[str, np.ndarray] | None = None  # per-user path: the whole trained model
     update: ClientUpdate | None = None  # cohort path: its rows and values
+    summary: ClientSummary | None = None  # summed step: already in its message's sum
+
+    def sum_contribution(self) -> Any:  # noqa: ANN401 - Callable[[SumBuilder, int], None]
+        """A function adding n_k Δ_k to a message's sum; None when the update is not
+        finite (the user then replies alone, and the server's screen counts it)."""
+        weight = float(self.result.num_examples)
+        if self.update is not None:
+            update = self.update
+            if not update.values or not finite(update.values.values()):
+                return None
+            return lambda b, i: b.add_user(i, weight, update.rows, update.values)
+        arrays = self.arrays
+        if arrays is None or not finite(arrays.values()):
+            return None
+        return lambda b, i: b.add_full(i, weight, arrays)
 
     def reply_arrays(self, sparse: bool) -> dict[str, np.ndarray]:
         """Changed rows only (``rf2.optim.sparse``) or the whole model."""
@@ -210,10 +264,14 @@ class _Trained:
         return self.arrays
 
 
-def _user_seed(config: dict[str, Any]) -> int:
+def training_seed(run_seed: int, user: int, server_round: int) -> int:
     """(run seed, user, round) -> the user's training seed (negatives, batch order)."""
-    user, server_round = int(config["partition-id"]), int(config["server-round"])
-    return int(config.get("seed", 0)) * 1_000_003 + user * 7919 + server_round
+    return run_seed * 1_000_003 + user * 7919 + server_round
+
+
+def _user_seed(config: dict[str, Any]) -> int:
+    return training_seed(int(config.get("seed", 0)), int(config["partition-id"]),
+                         int(config["server-round"]))
 
 
 def _width(config: dict[str, Any]) -> float:
@@ -294,6 +352,38 @@ def _train_cohort(state: _WorkerState, received: dict[str, np.ndarray],
     ]
 
 
+def _sum_cohort(state: _WorkerState, received: dict[str, np.ndarray],
+                configs: list[dict[str, Any]], builder: SumBuilder, positions: list[int]
+                ) -> list[_Trained | BaseException | None] | None:
+    """One full-batch step of ``configs``' users as one summed gradient, added to
+    ``builder``; None when the recipe is not one full-batch step, the model is not
+    vectorisable or the sum is not finite (then the per-client path runs instead)."""
+    first = configs[0]
+    try:
+        model = state.model
+        _set_progress(model, first)
+        examples = [user_examples(state.dataset, int(c["partition-id"])) for c in configs]
+        jobs = [ClientJob(h, t, _user_seed(c)) for (h, t), c in zip(examples, configs, strict=True)]
+        if (any(len(j.targets) == 0 for j in jobs)
+                or not one_full_batch_step(jobs, int(first["local-epochs"]), int(first["batch-size"]))):
+            return None
+        summed, summaries = summed_step(model, received, jobs, lr=float(first["lr"]))
+    except NotVectorisable:
+        return None  # _train_cohort says why and leaves it to the per-user path
+    except Exception as ex:  # noqa: BLE001 - reported per user, as Flower reports a client
+        return [ex] * len(configs)
+    if not finite(summed.deltas.values()):
+        return None
+    builder.add_sum(summed, positions)
+    tables = tuple(model.row_tables())
+    return [
+        _Trained(int(c["partition-id"]), received,
+                 LocalTrainingResult(s.num_examples, s.loss_before, s.loss_after), h, t, tables,
+                 summary=s)
+        for c, s, (h, t) in zip(configs, summaries, examples, strict=True)
+    ]
+
+
 def _train_one(state: _WorkerState, received: dict[str, np.ndarray], config: dict[str, Any]
                ) -> _Trained:
     """One user's local training from the global model (the per-user reference path)."""
@@ -320,7 +410,7 @@ def _train_one(state: _WorkerState, received: dict[str, np.ndarray], config: dic
 def _reply(config: dict[str, Any], done: _Trained, sparse: bool) -> dict[str, Any]:
     """A trained user's reply records: compression, injected faults, metrics."""
     user, server_round = done.user, int(config["server-round"])
-    received, result = done.received, done.result
+    received = done.received
     arrays = done.reply_arrays(sparse)
     bytes_up = num_bytes(arrays)
     prune, bits = config.get("prune-rate"), config.get("quant-bits")
@@ -339,21 +429,24 @@ def _reply(config: dict[str, Any], done: _Trained, sparse: bool) -> dict[str, An
         arrays = {k: ids[k] if k in ids else (base[k] + delta_hat[k]).astype(arrays[k].dtype)
                   for k in arrays}
     arrays = apply_injected_fault(config, arrays)
-    metrics = MetricRecord(
-        {
-            "num-examples": result.num_examples,
-            "train_loss": result.loss_before,
-            "loss_after": result.loss_after,
-            "partition-id": user,
-            "bytes-up": int(bytes_up),
-        }
-    )
-    records: dict[str, Any] = {"arrays": numpy_to_record(arrays), "metrics": metrics}
+    records: dict[str, Any] = {"arrays": numpy_to_record(arrays),
+                               "metrics": _metrics(done, bytes_up)}
     if config.get("report-touched", False):
         # Per-row embedding averaging needs the rows this client's data touched.
         touched = touched_items(done.histories, done.targets)
         records["rf2"] = ConfigRecord({"touched-items": [int(i) for i in touched]})
     return records
+
+
+def _metrics(done: _Trained, bytes_up: int) -> MetricRecord:
+    """The per-user figures the server logs (``bytes-up``: what this client sends)."""
+    return MetricRecord({
+        "num-examples": done.result.num_examples,
+        "train_loss": done.result.loss_before,
+        "loss_after": done.result.loss_after,
+        "partition-id": done.user,
+        "bytes-up": int(bytes_up),
+    })
 
 
 def _reference_values(received: dict[str, np.ndarray], arrays: dict[str, np.ndarray]

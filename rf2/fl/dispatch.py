@@ -32,8 +32,11 @@ class Exchange:
 
 class TrainDispatcher:
     def __init__(self, cfg: RunConfig, strategy: Strategy, tiers: TierSettings,
-                 users_per_message: int) -> None:
+                 users_per_message: int, partial_sums: bool = False) -> None:
+        """``partial_sums``: clients may reply one sum per message for the users without
+        a per-client transform (``rf2.fl.partial_sum``)."""
         self.cfg = cfg
+        self.partial_sums = partial_sums
         self.strategy = strategy
         self.tiers = tiers
         self.users_per_message = users_per_message  # users batched in one message
@@ -54,6 +57,7 @@ class TrainDispatcher:
                 # Deadlines per user inside a batch (rf2.fl.deadline); -1 = none.
                 "round-timeout-s": float(self.cfg.simulation.round_timeout_s),
                 "client-timeout-s": float(self.cfg.simulation.client_timeout_s or -1.0),
+                "partial-sum": bool(self.partial_sums),
             }
         )
         messages = self.strategy.configure_train(

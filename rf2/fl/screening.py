@@ -17,6 +17,7 @@ from flwr.app import Message
 
 from rf2.fl.params import record_to_numpy
 from rf2.fl.tier_settings import TierSettings
+from rf2.fl.user_batch import SUM, SUM_META
 from rf2.hetero.faults import FAULT_REASONS, screen_reply
 from rf2.optim import sparse
 
@@ -24,13 +25,25 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class PartialSum:
+    """One message's sum_k n_k Δ_k over its summed users (``rf2.fl.partial_sum``),
+    decoded once: row tables as (rows, summed deltas), the rest whole."""
+
+    update: sparse.SparseUpdate
+    weight: float
+
+
+@dataclass(frozen=True)
 class UsableReply:
     """A client reply that passed screening, with its arrays decoded once (a sparse
-    reply's ``<name>.rows``/``<name>.values`` as they came: ``rf2.optim.sparse``)."""
+    reply's ``<name>.rows``/``<name>.values`` as they came: ``rf2.optim.sparse``).
+    A summed user has no arrays of its own: ``partial`` is its message's sum (the same
+    object for every user of that sum)."""
 
     user: int
     message: Message
     arrays: dict[str, np.ndarray]
+    partial: PartialSum | None = None
 
 
 @dataclass(frozen=True)
@@ -60,12 +73,24 @@ class ReplyScreen:
         faults: Counter[str] = Counter()
         faults["timeout"] += len(missing)
         usable = []
+        # A sum is screened once (its users arrive as separate replies holding it).
+        sums: dict[int, tuple[PartialSum | None, str | None]] = {}
         for user, reply in sorted(replies, key=lambda p: p[0]):
             if reply.has_error():
                 late = "DeadlineExceeded" in (reply.error.reason or "")
                 faults["timeout" if late else "client_error"] += 1
                 log.warning("client %d failed in round %s: %s", user,
                             reply.metadata.group_id or "?", reply.error.reason)
+                continue
+            if SUM in reply.content:
+                key = id(reply.content[SUM])
+                if key not in sums:
+                    sums[key] = _screen_sum(reply, global_arrays)
+                partial, reason = sums[key]
+                if partial is None:
+                    faults[reason or "wrong_shape"] += 1
+                    continue
+                usable.append(UsableReply(user, reply, {}, partial))
                 continue
             reference = self.tiers.reference_arrays(user, global_arrays)
             arrays = record_to_numpy(reply.content["arrays"])
@@ -76,3 +101,15 @@ class ReplyScreen:
                 continue
             usable.append(UsableReply(user, reply, arrays))
         return Screened(usable, faults)
+
+
+def _screen_sum(reply: Message, global_arrays: dict[str, np.ndarray]
+                ) -> tuple[PartialSum | None, str | None]:
+    """A message's partial sum decoded, or None and the fault of all its users (shapes
+    against w_t; NaN/Inf anywhere)."""
+    arrays = record_to_numpy(reply.content[SUM])
+    reason = sparse.screen(arrays, global_arrays)
+    if reason is not None:
+        return None, reason
+    weight = float(reply.content[SUM_META]["weight"])
+    return PartialSum(sparse.decode(arrays), weight), None

@@ -30,6 +30,7 @@ from rf2.fl.aggregation import Aggregator
 from rf2.fl.buffered import BufferedRounds
 from rf2.fl.checkpointing import Checkpointer, ServerState
 from rf2.fl.dispatch import TrainDispatcher
+from rf2.fl.download import DownloadSizes
 from rf2.fl.interrupt import STOP, RunInterrupted, register_server_thread, stop_requested
 from rf2.fl.params import load_numpy_into
 from rf2.fl.participation import Participation
@@ -69,10 +70,6 @@ class FederatedServer:
         population = setup.tiers.population
         if state.participation is None:
             state.participation = Participation(int(population.tier_of_user.size))
-        self.dispatcher = TrainDispatcher(cfg, setup.strategy, setup.tiers,
-                                          setup.users_per_message)
-        self.screen = ReplyScreen(setup.tiers)
-        self.traffic = TrafficMeter(setup.tiers, setup.num_examples)
         self.aggregator = Aggregator(setup.strategy, setup.tiers,
                                      int(setup.evaluator.dataset.num_items))
         self.buffered: BufferedRounds | None = None
@@ -86,6 +83,17 @@ class FederatedServer:
             self.private = PrivateAggregator(setup.privacy, setup.strategy, cfg.seed)
             if state.privacy is not None:
                 self.private.load_state_dict(state.privacy)
+        # Partial sums only where the aggregate is a plain weighted mean of deltas (DP
+        # clips each client's update: it needs them one by one).
+        self.dispatcher = TrainDispatcher(
+            cfg, setup.strategy, setup.tiers, setup.users_per_message,
+            partial_sums=(cfg.simulation.partial_aggregation and self.private is None
+                          and self.aggregator.accepts_sums()))
+        self.screen = ReplyScreen(setup.tiers)
+        self.traffic = TrafficMeter(setup.tiers, setup.num_examples)
+        self.downloads = DownloadSizes(setup.model, setup.evaluator.dataset, setup.tiers,
+                                       cfg.seed, cfg.num_rounds, cfg.simulation.sparse_updates)
+        self._bytes_down: dict[int, float] = {}  # this round's download per selected user
         self.checkpointer = Checkpointer(setup.folder, setup.strategy, cfg.checkpoint_every,
                                          cfg.num_rounds)
         self.progress = ProgressPrinter(enabled=cfg.progress, total_rounds=cfg.num_rounds)
@@ -222,7 +230,7 @@ class FederatedServer:
             tiered = len(population.tier_names) > 1  # one tier would repeat the overall
             row.update(participation.row(population.tier_of_user if tiered else None,
                                          population.tier_names))
-        row.update(self.traffic.row(usable))
+        row.update(self.traffic.row(usable, self._bytes_down))
 
         if len(usable) >= cfg.round.min_completed:
             if self.private is not None:
@@ -267,7 +275,10 @@ class FederatedServer:
         # same mechanism: select ceil((1 + x) K), keep the K that finish first.
         n_select = num_to_select(k, cfg.round.overcommit + cfg.optimization.overselect)
         selected, offline = self.state.selector.select(n_select, clock.online_fn(rnd, cfg.round))
-        bytes_down, bytes_up = self.setup.tiers.expected_bytes(selected)
+        _, bytes_up = self.setup.tiers.expected_bytes(selected)
+        bytes_down = self.downloads.for_users(selected, rnd)
+        self._bytes_down = dict(zip(np.asarray(selected).tolist(), bytes_down.tolist(),
+                                    strict=True))
         plan = clock.plan_round(rnd, selected, self.setup.num_examples[selected], cfg.round, k=k,
                                 bytes_down=bytes_down, bytes_up=bytes_up)
         clock.advance(plan)

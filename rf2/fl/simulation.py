@@ -179,11 +179,16 @@ def users_per_message(sim: SimulationConfig, clients_per_round: int) -> int:
     elif sim.ray_address:
         fewest, most = 1, CLUSTER_MESSAGES_PER_ROUND
     else:
-        workers = max(1, int((os.cpu_count() or 1) // sim.num_cpus_per_client))
+        workers = local_ray_workers(sim)
         fewest, most = workers, 4 * workers
     wanted = -(-clients_per_round // MIN_USERS_PER_MESSAGE)
     messages = min(most, max(fewest, wanted))
     return max(1, -(-clients_per_round // messages))
+
+
+def local_ray_workers(sim: SimulationConfig) -> int:
+    """Client workers (actors) a local Ray runs: the CPUs / CPUs per client."""
+    return max(1, int((os.cpu_count() or 1) // sim.num_cpus_per_client))
 
 
 def launch(
@@ -255,8 +260,20 @@ def _launch_ray(
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         server_main(grid if pushed is None else PromptGrid(grid, pushed), context)
+        print("[rf2] stopping Ray", flush=True)  # Flower shuts it down after this returns
 
+    # Ray's start and shutdown take seconds to tens of seconds and print nothing: say so.
+    if sim.ray_address:
+        print(f"[rf2] joining the Ray cluster at {sim.ray_address}", flush=True)
+    else:
+        print(f"[rf2] starting Ray: {local_ray_workers(sim)} workers "
+              f"({os.cpu_count() or 1} CPUs, {sim.num_cpus_per_client:g} per client worker)",
+              flush=True)
     _init_ray(ray, sim)
+    if sim.ray_address:
+        cpus = float(ray.cluster_resources().get("CPU", 0))
+        print(f"[rf2] Ray cluster: {int(cpus // sim.num_cpus_per_client)} workers "
+              f"({cpus:g} CPUs)", flush=True)
     backend_config = {
         "client_resources": {
             "num_cpus": sim.num_cpus_per_client,

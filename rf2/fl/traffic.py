@@ -1,10 +1,14 @@
 """Traffic accounting: per tier, who trained, on how many examples, and the bytes moved.
 
-Counts only the usable replies (those aggregated): bytes down are the tier's model size
-(its HeteroFL slice), bytes up what the client reports after pruning / quantization.
+Counts only the usable replies (those aggregated): bytes down what the client had to
+receive (``rf2.fl.download``: the rows its loss reads when replies are sparse, else the
+whole model at its tier's HeteroFL width), bytes up what the client reports after
+pruning / quantization (a summed user: the reply it would have sent alone).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -17,9 +21,11 @@ class TrafficMeter:
         self.tiers = tiers
         self.num_examples = num_examples  # (num_users,) local training examples per user
 
-    def row(self, usable: list[UsableReply]) -> dict[str, float]:
+    def row(self, usable: list[UsableReply], bytes_down: Mapping[int, float] | None = None
+            ) -> dict[str, float]:
         """``tier/<t>/{trained,examples,examples_share,bytes_down,bytes_up}`` and the
-        round's total ``bytes_down`` / ``bytes_up``."""
+        round's total ``bytes_down`` / ``bytes_up``. ``bytes_down``: each user's download
+        this round (``rf2.fl.download``); absent users: their tier's model size."""
         names = self.tiers.population.tier_names
         out: dict[str, float] = {}
         for name in names:
@@ -30,7 +36,8 @@ class TrafficMeter:
             t = names[tier]
             out[f"tier/{t}/trained"] += 1
             out[f"tier/{t}/examples"] += int(self.num_examples[r.user])
-            out[f"tier/{t}/bytes_down"] += int(self.tiers.bytes_down[tier])
+            down = bytes_down.get(r.user) if bytes_down is not None else None
+            out[f"tier/{t}/bytes_down"] += int(self.tiers.bytes_down[tier] if down is None else down)
             out[f"tier/{t}/bytes_up"] += int(r.message.content["metrics"]["bytes-up"])
         total = sum(out[f"tier/{n}/examples"] for n in names) or 1
         for name in names:

@@ -16,6 +16,9 @@ user's own settings (tier width, compression, injected faults), and ``num-users`
 Reply (client -> server): per user ``i``, either ``arrays/<i>`` + ``metrics/<i>``
 (+ ``rf2/<i>``) or ``error/<i>`` with the exception's reason. A client that raises
 outside a user's training (or a whole batch that times out) fails all its users.
+Users in the message's partial sum (``rf2.fl.partial_sum``) reply ``metrics/<i>`` only;
+the sum travels once as ``sum/arrays`` with ``sum/users`` (their positions, the weight
+sum), and each of their unpacked replies carries it as ``sum`` / ``sum-users``.
 """
 
 from __future__ import annotations
@@ -27,9 +30,13 @@ from typing import Any
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
+from rf2.fl.params import numpy_to_record
+
 USER_KEY = "user/{}"
 REPLY_KEYS = ("arrays", "metrics", "rf2")
 ERROR_KEY = "error/{}"
+SUM_ARRAYS, SUM_USERS = "sum/arrays", "sum/users"  # in a batch reply
+SUM, SUM_META = "sum", "sum-users"  # in each summed user's unpacked reply
 
 
 def batch_instruction(
@@ -75,6 +82,14 @@ def pack_results(results: Sequence[dict[str, Any] | BaseException]) -> RecordDic
     return RecordDict(records)
 
 
+def pack_sum(content: RecordDict, arrays: Mapping[str, Any], positions: Sequence[int],
+             weight: float) -> None:
+    """Client side: add a partial sum of the users at ``positions`` to a batch reply."""
+    content[SUM_ARRAYS] = numpy_to_record(dict(arrays))
+    content[SUM_USERS] = ConfigRecord({"positions": [int(p) for p in positions],
+                                       "weight": float(weight)})
+
+
 def unpack_reply(reply: Message, num_users: int) -> list[Message]:
     """Server side: one reply Message per user of the batch, in batch order.
 
@@ -85,9 +100,15 @@ def unpack_reply(reply: Message, num_users: int) -> list[Message]:
         return [Message(error=reply.error, metadata=copy.copy(reply.metadata))
                 for _ in range(num_users)]
     content = reply.content
+    summed = set(content[SUM_USERS]["positions"]) if SUM_USERS in content else set()
     out = []
     for i in range(num_users):
         error_key = ERROR_KEY.format(i)
+        if i in summed and f"metrics/{i}" in content:
+            records = {"metrics": content[f"metrics/{i}"], SUM: content[SUM_ARRAYS],
+                       SUM_META: content[SUM_USERS]}
+            out.append(Message(content=RecordDict(records), metadata=copy.copy(reply.metadata)))
+            continue
         if error_key in content:
             error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
                           reason=str(content[error_key]["reason"]))

@@ -105,8 +105,12 @@ class _Cohort:
     """The stacked index tensors and parameters of one cohort (see the module docstring)."""
 
     def __init__(self, model: TwoTower, arrays: Mapping[str, np.ndarray],
-                 jobs: Sequence[ClientJob]) -> None:
+                 jobs: Sequence[ClientJob], shared: bool = False) -> None:
+        """``shared``: every client reads one copy of each parameter (``leaves``), so a
+        backward pass of sum_c n_c L_c leaves sum_c n_c grad L_c(w_t) in the leaves
+        (:func:`summed_step`); else each client holds its own gathered copy."""
         self.model = model
+        self.shared = shared
         self.hier = isinstance(model, HierIndexModel)
         c = len(jobs)
         self.n = np.array([len(j.targets) for j in jobs], dtype=np.int64)  # (C,)
@@ -167,8 +171,19 @@ class _Cohort:
         hidx, iidx = _pad_stack(hrows, rh), _pad_stack(irows, ri)
         self.names = list(arrays)
         params: dict[str, torch.Tensor] = {}
+        self.leaves: dict[str, torch.Tensor] = {}
         for name, g in arrays.items():
             g = np.asarray(g)
+            if shared:
+                leaf = torch.tensor(g, dtype=torch.float32).requires_grad_(True)
+                self.leaves[name] = leaf
+                if name in self.history_tables:
+                    params[name] = leaf[torch.from_numpy(hidx)]  # (C, Rh, D), grads add up
+                elif name in self.item_tables:
+                    params[name] = leaf if self.full_items else leaf[torch.from_numpy(iidx)]
+                else:
+                    params[name] = leaf.expand(c, *leaf.shape)
+                continue
             if name in self.history_tables:
                 value = g[hidx]  # (C, Rh, D)
             elif name in self.item_tables:
@@ -177,7 +192,7 @@ class _Cohort:
                 value = np.broadcast_to(g, (c, *g.shape))
             params[name] = torch.tensor(value, dtype=torch.float32).requires_grad_(True)
         self.params = params
-        self.start = {k: v.detach().clone() for k, v in params.items()}
+        self.start = {} if shared else {k: v.detach().clone() for k, v in params.items()}
         genres = model.item_genres
         if genres is None or model.genre_table is None:
             self.genres = None
@@ -199,13 +214,28 @@ class _Cohort:
         hmask = self._gather(self.hist_mask, ex).unsqueeze(-1)  # (C, B, H, 1)
         emb = self._gather(p["history_table"], hist) * hmask  # (C, B, H, D)
         user = emb.sum(2) / hmask.sum(2).clamp(min=1.0)  # (C, B, D)
-        items = p["item_table"]  # (C, Ri, D)
-        if self.genres is not None:
-            items = items + torch.bmm(self.genres, p["genre_table"])  # (C, Ri, D)
-        bias = p["bias"] if "bias" in p else items.new_zeros(items.shape[:2])  # (C, Ri)
+        items = p["item_table"]  # (C, Ri, D); shared full catalogue: (I, D)
+        flat = items.dim() == 2
+        if flat:
+            if self.genres is not None:
+                items = items + model.item_genres @ self.leaves["genre_table"]  # (I, D)
+            bias = p["bias"] if "bias" in p else items.new_zeros(items.shape[0])  # (I,)
+            flat_items, flat_bias = items, bias
+            items = items.expand(user.shape[0], -1, -1)  # (C, I, D) views, for gathers
+            bias = bias.expand(user.shape[0], -1)  # (C, I)
+        else:
+            if self.genres is not None:
+                items = items + torch.bmm(self.genres, p["genre_table"])  # (C, Ri, D)
+            bias = p["bias"] if "bias" in p else items.new_zeros(items.shape[:2])  # (C, Ri)
         tgt = self._gather(self.tgt_local, ex)  # (C, B)
         count = mask.sum(1).clamp(min=1.0)  # (C,)
-        if model.sampled:
+        if flat and not model.sampled:
+            # One (C*B, I) score matrix against the one table: its backward is one matmul
+            # back into the item table, not C copies of it.
+            scores = user @ flat_items.T + flat_bias  # (C, B, I)
+            per_ex = F.cross_entropy(scores.flatten(0, 1), tgt.flatten(), reduction="none")
+            per_ex = per_ex.view(tgt.shape)  # (C, B)
+        elif model.sampled:
             per_ex = self._sampled_ce(user, items, bias, tgt, self._gather(self.tgt_global, ex))
         else:
             scores = torch.bmm(user, items.transpose(1, 2)) + bias.unsqueeze(1)  # (C, B, I)
@@ -427,3 +457,98 @@ def _train(model: TwoTower, arrays: Mapping[str, np.ndarray], jobs: Sequence[Cli
         out.append(ClientUpdate(int(n[k]), float(loss_before[k]), float(loss_after[k]),
                                 rows, values))
     return out
+
+
+@dataclass
+class CohortSum:
+    """sum_k n_k Δ_k over a cohort's clients (n_k its examples, Δ_k its update), the
+    weight sum sum_k n_k, row-sparse: what a partial aggregate carries.
+
+    ``rows[name]``: sorted ids of a row table's rows some client touched;
+    ``deltas[name]``: the summed update there ((R, D) / (R,)) or, for any other
+    parameter, over its whole shape.
+    """
+
+    weight: float
+    rows: dict[str, np.ndarray]
+    deltas: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ClientSummary:
+    """One summed client's metrics and the rows its own reply would have carried."""
+
+    num_examples: int
+    loss_before: float
+    loss_after: float
+    rows: dict[str, np.ndarray]
+
+
+def one_full_batch_step(jobs: Sequence[ClientJob], local_epochs: int, batch_size: int) -> bool:
+    """True when every job trains one SGD step on all its examples (RF²'s recipe)."""
+    largest = max((len(j.targets) for j in jobs), default=0)
+    return local_epochs == 1 and (batch_size <= 0 or batch_size >= largest)
+
+
+def summed_step(
+    model: TwoTower,
+    arrays: Mapping[str, np.ndarray],
+    jobs: Sequence[ClientJob],
+    *,
+    lr: float,
+) -> tuple[CohortSum, list[ClientSummary]]:
+    """The clients' summed update of one full-batch SGD step, never one table per client.
+
+    One step from w_t gives Δ_k = -lr grad L_k(w_t), so sum_k n_k Δ_k = -lr grad
+    (sum_k n_k L_k)(w_t): one backward pass into one copy of the parameters (for a
+    full softmax one score matrix and one matmul back into the item table). FedProx's
+    term has zero gradient at w_t, so mu does not enter. Equal to summing
+    ``train_cohort``'s updates to rounding (tests/test_partial_sums.py).
+    Requires :func:`one_full_batch_step` and clients with examples.
+    """
+    reason = model.cohort_unsupported_reason()
+    if reason is not None:
+        raise NotVectorisable(reason)
+    if not jobs or any(len(j.targets) == 0 for j in jobs):
+        raise ValueError("summed_step needs at least one job, each with examples")
+    totals: dict[str, torch.Tensor] = {}
+    summaries: list[ClientSummary | None] = [None] * len(jobs)
+    row_sets: dict[str, list[np.ndarray]] = {}
+    for group in _size_groups([len(j.targets) for j in jobs]):
+        cohort = _Cohort(model, arrays, [jobs[k] for k in group], shared=True)
+        c, n = len(group), cohort.n
+        ex = torch.arange(int(n.max())).unsqueeze(0).expand(c, -1)  # (C, N)
+        mask = (ex < torch.from_numpy(n).unsqueeze(1)).to(torch.float32)
+        loss = cohort.losses(ex, mask)  # (C,) each client's loss at w_t
+        names = list(cohort.leaves)
+        weights = torch.from_numpy(n.astype(np.float32))
+        grads = torch.autograd.grad((loss * weights).sum(), [cohort.leaves[k] for k in names],
+                                    allow_unused=True)
+        for name, grad in zip(names, grads, strict=True):
+            if grad is not None:
+                totals[name] = grad if name not in totals else totals[name] + grad
+        values = loss.detach().tolist()
+        for i, k in enumerate(group):
+            rows: dict[str, np.ndarray] = {}
+            for name in cohort.history_tables:
+                rows[name] = cohort.hrows[i]
+            for name in cohort.item_tables:
+                rows[name] = cohort.irows[i]
+            for name, r in rows.items():
+                row_sets.setdefault(name, []).append(r)
+            # Full batch, one step: the step's loss is the loss at w_t (train_cohort too).
+            summaries[k] = ClientSummary(int(n[i]), values[i], values[i], rows)
+    rows_out: dict[str, np.ndarray] = {}
+    deltas: dict[str, np.ndarray] = {}
+    for name, g in arrays.items():
+        grad = totals.get(name)
+        full = (torch.zeros(np.shape(g), dtype=torch.float32) if grad is None
+                else grad.detach()) * -lr
+        if name in row_sets:
+            union = np.unique(np.concatenate(row_sets[name]))
+            rows_out[name] = union
+            deltas[name] = full.numpy()[union]
+        else:
+            deltas[name] = full.numpy()
+    weight = float(sum(len(j.targets) for j in jobs))
+    return CohortSum(weight, rows_out, deltas), [s for s in summaries if s is not None]

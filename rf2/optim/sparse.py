@@ -171,3 +171,48 @@ def weighted_mean(
             acc = sum(wk * u.dense[name].astype(np.float64) for wk, u in zip(w, updates, strict=True))
             out[name] = (acc / total).astype(np.float32)
     return out
+
+
+def mean_with_sums(
+    global_arrays: Arrays,
+    updates: Sequence[SparseUpdate],
+    weights: Sequence[float],
+    sums: Sequence[tuple[SparseUpdate, float]],
+) -> dict[str, np.ndarray]:
+    """FedAvg's weighted mean from single replies and partial sums, exactly combined.
+
+    ``updates``/``weights``: single clients' replies (new values of their rows, or whole
+    arrays) and their weights; ``sums``: partial sums (sum_k w_k Δ_k in the same layout,
+    holding deltas) with their weight sums. The mean is
+    w_t + (sum of all w_k Δ_k) / (sum of all w_k); rows nobody touched stay w_t exactly.
+    """
+    total = float(np.sum(weights)) + float(sum(w for _, w in sums))
+    if total <= 0:
+        raise ValueError("need a positive total weight")
+    out: dict[str, np.ndarray] = {}
+    for name, g in global_arrays.items():
+        g = np.asarray(g)
+        acc = np.zeros(g.shape, dtype=np.float64)  # sum_k w_k Δ_k
+        moved = np.zeros(g.shape[0] if g.ndim else 1, dtype=bool)
+        for wk, u in zip(weights, updates, strict=True):
+            if name in u.rows:
+                rows = u.rows[name]
+                acc[rows] += wk * (u.values[name].astype(np.float64) - g[rows])
+                moved[rows] = True
+            else:
+                acc += wk * (u.dense[name].astype(np.float64) - g)
+                moved[:] = True
+        for s, _ in sums:
+            if name in s.rows:
+                acc[s.rows[name]] += s.values[name]
+                moved[s.rows[name]] = True
+            else:
+                acc += s.dense[name]
+                moved[:] = True
+        mean = np.array(g, dtype=np.float32, copy=True)
+        if g.ndim:
+            mean[moved] = (g[moved].astype(np.float64) + acc[moved] / total).astype(np.float32)
+        else:
+            mean = (g + acc / total).astype(np.float32)
+        out[name] = mean
+    return out

@@ -1,51 +1,15 @@
-"""What a run tells the researcher: the end-of-run summary, and ``rf2.log`` as a copy of
-the console (everything printed on stdout and stderr while the run's command runs)."""
+"""``rf2.log`` as a copy of the console: everything printed on stdout and stderr while
+the run's command runs (the summary it prints is ``rf2.runs.summary``)."""
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-from rf2.runs.run_folder import RunFolder
-
 LOG = "rf2.log"
-SUMMARY_METRICS = ("recall@20", "ndcg@20")
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float) and math.isfinite(value):
-        return f"{value:.4f}"
-    return "n/a"
-
-
-def run_summary(folder: RunFolder) -> list[str]:
-    """Lines naming the folder, rounds, final and best recall@20 / NDCG@20 (overall and
-    per tier), wall time and simulated time."""
-    rows = folder.read_metrics()
-    if not rows:
-        return [f"rf2: run folder {folder.path}: no rounds yet"]
-    last = rows[-1]
-    lines = [f"rf2: run finished: {folder.path}",
-             f"  rounds {int(last['round'])}, wall {last.get('wall_time_s', float('nan')):.1f} s, "
-             f"simulated {last.get('sim_time_s', float('nan')):.1f} s"]
-    tiers = sorted({k.split("/")[1] for k in last if k.startswith("tier/") and
-                    k.endswith("/" + SUMMARY_METRICS[0])})
-    for metric in SUMMARY_METRICS:
-        for label, key in [("overall", metric), *[(f"tier {t}", f"tier/{t}/{metric}")
-                                                   for t in tiers]]:
-            evaluated = [(r[key], int(r["round"])) for r in rows
-                         if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-            if not evaluated:
-                continue
-            best, best_round = max(evaluated)
-            final = next((r[key] for r in reversed(rows) if key in r), float("nan"))
-            lines.append(f"  {metric:<10} {label:<14} final {_fmt(final)}  "
-                         f"best {_fmt(best)} (round {best_round})")
-    return lines
 
 
 class _Tee:
