@@ -58,6 +58,7 @@ class BufferedStep:
     usable: list[UsableReply]  # rebased onto the current model
     screened: list[Screened]
     staleness: dict[int, int]  # user -> staleness of its arrival
+    bytes_down: dict[int, float]  # user -> what it downloaded when it started (arrivals)
 
 
 class BufferedRounds:
@@ -72,7 +73,10 @@ class BufferedRounds:
         self.versions: dict[int, Arrays] = {}  # model versions clients still work on
 
     def step(self, grid: Grid, slots: list[int], rnd: int, selector: ClientSelector,
-             clock: SimClock, current: Arrays) -> BufferedStep:
+             clock: SimClock, current: Arrays,
+             downloads: Callable[[np.ndarray, int], np.ndarray]) -> BufferedStep:
+        """``downloads(users, rnd)``: bytes each user downloads when it starts at step
+        ``rnd`` (the clock's download time, as in a synchronous round)."""
         cfg, sched = self.cfg, self.schedule
         online = clock.online_fn(rnd, cfg.round)
         busy = np.asarray([w.user for w in sched.in_flight], dtype=np.int64)
@@ -85,7 +89,8 @@ class BufferedRounds:
         started, offline = selector.select(sched.free_slots(), available)
         if started.size:
             self.versions[sched.version] = current
-            b_down, b_up = self.tiers.expected_bytes(started)
+            _, b_up = self.tiers.expected_bytes(started)
+            b_down = downloads(started, rnd)
             t = clock.completion_times(started, self.num_examples[started], rnd, b_down, b_up)
             fails, t_fail = clock.failures(started, t, rnd, cfg.round.dropout)
             for u, ti, f, tf in zip(started.tolist(), t, fails, t_fail, strict=True):
@@ -110,7 +115,12 @@ class BufferedRounds:
             for reply in result.usable:
                 usable.append(self._rebased(reply, pulled, current, staleness[reply.user]))
         usable.sort(key=lambda r: r.user)
-        return BufferedStep(started, offline, arrivals, failures, usable, screened, staleness)
+        bytes_down: dict[int, float] = {}
+        for version, users in by_version.items():  # started at step version + 1
+            sizes = downloads(np.asarray(users, dtype=np.int64), version + 1)
+            bytes_down.update(zip(users, sizes.tolist(), strict=True))
+        return BufferedStep(started, offline, arrivals, failures, usable, screened, staleness,
+                            bytes_down)
 
     def _rebased(self, reply: UsableReply, pulled: Arrays, current: Arrays, s: int
                  ) -> UsableReply:

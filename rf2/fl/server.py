@@ -72,24 +72,26 @@ class FederatedServer:
             state.participation = Participation(int(population.tier_of_user.size))
         self.aggregator = Aggregator(setup.strategy, setup.tiers,
                                      int(setup.evaluator.dataset.num_items))
-        self.buffered: BufferedRounds | None = None
-        if cfg.strategy.name == "fedbuff":
-            self.buffered = BufferedRounds(cfg, setup.tiers, setup.num_examples,
-                                           self.dispatcher, self.screen)
-            if state.buffered is not None:
-                self.buffered.load(state.buffered, state.buffered_arrays or {})
         self.private: PrivateAggregator | None = None
         if setup.privacy is not None:
             self.private = PrivateAggregator(setup.privacy, setup.strategy, cfg.seed)
             if state.privacy is not None:
                 self.private.load_state_dict(state.privacy)
         # Partial sums only where the aggregate is a plain weighted mean of deltas (DP
-        # clips each client's update: it needs them one by one).
+        # clips each client's update, FedBuff rebases each stale one: they need them one
+        # by one).
+        fedbuff = cfg.strategy.name == "fedbuff"
         self.dispatcher = TrainDispatcher(
             cfg, setup.strategy, setup.tiers, setup.users_per_message,
             partial_sums=(cfg.simulation.partial_aggregation and self.private is None
-                          and self.aggregator.accepts_sums()))
+                          and not fedbuff and self.aggregator.accepts_sums()))
         self.screen = ReplyScreen(setup.tiers)
+        self.buffered: BufferedRounds | None = None
+        if fedbuff:
+            self.buffered = BufferedRounds(cfg, setup.tiers, setup.num_examples,
+                                           self.dispatcher, self.screen)
+            if state.buffered is not None:
+                self.buffered.load(state.buffered, state.buffered_arrays or {})
         self.traffic = TrafficMeter(setup.tiers, setup.num_examples)
         self.downloads = DownloadSizes(setup.model, setup.evaluator.dataset, setup.tiers,
                                        cfg.seed, cfg.num_rounds, cfg.simulation.sparse_updates)
@@ -196,7 +198,8 @@ class FederatedServer:
         assert buffered is not None
         passes_before = self.state.selector.passes_completed
         step = buffered.step(grid, slots, rnd, self.state.selector, self.state.clock,
-                             self.state.arrays)
+                             self.state.arrays, self.downloads.for_users)
+        self._bytes_down = step.bytes_down
         passes = self.state.selector.passes_completed
         row: dict[str, Any] = {"round": rnd, "num_clients_selected": int(step.started.size),
                                "pass": passes, "pass_end": int(passes > passes_before)}
