@@ -26,6 +26,7 @@ one run (baseline and this tree alternating), and CPU seconds are the steadier f
     python benchmarks/evaluation.py                        # everything (~10 min on 2 cores)
     python benchmarks/evaluation.py --settings cds         # amazon-cds only
     python benchmarks/evaluation.py --settings large --baseline none
+    python benchmarks/evaluation.py --stages 3000       # per-stage cost, before vs now
 """
 
 from __future__ import annotations
@@ -117,6 +118,88 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             "row": {k: v for k, v in row.items() if isinstance(v, float | int)}}
 
 
+def _auc_before(scores, packed, held, buf):  # noqa: ANN001, ANN202 - the reference stage
+    """The AUC stage before this work: NaN at seen items, a < and a <= pass per positive."""
+    import numpy as np
+    import torch
+
+    num_users, num_items = scores.shape
+    scores.view(-1)[held.seen_keys] = float("nan")
+    acc = torch.zeros(num_users, dtype=torch.float64)
+    for j, start in enumerate(held.col_start.tolist()):
+        block, out = scores[start:], buf[: num_users - start]
+        p = packed[start:, j : j + 1]
+        acc[start:] += torch.lt(block, p, out=out).sum(1)
+        acc[start:] += torch.le(block, p, out=out).sum(1)
+    pairs = (held.n_pos * held.n_neg).astype(np.float64)
+    return np.where(pairs > 0, 0.5 * acc.numpy() / np.maximum(pairs, 1), np.nan)
+
+
+def stages(spec: dict[str, Any]) -> dict[str, float]:
+    """Per-block cost of each stage, before and now, on the same blocks in one process
+    (single thread; the best of ``repeat`` runs of each, which filters out the time a
+    loaded machine takes away): an estimate of what idle cores would spend."""
+    import torch
+
+    from rf2.core.config import load_run_config
+    from rf2.data import load_dataset
+    from rf2.eval.evaluation import Evaluator
+    from rf2.model import build_model
+
+    cfg = load_run_config({"seed": 1, "model": {"name": "two_tower"},
+                           "dataset": {"name": "recbole", "path": spec["path"]}})
+    dataset = load_dataset(cfg.dataset, cfg.seed)
+    model = build_model(cfg.model, dataset, cfg.seed)
+    evaluator = Evaluator(dataset, cfg.eval.ks, cfg.eval.batch_size, max_users=spec["users"],
+                          seed=cfg.seed)
+    torch.set_num_threads(1)
+    k = max(cfg.eval.ks)
+    total: dict[str, float] = {}
+
+    def best(name: str, fn, prepare) -> None:  # noqa: ANN001
+        times = []
+        for _ in range(spec["repeat"]):
+            prepare()
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        total[name] = total.get(name, 0.0) + min(times)
+
+    with torch.no_grad():
+        for block in evaluator.blocks:
+            _stage_block(model, block, k, best)
+    return total | {"blocks": len(evaluator.blocks)}
+
+
+def _stage_block(model, block, k: int, best) -> None:  # noqa: ANN001
+    """Each stage of one block, before and now (see :func:`stages`)."""
+    import torch
+
+    from rf2.eval.evaluation import logsumexp_rows
+    from rf2.eval.ranking import _auc, top_ids
+
+    held, n = block.held, block.held.num_users
+    raw = model.score_users(block.histories)
+    work, scratch = torch.empty_like(raw), torch.empty_like(raw)
+    packed = raw.new_full((n, max(len(held.col_start), 1)), float("nan"))
+    packed[held.pos_rows, held.pos_slots] = raw.view(-1)[torch.from_numpy(held.pos_keys)]
+
+    def fresh() -> None:
+        work.copy_(raw)
+
+    def masked() -> None:
+        work.copy_(raw)
+        work.view(-1)[held.ex_keys] = float("-inf")
+
+    best("scores (matmul)", lambda: model.score_users(block.histories), fresh)
+    best("loss before (torch.logsumexp)", lambda: torch.logsumexp(work, 1), fresh)
+    best("loss now", lambda: logsumexp_rows(work, scratch), fresh)
+    best("top-k before (torch.topk)", lambda: torch.topk(work, k, 1), masked)
+    best("top-k now", lambda: top_ids(work, k, torch_ties=True), masked)
+    best("auc before", lambda: _auc_before(work, packed, held, scratch), masked)
+    best("auc now", lambda: _auc(work, packed, held, scratch), masked)
+
+
 # -- the driver ---------------------------------------------------------------------------
 def baseline_tree(rev: str) -> Path | None:
     """The baseline's rf2 package extracted into a temporary folder (None = no git)."""
@@ -203,10 +286,26 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--large-users", type=int, default=500_000)
     parser.add_argument("--large-items", type=int, default=20_000)
+    parser.add_argument("--stages", type=int, default=0, metavar="USERS",
+                        help="instead: per-stage cost before/now on USERS amazon-cds users")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "evaluation.md"))
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(json.loads(args.one))))
+        return
+    if args.stages:
+        if not Path(args.data).is_dir():
+            print(f"amazon-cds not found at {args.data}")
+            return
+        cost = stages({"path": args.data, "users": args.stages, "repeat": 5})
+        blocks = cost.pop("blocks")
+        print(f"amazon-cds two_tower, {args.stages} users ({blocks:.0f} blocks), one thread, "
+              "best of 5 per block, summed (CPU s):")
+        for name, s in cost.items():
+            print(f"- {name}: {s:.2f} s")
+        before = sum(v for n, v in cost.items() if "before" in n or n.startswith("scores"))
+        now = sum(v for n, v in cost.items() if "now" in n or n.startswith("scores"))
+        print(f"- these stages before {before:.2f} s, now {now:.2f} s: {now / before:.2f}x")
         return
     tree = None if args.baseline == "none" else baseline_tree(args.baseline)
     lines = ["| setting | users x items | init s (baseline) | eval s (baseline) | eval CPU s "

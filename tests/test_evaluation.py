@@ -113,6 +113,20 @@ def test_rows_of_gathers_csr_rows_in_order() -> None:
     assert got.tolist() == [3, 4, 1, 9, 8, 7, 4, 1]
 
 
+def test_reorder_rows_and_in_sorted_equal_the_plain_way() -> None:
+    rng = np.random.default_rng(2)
+    num_rows, num_items = 40, 25
+    keys = np.unique(rng.integers(0, num_rows * num_items, 300))
+    order = rng.permutation(num_rows)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(num_rows)  # old row -> new row
+    want = np.sort(rank[keys // num_items] * num_items + keys % num_items)
+    np.testing.assert_array_equal(evaluation.reorder_rows(keys, order, num_items), want)
+    probe = rng.integers(0, num_rows * num_items + 5, 200)
+    np.testing.assert_array_equal(evaluation.in_sorted(probe, keys), np.isin(probe, keys))
+    assert not evaluation.in_sorted(probe, keys[:0]).any()
+
+
 def test_blocks_and_threads_change_no_number(dataset: FederatedDataset) -> None:
     model = build_model(ModelConfig(name="hier_index", dim=8), dataset, 1)
     rows = [Evaluator(dataset, KS, bs, num_threads=t).evaluate_model(model)

@@ -74,8 +74,19 @@ def test_quick_reproduce_study_end_to_end(tmp_path: Path) -> None:
     figure = plot_pass_study(tables, "rated_auc")
     assert len(figure.axes) == 2 and "ratios need 3 seeds" in figure.get_suptitle().replace("\n", " ")
     assert text_layout_problems(figure) == []
-    assert tables.mdac["mdac"].notna().all() and (tables.mdac["mdac"] >= 0).all()
-    assert (tables.mdac_summary["n_seeds"] == 2).all()
+    # RF²'s dirichlet map has no caps: on 150 synthetic users a tier can hold ~20 users whose
+    # test ratings are all one class, so that tier's AUC (and the run's MDAC) is undefined.
+    # MDAC is NaN exactly there; every other run has a finite, non-negative MDAC.
+    frame = load(sweep)
+    tier_auc = frame[frame["metric"].str.match(r"tier/[^/]+/rated_auc$")]
+    undefined = set(tier_auc[tier_auc["value"].isna()]["run"].astype(str))
+    mdac = tables.mdac
+    assert (mdac["mdac"].dropna() >= 0).all()
+    assert mdac[mdac["tiering"] == "rf2-random"]["mdac"].notna().all()
+    assert set(mdac[mdac["mdac"].isna()]["run"].astype(str)) <= undefined
+    finite = mdac.dropna(subset=["mdac"]).groupby(["pass", "optimization", "tiering"]).size()
+    summary = tables.mdac_summary.set_index(["pass", "optimization", "tiering"])["n_seeds"]
+    assert (summary.reindex(finite.index) == finite).all() and finite.max() == 2
     fig = subprocess.run(
         [sys.executable, "-m", "rf2.analysis.figures", str(sweep), "--passes", "1,2",
          "--metric", "rated_auc", "--formats", "png"], capture_output=True, text=True,

@@ -268,3 +268,19 @@ def test_precomputed_rule_gives_qffl_each_padded_reply() -> None:
     assert arrays is not None
     for k in W0:
         np.testing.assert_allclose(arrays[k].numpy(), want[k], rtol=1e-5, atol=1e-7)
+
+
+def test_merged_metrics_equal_flowers_averaging() -> None:
+    from flwr.app import MetricRecord, RecordDict
+    from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+    from rf2.strategies.merge import weighted_metrics
+
+    rng = np.random.default_rng(3)
+    contents = [RecordDict({"metrics": MetricRecord({
+        "num-examples": int(rng.integers(1, 50)), "train_loss": float(rng.normal()),
+        "bytes-up": int(rng.integers(1000)), "hist": [float(x) for x in rng.normal(size=3)]})})
+        for _ in range(40)]
+    want = aggregate_metricrecords(contents, "num-examples")
+    got = weighted_metrics([list(c.metric_records.values()) for c in contents], "num-examples")
+    assert dict(got) == dict(want)  # bit for bit

@@ -62,9 +62,7 @@ from rf2.eval.ranking import (
     best_of,
     csr_keys,
     finish_auc,
-    positive_counts,
     rank_block,
-    sorted_unique,
     topk_list_metrics,
 )
 from rf2.model.base import FederatedModel
@@ -167,10 +165,8 @@ class EvalBlock:
     rows: slice  # positions in Evaluator.users
     held: HeldOut
     histories: torch.Tensor  # (B, H) item ids, PAD = -1
-    ex_indptr: np.ndarray  # (B + 1,) CSR of the users' training items
-    ex_items: np.ndarray
-    tg_indptr: np.ndarray  # (B + 1,) CSR of their held-out clicks
-    tg_items: np.ndarray
+    users: np.ndarray  # (B,) the users (dataset indices)
+    dataset: FederatedDataset
     target_keys: torch.Tensor  # (T,) flat keys b * I + item of every held-out click
     target_rows: np.ndarray  # (T,) the row of each
     target_counts: np.ndarray  # (B,) held-out clicks per user (>= 1)
@@ -178,12 +174,30 @@ class EvalBlock:
     @property
     def exclude(self) -> list[np.ndarray]:
         """Each user's training items (for a retriever that takes them as a list)."""
-        return np.split(self.ex_items, self.ex_indptr[1:-1])
+        return [self.dataset.train_of(int(u)) for u in self.users]
 
     @property
     def targets(self) -> list[np.ndarray]:
         """Each user's held-out clicks."""
-        return np.split(self.tg_items, self.tg_indptr[1:-1])
+        return [self.dataset.test_of(int(u)) for u in self.users]
+
+
+def in_sorted(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    """(K,) whether each key is in ``sorted_keys`` (binary search, no sort of either)."""
+    if sorted_keys.size == 0:
+        return np.zeros(keys.shape, dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_keys, keys), sorted_keys.size - 1)
+    return sorted_keys[at] == keys
+
+
+def reorder_rows(keys: np.ndarray, order: np.ndarray, num_items: int) -> np.ndarray:
+    """Sorted flat keys ``row * I + item`` -> the same sets with row ``order[r]`` as row
+    r, still sorted: a gather of whole rows, no sort."""
+    indptr = np.zeros(len(order) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(keys // num_items, minlength=len(order)), out=indptr[1:])
+    new_ptr, items = rows_of(indptr, keys % num_items, order)
+    rows = np.repeat(np.arange(len(order), dtype=np.int64), np.diff(new_ptr))
+    return rows * num_items + items
 
 
 def rows_of(indptr: np.ndarray, items: np.ndarray, rows: np.ndarray
@@ -366,20 +380,22 @@ class Evaluator:
         if 0 < max_users < candidates.size:
             candidates = candidates[stratified_sample(strata, max_users, seed)]
         # Ordered by number of positives, so AUC passes touch contiguous row suffixes.
+        # Flat keys row * I + item are sorted once (rows = positions in `candidates`),
+        # then carried into the new row order by whole rows, which keeps them sorted.
         num_items = dataset.num_items
-        n_pos = positive_counts(
-            csr_keys(*rows_of(dataset.train_indptr, dataset.train_items, candidates), num_items),
-            csr_keys(*rows_of(dataset.test_indptr, dataset.test_items, candidates), num_items),
-            len(candidates), num_items)
-        self.users = candidates[np.argsort(n_pos, kind="stable")]  # (U,)
-        ex_ptr, ex_items = rows_of(dataset.train_indptr, dataset.train_items, self.users)
+        ex_keys = csr_keys(*rows_of(dataset.train_indptr, dataset.train_items, candidates),
+                           num_items, "train items")  # (E,) sorted unique
+        tg_keys = csr_keys(*rows_of(dataset.test_indptr, dataset.test_items, candidates),
+                           num_items, "test items")
+        pos_keys = tg_keys[~in_sorted(tg_keys, ex_keys)]  # retrievable held-out items
+        order = np.argsort(np.bincount(pos_keys // num_items, minlength=len(candidates)),
+                           kind="stable")
+        self.users = candidates[order]  # (U,)
+        ex_keys, tg_keys, pos_keys = (reorder_rows(k, order, num_items)
+                                      for k in (ex_keys, tg_keys, pos_keys))
         tg_ptr, tg_items = rows_of(dataset.test_indptr, dataset.test_items, self.users)
-        ex_keys = csr_keys(ex_ptr, ex_items, num_items, "train items")  # (E,) row * I + item
-        tg_keys = csr_keys(tg_ptr, tg_items, num_items, "test items")
         self.histories = torch.from_numpy(eval_histories(dataset, self.users))  # (U, H)
         rows = max(1, min(batch_size, BLOCK_FLOATS // max(num_items, 1)))
-        pos_keys = np.setdiff1d(tg_keys, ex_keys, assume_unique=True)
-        seen_keys = sorted_unique(np.concatenate([ex_keys, tg_keys]))
         self.blocks = []
         for lo in range(0, len(self.users), rows):
             hi = min(lo + rows, len(self.users))
@@ -390,10 +406,9 @@ class Evaluator:
                 return keys[cut[0] : cut[1]] - lo * num_items
 
             held = HeldOut.from_keys(part(ex_keys), part(tg_keys), hi - lo, num_items,
-                                     pos=part(pos_keys), seen=part(seen_keys))
+                                     pos=part(pos_keys))
             self.blocks.append(self._block(
                 slice(lo, hi), held,
-                (ex_ptr[lo : hi + 1] - ex_ptr[lo], ex_items[ex_ptr[lo] : ex_ptr[hi]]),
                 (tg_ptr[lo : hi + 1] - tg_ptr[lo], tg_items[tg_ptr[lo] : tg_ptr[hi]])))
         self._rated_setup()
 
@@ -453,14 +468,14 @@ class Evaluator:
                                     **self._final_args)  # type: ignore[arg-type]
         return self._final
 
-    def _block(self, rows: slice, held: HeldOut, exclude: tuple[np.ndarray, np.ndarray],
+    def _block(self, rows: slice, held: HeldOut,
                targets: tuple[np.ndarray, np.ndarray]) -> EvalBlock:
         tg_ptr, tg_items = targets
         counts = np.diff(tg_ptr)
         target_rows = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
         return EvalBlock(
-            rows=rows, held=held, histories=self.histories[rows],
-            ex_indptr=exclude[0], ex_items=exclude[1], tg_indptr=tg_ptr, tg_items=tg_items,
+            rows=rows, held=held, histories=self.histories[rows], users=self.users[rows],
+            dataset=self.dataset,
             target_keys=torch.from_numpy(target_rows * self.dataset.num_items
                                          + tg_items.astype(np.int64)),
             target_rows=target_rows, target_counts=np.maximum(counts, 1),

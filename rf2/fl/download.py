@@ -20,7 +20,7 @@ import torch
 from rf2.data.base import FederatedDataset
 from rf2.fl.client import training_seed
 from rf2.fl.tier_settings import TierSettings
-from rf2.model.base import FederatedModel
+from rf2.model.base import CANDIDATE, HISTORY, FederatedModel
 from rf2.model.examples import user_examples
 from rf2.optim.compression import FLOAT_BYTES
 from rf2.optim.heterofl import sub_shapes
@@ -35,7 +35,10 @@ class DownloadSizes:
         self.dataset = dataset
         self.tiers = tiers
         self.run_seed, self.num_rounds, self.sparse = run_seed, num_rounds, sparse
-        tables = set(model.row_tables())
+        self.tables = dict(model.row_tables())
+        tables = set(self.tables)
+        self._own_rows_touched = type(model).rows_touched is not FederatedModel.rows_touched
+        self._examples: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         # Per tier: bytes of one row of each row table, and of the dense parameters.
         self.row_bytes: list[dict[str, int]] = []
         self.dense_bytes = np.zeros(len(tiers.specs))
@@ -56,9 +59,34 @@ class DownloadSizes:
         self.model.set_training_progress(server_round, self.num_rounds)
         out = np.zeros(len(users))
         for k, (user, tier) in enumerate(zip(users.tolist(), tiers.tolist(), strict=True)):
-            histories, targets = user_examples(self.dataset, user)
             gen = torch.Generator().manual_seed(training_seed(self.run_seed, user, server_round))
-            rows = self.model.rows_touched(histories, targets, self.model.draw_sample(gen))
+            counts = self._row_counts(user, self.model.draw_sample(gen))
             row_bytes = self.row_bytes[tier]
-            out[k] = self.dense_bytes[tier] + sum(len(r) * row_bytes[n] for n, r in rows.items())
+            out[k] = self.dense_bytes[tier] + sum(c * row_bytes[n] for n, c in counts.items())
         return out
+
+    def _row_counts(self, user: int, sample: object) -> dict[str, int]:
+        """Row table -> how many of its rows this user's loss reads with ``sample``."""
+        if self._own_rows_touched:
+            histories, targets = user_examples(self.dataset, user)
+            return {n: len(r) for n, r in self.model.rows_touched(histories, targets,
+                                                                  sample).items()}
+        # The contract's rule (FederatedModel.rows_touched), with a user's history rows
+        # and targets computed once per run: only the loss sample changes by round.
+        cached = self._examples.get(user)
+        if cached is None:
+            histories, targets = user_examples(self.dataset, user)
+            cached = (np.unique(histories[histories >= 0]).astype(np.int64),
+                      np.unique(targets).astype(np.int64))
+            self._examples[user] = cached
+        history, targets = cached
+        candidate = self.model.candidate_rows(targets, sample)
+        counts: dict[str, int] = {}
+        for name, roles in self.tables.items():
+            if CANDIDATE in roles and candidate is None:
+                counts[name] = self.model.num_items
+            elif HISTORY in roles and CANDIDATE in roles:
+                counts[name] = len(np.union1d(history, candidate))
+            else:
+                counts[name] = len(history) if HISTORY in roles else len(candidate)
+        return counts

@@ -511,10 +511,14 @@ def summed_step(
         raise NotVectorisable(reason)
     if not jobs or any(len(j.targets) == 0 for j in jobs):
         raise ValueError("summed_step needs at least one job, each with examples")
+    if not model.sampled and not isinstance(model, HierIndexModel):
+        return _flat_full_softmax_step(model, arrays, jobs, lr)
     totals: dict[str, torch.Tensor] = {}
     summaries: list[ClientSummary | None] = [None] * len(jobs)
     row_sets: dict[str, list[np.ndarray]] = {}
-    for group in _size_groups([len(j.targets) for j in jobs]):
+    # Coarser groups than training's: shared parameters make padding cheap (no per-client
+    # copies), while each group costs a pass over the parameters.
+    for group in _size_groups([len(j.targets) for j in jobs], spread=4.0, slack=32):
         cohort = _Cohort(model, arrays, [jobs[k] for k in group], shared=True)
         c, n = len(group), cohort.n
         ex = torch.arange(int(n.max())).unsqueeze(0).expand(c, -1)  # (C, N)
@@ -552,3 +556,57 @@ def summed_step(
             deltas[name] = full.numpy()
     weight = float(sum(len(j.targets) for j in jobs))
     return CohortSum(weight, rows_out, deltas), [s for s in summaries if s is not None]
+
+
+def _flat_full_softmax_step(model: TwoTower, arrays: Mapping[str, np.ndarray],
+                            jobs: Sequence[ClientJob], lr: float
+                            ) -> tuple[CohortSum, list[ClientSummary]]:
+    """:func:`summed_step` for the two-tower's full softmax: sum_k n_k L_k is the sum of
+    every example's cross-entropy, so all the cohort's examples go through one
+    (examples x items) score matrix, unpadded, and one matmul back into the item table."""
+    leaves = {name: torch.tensor(np.asarray(g), dtype=torch.float32).requires_grad_(True)
+              for name, g in arrays.items()}
+    n = np.array([len(j.targets) for j in jobs], dtype=np.int64)  # (C,)
+    hist = torch.from_numpy(np.concatenate([np.asarray(j.histories, dtype=np.int64)
+                                            for j in jobs]))  # (E, H)
+    tgt = torch.from_numpy(np.concatenate([np.asarray(j.targets, dtype=np.int64)
+                                           for j in jobs]))  # (E,)
+    mask = (hist >= 0).unsqueeze(-1).to(torch.float32)  # (E, H, 1)
+    emb = leaves["history_table"][hist.clamp(min=0)] * mask  # (E, H, D)
+    user = emb.sum(1) / mask.sum(1).clamp(min=1.0)  # (E, D)
+    items = leaves["item_table"]  # (I, D)
+    if model.genre_table is not None and model.item_genres is not None:
+        items = items + model.item_genres @ leaves["genre_table"]  # (I, D)
+    scores = user @ items.T  # (E, I)
+    if "bias" in leaves:
+        scores = scores + leaves["bias"]
+    per_ex = F.cross_entropy(scores, tgt, reduction="none")  # (E,)
+    names = list(leaves)
+    grads = torch.autograd.grad(per_ex.sum(), [leaves[k] for k in names], allow_unused=True)
+    owner = torch.from_numpy(np.repeat(np.arange(len(jobs)), n))  # (E,) client of each example
+    sums = torch.zeros(len(jobs), dtype=torch.float64).index_add_(
+        0, owner, per_ex.detach().to(torch.float64))
+    losses = (sums / torch.from_numpy(n).to(torch.float64)).tolist()  # (C,) mean per client
+    hrows = [np.unique(j.histories[j.histories >= 0]).astype(np.int64) for j in jobs]
+    all_items = np.arange(model.num_items, dtype=np.int64)
+    tables = model.row_tables()
+    history_tables = [t for t, roles in tables.items() if roles == {HISTORY}]
+    item_tables = [t for t, roles in tables.items() if roles == {CANDIDATE}]
+    summaries = [ClientSummary(int(n[k]), losses[k], losses[k],
+                               {**{t: hrows[k] for t in history_tables},
+                                **{t: all_items for t in item_tables}})
+                 for k in range(len(jobs))]
+    rows: dict[str, np.ndarray] = {}
+    deltas: dict[str, np.ndarray] = {}
+    union = np.unique(np.concatenate(hrows)) if hrows else np.zeros(0, np.int64)
+    for name, grad in zip(names, grads, strict=True):
+        full = (torch.zeros(leaves[name].shape) if grad is None else grad.detach()) * -lr
+        if name in history_tables:
+            rows[name] = union
+            deltas[name] = full.numpy()[union]
+        elif name in item_tables:
+            rows[name] = all_items
+            deltas[name] = full.numpy()
+        else:
+            deltas[name] = full.numpy()
+    return CohortSum(float(n.sum()), rows, deltas), summaries
