@@ -296,8 +296,23 @@ def _main() -> None:
             check_command(argv)
         except UserInputError as ex:
             _fail(ex, debug)
+    register_ray_launcher()
     _hydra_main()
     sys.stdout.flush()
+
+
+def register_ray_launcher() -> None:
+    """Make ``hydra/launcher=rf2_ray`` known to Hydra (``rf2.cli.ray_sweep``).
+
+    A regular install puts it where Hydra's plugin scan looks (the ``hydra_plugins``
+    namespace); an editable install (``pip install -e .``) maps it through setuptools'
+    import hook, which that scan cannot list, so register it through Hydra's public
+    ``Plugins.register`` (importing it also adds its config to Hydra's ConfigStore).
+    """
+    from hydra.core.plugins import Plugins
+    from hydra_plugins.rf2_ray_launcher import Rf2RayLauncher
+
+    Plugins.instance().register(Rf2RayLauncher)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from rf2.fl.checkpointing import ServerState, restore_state
 from rf2.fl.client import client_spec_from, make_client_app, retire_worker_model, worker_state
 from rf2.fl.interrupt import RunInterrupted, stop_on_sigint, stop_requested
 from rf2.fl.params import load_numpy_into, state_to_numpy
+from rf2.fl.ray_nodes import NodeRecord, records_as_json
 from rf2.fl.selection import ClientSelector
 from rf2.fl.server import FederatedServer, ServerSetup
 from rf2.fl.simulation import launch, users_per_message
@@ -203,8 +204,11 @@ def execute(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Pat
         worker_state(spec, prep.dataset)  # clients run here: share the loaded dataset
     if state.round < cfg.num_rounds or not folder.read_metrics():
         with stop_on_sigint():
-            launch(server.main, make_client_app(spec), num_slots, cfg.simulation,
-                   on_abandoned=lambda: retire_worker_model(spec))
+            nodes = launch(server.main, lambda shared: make_client_app(
+                               dataclasses.replace(spec, data=shared)),
+                           num_slots, cfg.simulation,
+                           on_abandoned=lambda: retire_worker_model(spec), dataset=prep.dataset)
+        write_nodes(folder, nodes)
         if stop_requested() and server.state.round < cfg.num_rounds:
             raise RunInterrupted
     load_numpy_into(prep.model, server.state.arrays)
@@ -227,6 +231,26 @@ def finish_run(prep: PreparedRun, folder: RunFolder, evaluator: Evaluator) -> Pa
         folder.write_json("ttt.json", ttt)
     folder.mark_done()
     return folder.path
+
+
+NODES = "nodes.json"  # the Ray nodes the run's clients trained on (rf2.fl.ray_nodes)
+
+
+def write_nodes(folder: RunFolder, nodes: list[NodeRecord]) -> None:
+    """Record the Ray nodes of this launch in ``nodes.json``; a resumed run adds its
+    clients to the nodes already listed (by node id)."""
+    if not nodes:
+        return
+    path = folder.path / NODES
+    listed: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        listed = {n["node_id"]: n for n in json.loads(path.read_text(encoding="utf-8"))["nodes"]}
+    for node in records_as_json(nodes):
+        if node["node_id"] in listed:
+            listed[node["node_id"]]["clients_trained"] += node["clients_trained"]
+        else:
+            listed[node["node_id"]] = node
+    folder.write_json(NODES, {"nodes": list(listed.values())})
 
 
 DATASET = "data_fingerprint.json"  # the data's sizes and SHA-256, checked on resume

@@ -384,6 +384,12 @@ class SimulationConfig:
     ray_address: str | None = None
     # Ray's temp/session folder (null = Ray's default; keep the path short).
     ray_temp_dir: str | None = None
+    # Client workers (Ray actors) at most; 0 = as many as the cluster's CPUs fit. Caps a
+    # job's share of a cluster when a sweep runs several jobs at once (docs/cluster.md).
+    ray_max_workers: int = 0
+    # Local Ray without the processes a simulation never uses (autoscaler monitor, log
+    # monitor, dashboard API server; rf2.fl.ray_start); false = plain ray.init().
+    lean_start: bool = True
     # Seconds to wait for one round's replies before counting the missing ones as faults
     # (both backends: in-process, clients run in a worker thread the server stops waiting
     # for; rf2.fl.deadline).
@@ -417,6 +423,8 @@ class SimulationConfig:
     def validate(self, path: str = "simulation") -> None:
         check(self.num_cpus_per_client > 0, f"{path}.num_cpus_per_client",
               self.num_cpus_per_client, "a number > 0")
+        check(self.ray_max_workers >= 0, f"{path}.ray_max_workers", self.ray_max_workers,
+              "an integer >= 0 (0 = as many as fit)")
         check(self.num_gpus_per_client >= 0, f"{path}.num_gpus_per_client",
               self.num_gpus_per_client, "a number >= 0")
         check(self.round_timeout_s > 0, f"{path}.round_timeout_s", self.round_timeout_s,

@@ -5,7 +5,9 @@ A Flower SuperNode here is a transport slot, not a user: the server names the us
 simulation engine poll every node every 0.1 s, i.e. per-round cost growing with the
 population; with slots the per-round cost depends only on clients per round.
 
-The dataset is loaded once per worker process (``_WORKER_CACHE``), not per call.
+The dataset is loaded once per worker process (``_WORKER_CACHE``), not per call: on Ray
+from the object store, where the driver put it (``ClientSpec.data``,
+``rf2.fl.shared_data``), never rebuilt by the worker.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from rf2.fl.params import (
     use_fast_arrays,
 )
 from rf2.fl.partial_sum import SumBuilder, finite, reply_bytes, summable
+from rf2.fl.shared_data import SharedDataset
 from rf2.fl.user_batch import pack_results, pack_sum, user_configs
 from rf2.hetero.faults import apply_injected_fault
 from rf2.model import FederatedModel, build_model
@@ -69,6 +72,8 @@ class ClientSpec:
     vectorise: bool = True
     # Reply only the changed rows of the item tables (rf2.optim.sparse); False: dense.
     sparse_updates: bool = True
+    # On Ray: the driver's dataset in the object store; None = load it from ``dataset``.
+    data: SharedDataset | None = None
 
     @functools.cached_property
     def key(self) -> str:
@@ -112,12 +117,19 @@ def worker_state(spec: ClientSpec, dataset: FederatedDataset | None = None) -> _
         dataset_cfg = from_dict(DatasetConfig, spec.dataset, "dataset")
         model_cfg = from_dict(ModelConfig, spec.model, "model")
         if dataset is None:
-            dataset = load_dataset(dataset_cfg, spec.seed)
+            dataset = _dataset_of(spec, dataset_cfg)
         model = build_model(model_cfg, dataset, spec.seed)
         state = _WorkerState(dataset=dataset, model=model, model_cfg=model_cfg, seed=spec.seed)
         _WORKER_CACHE.clear()  # one run per worker at a time; free the previous one
         _WORKER_CACHE[spec.key] = state
     return state
+
+
+def _dataset_of(spec: ClientSpec, dataset_cfg: DatasetConfig) -> FederatedDataset:
+    """The shared copy when the driver put one in Ray's object store, else a fresh load."""
+    if spec.data is not None:
+        return spec.data.fetch()
+    return load_dataset(dataset_cfg, spec.seed)
 
 
 def client_spec_from(dataset_cfg: DatasetConfig, model_cfg: ModelConfig, seed: int,

@@ -10,6 +10,11 @@ Two backends run the same ServerApp logic and ClientApp:
 
 ``simulation.fast_transport`` (``rf2.fl.fast_transport``) switches Flower internals used
 for speed on or off; on Ray, off means Flower's stock engine and grid.
+
+On Ray the driver puts the dataset into Ray's object store once (``rf2.fl.shared_data``):
+client actors, on this node or any other, read it from there and never load it
+themselves. The launcher returns the nodes the clients trained on (``rf2.fl.ray_nodes``),
+and a node lost mid-run fails only the messages it held.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -34,8 +40,17 @@ from rf2.core.flower_version import FlowerCompatError
 from rf2.fl import fast_transport
 from rf2.fl.deadline import DeadlineExceeded, call_with_deadline
 from rf2.fl.interrupt import children_ignore_sigint
+from rf2.fl.ray_nodes import NodeRecord, NodeTally, node_aware_pool, node_records, verify_pool_used
+from rf2.fl.ray_start import LeanHead, start_lean
+from rf2.fl.shared_data import SharedDataset, share
+
+if TYPE_CHECKING:
+    from rf2.data.base import FederatedDataset
 
 ServerMain = Callable[[Grid, Context], None]
+# The ClientApp for a dataset shared in Ray's object store (None: in-process, or nothing
+# shared; the clients then load the dataset from its config).
+ClientAppFor = Callable[[SharedDataset | None], ClientApp]
 
 log = logging.getLogger(__name__)
 
@@ -188,32 +203,38 @@ def users_per_message(sim: SimulationConfig, clients_per_round: int) -> int:
 
 def local_ray_workers(sim: SimulationConfig) -> int:
     """Client workers (actors) a local Ray runs: the CPUs / CPUs per client."""
-    return max(1, int((os.cpu_count() or 1) // sim.num_cpus_per_client))
+    workers = max(1, int((os.cpu_count() or 1) // sim.num_cpus_per_client))
+    return min(workers, sim.ray_max_workers) if sim.ray_max_workers > 0 else workers
 
 
 def launch(
     server_main: ServerMain,
-    client_app: ClientApp,
+    client_app_for: ClientAppFor,
     num_supernodes: int,
     sim: SimulationConfig,
     on_abandoned: Callable[[], None] | None = None,
-) -> None:
+    dataset: FederatedDataset | None = None,
+) -> list[NodeRecord]:
     """Run ``server_main`` against ``num_supernodes`` client slots on the chosen backend.
 
-    ``on_abandoned``: called in-process when a ClientApp call misses the round deadline
-    (retire the model it may still be writing; ``rf2.fl.deadline``).
+    ``dataset``: the one the driver built; on Ray it goes into the object store once and
+    the ClientApp gets a reference to it (``client_app_for(shared)``). ``on_abandoned``:
+    called in-process when a ClientApp call misses the round deadline (retire the model
+    it may still be writing; ``rf2.fl.deadline``). Returns the Ray nodes the clients ran
+    on (empty in-process).
     """
     fast_transport.prepare(sim)
     if sim.backend == "inprocess":
-        grid = InProcessGrid(client_app, num_supernodes, on_abandoned)
+        grid = InProcessGrid(client_app_for(None), num_supernodes, on_abandoned)
         server_main(grid, Context(run_id=grid.run.run_id, node_id=0, node_config={},
                                   state=RecordDict(), run_config={}))
-        return
-    _launch_ray(server_main, client_app, num_supernodes, sim)
+        return []
+    return _launch_ray(server_main, client_app_for, num_supernodes, sim, dataset)
 
 
-def _init_ray(ray: object, sim: SimulationConfig) -> None:
-    """Start (or join) Ray ourselves, before Flower would.
+def _init_ray(ray: object, sim: SimulationConfig) -> LeanHead | None:
+    """Start (or join) Ray ourselves, before Flower would; the head node this process
+    started itself (``simulation.lean_start``), to stop after ``ray.shutdown()``.
 
     Flower's own ``ray.init`` passes a ``runtime_env``, which stops Ray from reusing its
     pre-started workers (~10 s start-up on 2 cores). Locally the workers inherit this
@@ -224,9 +245,11 @@ def _init_ray(ray: object, sim: SimulationConfig) -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     if sim.ray_address:
         # A remote cluster does not inherit our environment: ship it as a runtime_env.
+        # Workers' console lines stay in the cluster's logs (a client's error reaches
+        # the run as its reply).
         ray.init(address=sim.ray_address, runtime_env={"env_vars": threads},  # type: ignore[attr-defined]
-                 include_dashboard=False, logging_level=logging.WARNING)
-        return
+                 include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        return None
     saved = {k: os.environ.get(k) for k in threads}
     os.environ.update(threads)
     try:
@@ -237,7 +260,13 @@ def _init_ray(ray: object, sim: SimulationConfig) -> None:
         if sim.ray_temp_dir:
             kwargs["_temp_dir"] = os.path.abspath(sim.ray_temp_dir)
         with children_ignore_sigint():  # rf2 decides how a Ctrl-C stops the run
-            ray.init(**kwargs)  # type: ignore[attr-defined]
+            head = start_lean(os.cpu_count() or 1, sim.ray_temp_dir) if sim.lean_start else None
+            if head is None:
+                ray.init(**kwargs)  # type: ignore[attr-defined]
+            else:
+                ray.init(address=head.address, logging_level=logging.WARNING,  # type: ignore[attr-defined]
+                         log_to_driver=False)
+        return head
     finally:
         for key, value in saved.items():
             if value is None:
@@ -247,8 +276,9 @@ def _init_ray(ray: object, sim: SimulationConfig) -> None:
 
 
 def _launch_ray(
-    server_main: ServerMain, client_app: ClientApp, num_supernodes: int, sim: SimulationConfig
-) -> None:
+    server_main: ServerMain, client_app_for: ClientAppFor, num_supernodes: int,
+    sim: SimulationConfig, dataset: FederatedDataset | None,
+) -> list[NodeRecord]:
     import ray
     from flwr.simulation import run_simulation
 
@@ -269,11 +299,13 @@ def _launch_ray(
         print(f"[rf2] starting Ray: {local_ray_workers(sim)} workers "
               f"({os.cpu_count() or 1} CPUs, {sim.num_cpus_per_client:g} per client worker)",
               flush=True)
-    _init_ray(ray, sim)
+    head = _init_ray(ray, sim)
     if sim.ray_address:
         cpus = float(ray.cluster_resources().get("CPU", 0))
-        print(f"[rf2] Ray cluster: {int(cpus // sim.num_cpus_per_client)} workers "
-              f"({cpus:g} CPUs)", flush=True)
+        workers = int(cpus // sim.num_cpus_per_client)
+        if sim.ray_max_workers > 0:
+            workers = min(workers, sim.ray_max_workers)
+        print(f"[rf2] Ray cluster: {workers} workers ({cpus:g} CPUs)", flush=True)
     backend_config = {
         "client_resources": {
             "num_cpus": sim.num_cpus_per_client,
@@ -281,16 +313,28 @@ def _launch_ray(
         },
     }
     started = time.perf_counter()
+    tally = NodeTally()
     try:
-        with contextlib.nullcontext() if pushed is None else prompt_delivery(pushed):
+        # Held until the simulation is over: this reference keeps the data in the store.
+        shared = None if dataset is None else share(dataset)
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        with contextlib.ExitStack() as hooks:
+            hooks.enter_context(node_aware_pool(tally, sim.ray_max_workers))
+            if pushed is not None:
+                hooks.enter_context(prompt_delivery(pushed))
             run_simulation(
                 server_app=server_app,
-                client_app=client_app,
+                client_app=client_app_for(shared),
                 num_supernodes=num_supernodes,
                 backend_name="ray",
                 backend_config=backend_config,
             )
+        verify_pool_used(tally)
+        del shared
+        return node_records(tally, nodes)
     finally:
         if ray.is_initialized():
             ray.shutdown()
+        if head is not None:
+            head.stop()
         log.debug("ray simulation finished in %.1fs", time.perf_counter() - started)

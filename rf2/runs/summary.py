@@ -9,6 +9,7 @@ the run has more than one tier. A sweep ends with one table of its jobs.
 
 from __future__ import annotations
 
+import json
 import math
 import shlex
 from collections.abc import Mapping, Sequence
@@ -144,6 +145,22 @@ def run_summary(folder: RunFolder) -> list[str]:
                     finals.append(f"{tier} {_fmt(series[-1][0])}")
             if finals:
                 lines.append(f"  {metric} per tier, final: " + ", ".join(finals))
+    return lines + node_lines(folder.path)
+
+
+NODES = "nodes.json"  # written by rf2.cli.runner from rf2.fl.ray_nodes
+
+
+def node_lines(path: Path) -> list[str]:
+    """The Ray nodes the run's clients trained on (``nodes.json``), one line each."""
+    try:
+        nodes = json.loads((path / NODES).read_text(encoding="utf-8"))["nodes"]
+    except (OSError, ValueError, KeyError):
+        return []
+    lines = [f"  ray nodes {len(nodes)}:"]
+    for node in nodes:
+        lines.append(f"    {node['node_id'][:12]} at {node['address']}, {node['cpus']:g} CPU: "
+                     f"{node['clients_trained']} clients trained")
     return lines
 
 
