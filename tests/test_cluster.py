@@ -235,3 +235,32 @@ def test_sweep_jobs_run_as_ray_tasks_on_the_cluster_and_ctrl_c_checkpoints_them(
         assert f"  rf2 resume={job}" in lines
         assert f"rf2: interrupted after round {n}; resume with: rf2 resume={job}" in lines
         assert not (job / "DONE").exists() and not (job / ".lock").exists()
+
+
+def test_nodes_json_adds_a_resumed_runs_clients_and_the_summary_names_the_nodes(
+        tmp_path: Path) -> None:
+    from rf2.cli.runner import write_nodes
+    from rf2.fl.ray_nodes import NodeRecord, NodeTally, node_records
+    from rf2.runs.summary import node_lines
+
+    tally = NodeTally()
+    tally.add("a" * 20, 7)
+    tally.add("a" * 20, 3)
+    seen = [{"NodeID": "a" * 20, "NodeManagerAddress": "10.0.0.1", "Resources": {"CPU": 4.0}},
+            {"NodeID": "b" * 20, "NodeManagerAddress": "10.0.0.2", "Resources": {"CPU": 2.0}}]
+    first = node_records(tally, seen)
+    assert [(r.node_id[0], r.clients_trained, r.cpus) for r in first] == [("a", 10, 4.0),
+                                                                          ("b", 0, 2.0)]
+    folder = RunFolder(tmp_path / "run")
+    folder.path.mkdir()
+    write_nodes(folder, first)
+    # A resume on another cluster: its nodes are added, a node seen before adds up.
+    write_nodes(folder, [NodeRecord("b" * 20, "10.0.0.2", 2.0, 5),
+                         NodeRecord("c" * 20, "10.0.0.3", 1.0, 4)])
+    nodes = json.loads((folder.path / "nodes.json").read_text())["nodes"]
+    assert [(n["node_id"][0], n["clients_trained"]) for n in nodes] == [("a", 10), ("b", 5),
+                                                                        ("c", 4)]
+    lines = node_lines(folder.path)
+    assert lines[0] == "  ray nodes 3:"
+    assert lines[1] == f"    {'a' * 12} at 10.0.0.1, 4 CPU: 10 clients trained"
+    assert node_lines(tmp_path) == []  # in-process runs have no nodes.json
