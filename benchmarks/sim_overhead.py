@@ -19,6 +19,9 @@ sparse replies, partial sums inside a message: the default), ``vectorised-no-sum
 
     python benchmarks/sim_overhead.py --ml100k ../shared/data/ml-100k --loss full \
         --paths vectorised,vectorised-no-sums --clients 100 --backends inprocess,ray
+
+``--peer pfl`` also runs the same workload in pfl-research (``pip install 'rf2[peer]'``;
+without it the flag says so and the peer is skipped) and prints rf2 / pfl per setting.
 """
 
 from __future__ import annotations
@@ -111,6 +114,82 @@ def plain_loop_round_s(cfg_map: dict, rounds: int) -> float:
     return statistics.median(times[1:])
 
 
+def pfl_round_s(cfg_map: dict, rounds: int) -> float:
+    """Median seconds per round of the same workload in pfl-research (``pip install pfl``):
+    the same users (every user with training examples, 100 sampled per round), the same
+    rf2 two-tower module and loss, one full-batch local SGD step at the same lr, FedAvg
+    then server Adagrad (lr, eps = tau) on the mean update, in pfl's simulated backend."""
+    import numpy as np
+    import torch
+    from pfl.aggregate.simulate import SimulatedBackend
+    from pfl.algorithm import FederatedAveraging, NNAlgorithmParams
+    from pfl.callback.base import TrainingProcessCallback
+    from pfl.data.dataset import Dataset
+    from pfl.data.federated_dataset import FederatedDataset
+    from pfl.data.sampling import get_user_sampler
+    from pfl.hyperparam import NNEvalHyperParams, NNTrainHyperParams
+    from pfl.metrics import Weighted
+    from pfl.model.pytorch import PyTorchModel
+
+    from rf2.core.config import load_run_config
+    from rf2.data import load_dataset
+    from rf2.model import build_model
+    from rf2.model.examples import num_training_examples, user_examples
+
+    torch.set_num_threads(1)
+    cfg = load_run_config(cfg_map)
+    ds = load_dataset(cfg.dataset, cfg.seed)
+
+    class Wrapped(torch.nn.Module):
+        """rf2's two-tower with the ``loss`` / ``metrics`` pair pfl calls."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.tower = build_model(cfg.model, ds, cfg.seed)
+
+        def loss(self, hist, tgt, eval=False):  # noqa: A002, ANN001, ANN202, ARG002
+            return self.tower.loss(hist, tgt)
+
+        @torch.no_grad()
+        def metrics(self, hist, tgt, eval=False):  # noqa: A002, ANN001, ANN202, ARG002
+            n = len(tgt)
+            return {"loss": Weighted(float(self.tower.loss(hist, tgt)) * n, n)}
+
+    users = [int(u) for u in np.flatnonzero(num_training_examples(ds) > 0)]
+
+    def make_dataset(user: int) -> Dataset:
+        hist, tgt = user_examples(ds, user)
+        return Dataset(raw_data=[torch.from_numpy(hist), torch.from_numpy(tgt)], user_id=user)
+
+    data = FederatedDataset(make_dataset, get_user_sampler("minimize_reuse", users))
+    module = Wrapped()
+    model = PyTorchModel(
+        model=module, local_optimizer_create=torch.optim.SGD,
+        central_optimizer=torch.optim.Adagrad(module.parameters(), lr=cfg.strategy.server_lr,
+                                              eps=cfg.strategy.tau))
+    stamps: list[float] = []
+
+    class Clock(TrainingProcessCallback):
+        def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):  # noqa: ANN001, ANN201, ARG002
+            stamps.append(time.perf_counter())
+            return False, aggregate_metrics.__class__()
+
+    start = time.perf_counter()
+    FederatedAveraging().run(
+        algorithm_params=NNAlgorithmParams(central_num_iterations=rounds,
+                                           evaluation_frequency=10**9,
+                                           train_cohort_size=cfg.clients_per_round,
+                                           val_cohort_size=0),
+        backend=SimulatedBackend(training_data=data, val_data=None),
+        model=model,
+        model_train_params=NNTrainHyperParams(local_learning_rate=cfg.client.lr,
+                                              local_num_epochs=1, local_batch_size=None),
+        model_eval_params=NNEvalHyperParams(local_batch_size=None),
+        callbacks=[Clock()], send_metrics_to_platform=False)
+    times = np.diff([start, *stamps])
+    return float(statistics.median(times[1:]))
+
+
 # rf2's client paths: cohort-vectorised training with sparse replies and partial sums
 # (the default), the same with one reply per client, and the per-user reference path
 # with whole-model replies.
@@ -122,7 +201,7 @@ PATHS = {"vectorised": {"vectorise": True, "sparse_updates": True},
 
 
 def measure_one(backend: str, clients: int, users: int, path: str = "vectorised",
-                ml100k: str | None = None, loss: str = "auto") -> dict:
+                ml100k: str | None = None, loss: str = "auto", with_pfl: bool = False) -> dict:
     from rf2.cli.support import quiet_frameworks, run_job
 
     quiet_frameworks(False)
@@ -154,11 +233,13 @@ def measure_one(backend: str, clients: int, users: int, path: str = "vectorised"
     # worker spin-up (the excess of round 1 over a steady round), final save.
     startup = total - sum(r["round_wall_s"] for r in rows) + (by_round[1]["round_wall_s"] - steady)
     plain = plain_loop_round_s(cfg_map, ROUNDS)
+    peer = pfl_round_s(cfg_map, ROUNDS) if with_pfl else None
     return {"backend": backend, "clients": clients, "users": "ml100k" if ml100k else users,
             "path": path if loss == "auto" else f"{path}, loss={loss}",
             "rf2_round_s": steady, "plain_round_s": plain, "ratio": steady / plain,
             "startup_s": startup, "first_round_done_s": first_done,
-            "peak_rss_gb": mem.peak / 1e9}
+            "peak_rss_gb": mem.peak / 1e9,
+            **({} if peer is None else {"pfl_round_s": peer, "rf2_over_pfl": steady / peer})}
 
 
 def main() -> None:
@@ -174,15 +255,24 @@ def main() -> None:
                         help="model.loss (auto: full softmax below 5,000 items)")
     parser.add_argument("--clients", default="10,100", help="clients per round (comma-separated)")
     parser.add_argument("--backends", default="inprocess,ray", help="comma-separated")
+    parser.add_argument("--peer", default=None, choices=["pfl"],
+                        help="also run the same workload in pfl-research (pip install pfl)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per setting; the table shows the median-ratio run and the range")
     parser.add_argument("--out", default="benchmarks/results/sim_overhead.md")
     args = parser.parse_args()
+    if args.peer == "pfl":
+        import importlib.util
+
+        if importlib.util.find_spec("pfl") is None:
+            print("--peer pfl: pfl-research is not installed here (pip install pfl); "
+                  "measuring rf2 against the plain loop only", file=sys.stderr)
+            args.peer = None
     if args.one:
         backend, clients, users = args.one
         print(json.dumps(measure_one(backend, int(clients), int(users), args.path, args.ml100k,
-                                     args.loss)))
+                                     args.loss, with_pfl=args.peer == "pfl")))
         return
     user_counts = (943,) if args.ml100k else (1000, 100_000)
     settings = [(b, int(c), u, p) for b in args.backends.split(",")
@@ -194,7 +284,8 @@ def main() -> None:
     for backend, clients, users, path in settings:
         tries = []
         extra = ["--path", path, "--loss", args.loss] + (
-            ["--ml100k", args.ml100k] if args.ml100k else [])
+            ["--ml100k", args.ml100k] if args.ml100k else []) + (
+            ["--peer", args.peer] if args.peer else [])
         for _ in range(args.repeat):
             proc = subprocess.run([sys.executable, __file__, "--one", backend, str(clients),
                                    str(users), *extra],
@@ -221,6 +312,12 @@ def main() -> None:
         f"{r['ratio_range'][1]:.2f}x | {r['startup_s']:.1f} | {r['peak_rss_gb']:.2f} |"
         for r in results
     ]
+    peers = [r for r in results if "pfl_round_s" in r]
+    if peers:
+        lines += ["", "| backend | rf2 client path | rf2 s/round | pfl s/round | rf2 / pfl |",
+                  "|---|---|---|---|---|"] + [
+            f"| {r['backend']} | {r['path']} | {r['rf2_round_s']:.3f} | {r['pfl_round_s']:.3f} "
+            f"| {r['rf2_over_pfl']:.2f}x |" for r in peers]
     table = "\n".join(lines)
     print(table)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,12 @@ _CLASSES: dict[tuple[str, str], type[Strategy]] = {
     ("qffl", "adagrad"): QFFLAdagrad,
     ("qffl", "adam"): QFFLAdam,
     ("qffl", "yogi"): QFFLYogi,
+    # FedBuff: FedAvg's mean of the (staleness-weighted, rebased) buffered updates; the
+    # asynchrony itself is the server's (rf2.fl.buffered).
+    ("fedbuff", "none"): FedAvg,
+    ("fedbuff", "adagrad"): FedAdagrad,
+    ("fedbuff", "adam"): FedAdam,
+    ("fedbuff", "yogi"): FedYogi,
 }
 
 

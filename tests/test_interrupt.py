@@ -1,6 +1,6 @@
-"""Ctrl-C (SIGINT) stops a run within 5 s, keeps every completed round, says how to
-resume (exit 130); client deadlines hold in-process and per user inside a batch;
-the end-of-run summary and rf2.log."""
+"""Ctrl-C (SIGINT) or SIGTERM stops a run within 5 s, keeps every completed round, says
+how to resume (exit 130 / 143), also in sweeps and while Ray starts; client deadlines
+hold in-process and per user inside a batch; the end-of-run summary and rf2.log."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from conftest import read_rows, small_run, without_timing
 
 from rf2.cli.support import run_job
 from rf2.fl.deadline import DeadlineExceeded, call_with_deadline
+from rf2.runs.lock import LOCK
 from rf2.runs.run_folder import RunFolder
 from rf2.runs.summary import run_summary
 
@@ -25,7 +26,17 @@ ARGS = ["num_rounds=400", "checkpoint_every=50", "dataset.num_users=400",
         "clients_per_round=40", "model.dim=16", "progress=false"]
 
 
-def _interrupt(tmp_path: Path, backend: list[str], wait_rows: int) -> tuple[int, float, str]:
+def _send(pid: int, sig: signal.Signals) -> None:
+    """SIGINT as a terminal's Ctrl-C (the whole process group), SIGTERM as ``kill``,
+    ``timeout`` or a scheduler sends it (the rf2 process only)."""
+    if sig == signal.SIGINT:
+        os.killpg(pid, sig)
+    else:
+        os.kill(pid, sig)
+
+
+def _interrupt(tmp_path: Path, backend: list[str], wait_rows: int,
+               sig: signal.Signals = signal.SIGINT) -> tuple[int, float, str]:
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "rf2", *backend, *ARGS,
                              f"hydra.run.dir={run}"], cwd=tmp_path, stdout=subprocess.PIPE,
@@ -37,7 +48,7 @@ def _interrupt(tmp_path: Path, backend: list[str], wait_rows: int) -> tuple[int,
             break
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()
-    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
+    _send(proc.pid, sig)
     sent = time.monotonic()
     try:
         _, err = proc.communicate(timeout=60)
@@ -47,10 +58,12 @@ def _interrupt(tmp_path: Path, backend: list[str], wait_rows: int) -> tuple[int,
     return proc.returncode, time.monotonic() - sent, err
 
 
-def _check_interrupted(tmp_path: Path, code: int, seconds: float, err: str) -> int:
+def _check_interrupted(tmp_path: Path, code: int, seconds: float, err: str,
+                       expected: int = 130) -> int:
     run = tmp_path / "run"
-    assert code == 130, err
+    assert code == expected, err
     assert "Traceback" not in err, err
+    assert "SIGTERM received" not in err, err  # no Ray C++ stack dump
     last = err.strip().splitlines()[-1]
     rows = read_rows(run)
     n = rows[-1]["round"]
@@ -92,8 +105,9 @@ def test_ctrl_c_on_ray_stops_within_5_s(tmp_path: Path) -> None:
     _check_interrupted(tmp_path, code, seconds, err)
 
 
-def _interrupt_sweep(tmp_path: Path, launcher: list[str], running: int) -> tuple[int, str]:
-    """A 3-job sweep; Ctrl-C once ``running`` jobs have logged 3 rows each."""
+def _interrupt_sweep(tmp_path: Path, launcher: list[str], running: int,
+                     sig: signal.Signals) -> tuple[int, str]:
+    """A 3-job sweep; ``sig`` once ``running`` jobs have logged 3 rows each."""
     sweep = tmp_path / "sweep"
     proc = subprocess.Popen([sys.executable, "-m", "rf2", "-m", "simulation=inprocess",
                              *ARGS, "seed=1,2,3", *launcher, f"hydra.sweep.dir={sweep}"],
@@ -106,7 +120,7 @@ def _interrupt_sweep(tmp_path: Path, launcher: list[str], running: int) -> tuple
             break
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()
-    os.killpg(proc.pid, signal.SIGINT)
+    _send(proc.pid, sig)
     try:
         _, err = proc.communicate(timeout=60)
     finally:
@@ -115,13 +129,82 @@ def _interrupt_sweep(tmp_path: Path, launcher: list[str], running: int) -> tuple
     return proc.returncode, err
 
 
+def _resume_continues(tmp_path: Path, n: int) -> None:
+    """``resume=`` continues from round ``n``: the rows up to it stay, two more follow."""
+    run = tmp_path / "run"
+    before = without_timing(read_rows(run))
+    resumed = subprocess.run([sys.executable, "-m", "rf2", f"resume={run}",
+                              "simulation=inprocess", f"num_rounds={n + 2}",
+                              f"hydra.run.dir={tmp_path / 'r'}"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    after = read_rows(run)
+    assert [r["round"] for r in after] == list(range(n + 3))
+    assert without_timing(after[:n + 1]) == before
+    assert (run / "DONE").exists()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("launcher", "running"), [
-    ([], 1), (["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], 2)])
-def test_ctrl_c_in_a_sweep_stops_its_jobs_checkpointed_and_starts_no_more(
-        tmp_path: Path, launcher: list[str], running: int) -> None:
-    code, err = _interrupt_sweep(tmp_path, launcher, running)
-    assert code == 130, err
+def test_sigterm_in_process_checkpoints_releases_the_lock_and_resumes(tmp_path: Path) -> None:
+    code, seconds, err = _interrupt(tmp_path, ["simulation=inprocess"], wait_rows=3,
+                                    sig=signal.SIGTERM)
+    n = _check_interrupted(tmp_path, code, seconds, err, expected=143)
+    _resume_continues(tmp_path, n)
+
+
+@pytest.mark.slow
+def test_sigterm_on_ray_checkpoints_without_a_stack_dump_and_resumes(tmp_path: Path) -> None:
+    ray_tmp = tempfile.mkdtemp(prefix="rf2st")
+    code, seconds, err = _interrupt(tmp_path, ["simulation=ray",
+                                               f"simulation.ray_temp_dir={ray_tmp}"],
+                                    wait_rows=3, sig=signal.SIGTERM)
+    n = _check_interrupted(tmp_path, code, seconds, err, expected=143)
+    _resume_continues(tmp_path, n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_ray_starts_stops_the_run_once_ray_is_up(
+        tmp_path: Path, sig: signal.Signals) -> None:
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rf2rs"))
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "rf2", "simulation=ray",
+                             f"simulation.ray_temp_dir={ray_tmp}", *ARGS,
+                             f"hydra.run.dir={run}"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    # Ray's session folder appears as ray.init begins, long before it returns.
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(ray_tmp.glob("session_*")):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.communicate()
+    _send(proc.pid, sig)
+    try:
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + sig, err
+    assert "Traceback" not in err and "WARNING" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        f"rf2: interrupted before round 0; resume with: rf2 resume={run}")
+    assert not (run / "metrics.jsonl").exists()  # not one round ran
+    assert (run / "config.yaml").exists() and not (run / LOCK).exists()
+
+
+JOBLIB = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("launcher", "running", "sig"), [
+    ([], 1, signal.SIGTERM), (JOBLIB, 2, signal.SIGINT),
+    # SIGTERM reaches the launcher only; its workers' jobs learn of it from the sweep
+    (JOBLIB, 2, signal.SIGTERM)])
+def test_ctrl_c_or_sigterm_in_a_sweep_stops_its_jobs_checkpointed_and_starts_no_more(
+        tmp_path: Path, launcher: list[str], running: int, sig: signal.Signals) -> None:
+    code, err = _interrupt_sweep(tmp_path, launcher, running, sig)
+    assert code == 128 + sig, err
     assert "Traceback" not in err, err
     sweep = tmp_path / "sweep"
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())

@@ -166,17 +166,22 @@ def test_full_disk_stops_with_one_line_and_keeps_earlier_rounds(small_disk: Path
     assert not (run_dir / "DONE").exists()
 
 
-def test_read_only_output_dir_is_one_clear_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("form", ["hydra.run.dir={}", "hydra.run.dir='{}'", "++hydra.run.dir={}"])
+def test_read_only_output_dir_is_one_clear_line(form: str) -> None:
+    """However the folder is written on the command line (quoted, ``++``), Hydra's own
+    mkdir never gets to print its traceback: one line, exit 2, nothing created."""
     mount = Path(tempfile.mkdtemp(prefix="rf2ro"))
     if not _tmpfs(mount, "1m", "ro"):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         proc = subprocess.run([sys.executable, "-m", "rf2", "simulation=inprocess",
-                               f"hydra.run.dir={mount / 'run'}"],
+                               form.format(mount / "run")],
                               capture_output=True, text=True, timeout=120)
+        left = list(mount.iterdir())
     finally:
         subprocess.run(["umount", str(mount)], capture_output=True)
         shutil.rmtree(mount, ignore_errors=True)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"rf2: cannot write the output directory {mount / 'run'}: Read-only file system"]
+    assert left == []

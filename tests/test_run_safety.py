@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -363,3 +365,108 @@ def test_parallel_sweep_with_joblib_launcher_equals_the_sequential_one(tmp_path:
             assert g["recall@20"] == pytest.approx(w["recall@20"], abs=1e-6)
             assert g["loss"] == pytest.approx(w["loss"], rel=1e-5)
     assert runs["par"][0].read_metrics()[-1]["recall@20"] != runs["par"][1].read_metrics()[-1]["recall@20"]
+
+
+# -- issue 22: sweep folder lock, output dirs and paths, resume without rows -------------
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow  # an rf2 subprocess
+def test_second_sweep_into_a_running_sweeps_folder_changes_none_of_its_files(
+        tmp_path: Path) -> None:
+    """The window that used to let it through: a running sweep whose job 0 has its
+    ``.hydra/`` but not yet its own lock (still importing). The sweep folder's lock,
+    taken before Hydra writes anything, refuses the second sweep up front."""
+    sweep = tmp_path / "sw"
+    job = sweep / "0" / ".hydra"
+    job.mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text("hydra: {mode: MULTIRUN}\n")
+    (job / "config.yaml").write_text("seed: 1\n")
+    (sweep / "0" / "rf2.log").write_text("job 0 starting\n")
+    with RunLock(sweep, "sweep folder"):  # held by this (live) process: a running sweep
+        before = _snapshot(sweep)
+        proc = _rf2(["-m", *SMALL, "seed=7,8", "num_rounds=5", f"hydra.sweep.dir={sweep}"],
+                    tmp_path)
+        assert _snapshot(sweep) == before  # no file rewritten, appended to or added
+    assert proc.returncode == 2
+    line = _one_line(proc)
+    assert f"sweep folder {sweep} is in use by pid {os.getpid()}" in line
+
+
+def test_a_sweep_holds_its_folder_lock_while_hydra_runs(tmp_path: Path) -> None:
+    from rf2.cli.precheck import fixed_sweep_dir
+
+    argv = ["-m", "seed=1,2", f"hydra.sweep.dir='{tmp_path / 'sw'}'"]
+    assert fixed_sweep_dir(argv) == tmp_path / "sw"  # quoted as Hydra reads it
+    assert fixed_sweep_dir(["-m", "hydra.sweep.dir=m/${now:%H}"]) is None  # unique anyway
+    assert fixed_sweep_dir([f"hydra.sweep.dir={tmp_path}"]) is None  # not a multirun
+    with RunLock(tmp_path / "sw", "sweep folder"), pytest.raises(RunFolderBusy,
+                                                                 match="sweep folder"):
+        check_command(["-m", *SMALL, "seed=1,2", f"hydra.sweep.dir={tmp_path / 'sw'}"])
+
+
+@pytest.mark.parametrize("form", ["hydra.run.dir={}", "hydra.run.dir='{}'",
+                                  "++hydra.run.dir={}", "hydra.run.dir={}/${{now:%H}}"])
+def test_output_dir_under_a_file_is_one_line_exit_2(
+        tmp_path: Path, form: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from rf2.cli.support import preflight_output_dir
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        preflight_output_dir([form.format(tmp_path / "file" / "run")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith(
+        f"rf2: cannot write the output directory {tmp_path / 'file'}")
+
+
+def _symlink_loop(tmp_path: Path) -> Path:
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    return tmp_path / "a"
+
+
+def test_symlink_loop_as_dataset_path_is_one_data_error(tmp_path: Path) -> None:
+    loop = _symlink_loop(tmp_path)
+    with pytest.raises(DataError, match="symlink loop"):
+        check_command(["dataset=movielens100k", f"dataset.path={loop}"])
+
+
+@pytest.mark.slow  # an rf2 subprocess
+def test_cli_symlink_loop_is_one_line_exit_2_and_leaves_nothing(tmp_path: Path) -> None:
+    loop = _symlink_loop(tmp_path)
+    proc = _rf2([*SMALL, "dataset=movielens100k", f"dataset.path={loop}"], tmp_path)
+    assert proc.returncode == 2
+    assert "symlink loop" in _one_line(proc) and str(loop) in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no outputs/ left
+
+
+def test_resume_of_a_folder_without_rows_says_it_starts_at_round_0(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    run = tmp_path / "run"
+    run_job(small_run(num_rounds=2), run)
+    for path in run.iterdir():  # keep only config.yaml, as a run killed at its start
+        if path.name != "config.yaml":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    with caplog.at_level("WARNING", logger="rf2"):
+        run_job(small_run(resume=str(run)), tmp_path / "unused")
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert f"{run} has no checkpoint; resuming from round 0 (it holds no rounds yet)" in text
+    assert [r["round"] for r in read_rows(run)] == [0, 1, 2]
+    assert json.loads((run / "data_fingerprint.json").read_text())["sha256"]
+
+
+def test_more_negatives_than_items_is_accepted_as_documented(tmp_path: Path) -> None:
+    """``model.num_negatives`` above the catalogue is allowed (docs/reliability.md, case
+    61): negatives are drawn uniformly with replacement and the logQ correction uses the
+    expected count K / I, so the sampled loss stays a valid estimate of the full one."""
+    cfg = small_run(**{"model.loss": "sampled", "model.num_negatives": 400,  # 150 items
+                       "num_rounds": 2})
+    run_job(cfg, tmp_path / "run")
+    rows = read_rows(tmp_path / "run")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(math.isfinite(r["recall@20"]) for r in rows)
+    assert rows[-1]["num_clients_trained"] > 0

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 def execute_central(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Path:
     """Train centrally and write the run folder; with ``resuming``, continue its checkpoint."""
-    from rf2.cli.runner import data_summary, finish_run
+    from rf2.cli.runner import data_summary, finish_run, restart_from_round_0
 
     cfg = prep.cfg
     hist, tgt = pooled_examples(prep.dataset)
@@ -49,7 +49,7 @@ def execute_central(prep: PreparedRun, folder: RunFolder, resuming: bool = False
         folder.truncate_to_round(done_rounds)
     else:
         if resuming:
-            folder.truncate_to_round(-1)
+            restart_from_round_0(folder)
         else:
             folder.create(to_dict(cfg))
         folder.write_json("population.json", population_summary(prep.dataset, prep.population))

@@ -18,6 +18,8 @@ import sys
 import tempfile
 import threading
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from rf2.core.errors import UserInputError
-from rf2.fl.interrupt import RunInterrupted
+from rf2.fl.interrupt import STOP, RunInterrupted, exit_status, stop_requested
 from rf2.runs.run_folder import RunFolder, RunFolderError
 
 log = logging.getLogger("rf2")
@@ -47,16 +49,58 @@ def _sweep_interrupts() -> Path | None:
 
 
 _job_here = threading.Event()  # this process is running a sweep job (basic launcher)
+_received: int | None = None  # the stop signal this process got outside a run's own handler
 
 
-def _on_sweep_sigint(signum: int, frame: object) -> None:  # noqa: ARG001 - signal signature
-    """Ctrl-C while a sweep's jobs run elsewhere (a parallel launcher's workers get the
-    same SIGINT and stop after their round) or between two jobs here: note it, so the
-    jobs not yet started skip, and keep waiting for the running ones to write their last
-    checkpoint. Inside a job here, and on a second Ctrl-C, it is a KeyboardInterrupt."""
+def _on_signal(signum: int, frame: object) -> None:  # noqa: ARG001 - signal signature
+    """SIGTERM outside a run (composing, loading, saving): what Ctrl-C does there."""
+    global _received
+    _received = _received or signum
+    raise KeyboardInterrupt
+
+
+def _on_sweep_signal(signum: int, frame: object) -> None:  # noqa: ARG001 - signal signature
+    """Ctrl-C or SIGTERM while a sweep's jobs run elsewhere (a parallel launcher's
+    workers: a terminal's Ctrl-C reaches them too, a SIGTERM sent to this process only
+    reaches them through the note below, which their jobs watch) or between two jobs
+    here: note it, so the jobs not yet started skip, and keep waiting for the running
+    ones to write their last checkpoint. Inside a job here, and on a second signal, it
+    is a KeyboardInterrupt."""
+    global _received
+    _received = _received or signum
     if _job_here.is_set() or _sweep_interrupted():
         raise KeyboardInterrupt
     _note_interrupted_job(None)
+
+
+def _stop_signal() -> int:
+    """The signal that stopped this command (SIGINT unless a SIGTERM was seen)."""
+    return STOP.signum or _received or signal.SIGINT
+
+
+@contextmanager
+def _watch_sweep(in_sweep: bool) -> Iterator[None]:
+    """A sweep job in a parallel launcher's worker stops (at a round boundary) once the
+    sweep is interrupted: its parent may have got a SIGTERM this worker never saw."""
+    if not in_sweep:
+        yield
+        return
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
+        signal.signal(signal.SIGTERM, _on_signal)  # a worker's SIGTERM outside the run
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.25):
+            if _sweep_interrupted() and not stop_requested():
+                STOP.note(signal.SIGTERM)
+
+    watcher = threading.Thread(target=watch, name="rf2-sweep-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 def _sweep_interrupted() -> bool:
@@ -86,7 +130,8 @@ def run_from_hydra(cfg: DictConfig) -> Path | None:
     written: Path | None = None
     status = "failed"  # unless _run returns: it exits on bad input or a full disk
     try:
-        written = _run(run_dir, _data_of(cfg), in_sweep)
+        with _watch_sweep(in_sweep):
+            written = _run(run_dir, _data_of(cfg), in_sweep)
         status = "done" if written else "interrupted"
         return written
     finally:
@@ -154,9 +199,13 @@ def _run(run_dir: Path, data: dict[str, Any], in_sweep: bool) -> Path | None:
             if debug:
                 traceback.print_exc()
             rows = RunFolder(folder).read_metrics() if folder.is_dir() else []
+            started = bool(rows) or RunFolder(folder).holds_run
             if rows:
                 print(f"rf2: interrupted after round {int(rows[-1]['round'])}; resume with: "
                       f"rf2 resume={folder}", file=sys.stderr, flush=True)
+            elif started:  # stopped while Ray started: the folder is set up, no row yet
+                print(f"rf2: interrupted before round 0; resume with: rf2 resume={folder}",
+                      file=sys.stderr, flush=True)
             else:
                 remove_unused_run_dir(run_dir)
                 print("rf2: interrupted before round 0; nothing to resume", file=sys.stderr,
@@ -164,14 +213,14 @@ def _run(run_dir: Path, data: dict[str, Any], in_sweep: bool) -> Path | None:
             if in_sweep:
                 # Return normally: a parallel launcher that saw a job fail would kill the
                 # jobs still writing their last checkpoint. The jobs not yet started skip.
-                _note_interrupted_job(folder if rows else None)
+                _note_interrupted_job(folder if started else None)
                 return None
             # Everything is on disk (rows and checkpoints are fsynced, the lock released):
             # leave now rather than wait seconds for library exit hooks (Flower's
             # telemetry, Ray) that could make a Ctrl-C feel ignored.
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(130)
+            os._exit(exit_status(_stop_signal()))
 
 
 _hydra_main = hydra.main(version_base="1.3", config_path="pkg://rf2.conf", config_name="config")(
@@ -198,7 +247,10 @@ def main() -> None:
         os.close(fd)
         jobs = Path(name)
         os.environ[SWEEP_JOBS] = name
-        signal.signal(signal.SIGINT, _on_sweep_sigint)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _on_sweep_signal)
+    else:
+        signal.signal(signal.SIGTERM, _on_signal)  # a scheduler's stop, as a Ctrl-C
     try:
         _main()
         if jobs is not None:
@@ -211,7 +263,7 @@ def main() -> None:
         if interrupts is not None:  # a sweep: between jobs, or in the launcher's wait
             _sweep_summary(interrupts, interrupted=True)
         print("rf2: interrupted before round 0; nothing to resume", file=sys.stderr, flush=True)
-        sys.exit(130)
+        sys.exit(exit_status(_stop_signal()))
     except BrokenPipeError:
         # `rf2 --help | head -1`: the reader left. Point stdout at /dev/null so the
         # interpreter's final flush does not raise again, and say it once on stderr.
@@ -233,6 +285,7 @@ def _sweep_table(jobs: Path) -> None:
         lines = jobs.read_text(encoding="utf-8").splitlines()
     except OSError:
         return
+    jobs.unlink(missing_ok=True)  # read: an interrupted sweep leaves by os._exit below
     outcomes: dict[str, JobOutcome] = {}
     for line in lines:
         parts = line.split("\t")
@@ -245,7 +298,8 @@ def _sweep_table(jobs: Path) -> None:
 
 
 def _sweep_summary(interrupts: Path, interrupted: bool = False) -> None:
-    """After an interrupted sweep: one line per job to resume, exit status 130."""
+    """After an interrupted sweep: one line per job to resume, exit status 130 (143
+    after a SIGTERM)."""
     lines = interrupts.read_text(encoding="utf-8").splitlines() if interrupts.exists() else []
     if not lines and not interrupted:
         return
@@ -255,10 +309,22 @@ def _sweep_summary(interrupts: Path, interrupted: bool = False) -> None:
     for folder in folders:
         print(f"  rf2 resume={folder}", file=sys.stderr, flush=True)
     interrupts.unlink(missing_ok=True)
+    _stop_idle_workers()
     # Everything is on disk: leave without library exit hooks, as a single run does.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(130)
+    os._exit(exit_status(_stop_signal()))
+
+
+def _stop_idle_workers() -> None:
+    """Shut down joblib's (loky) worker pool, as the exit hook skipped by ``os._exit``
+    would: idle workers would otherwise outlive this command for minutes, holding its
+    stdout and stderr open (``rf2 -m ... | tee log`` would not end)."""
+    loky = sys.modules.get("joblib.externals.loky.reusable_executor")
+    executor = getattr(loky, "_executor", None)  # None unless the joblib launcher ran
+    if executor is not None:
+        # joblib's MemmappingExecutor.terminate also removes its shared-memory folder.
+        getattr(executor, "terminate", executor.shutdown)()
 
 
 def _narrowed_help(argv: list[str]) -> None:
@@ -281,7 +347,9 @@ def _narrowed_help(argv: list[str]) -> None:
 
 
 def _main() -> None:
+    from rf2.cli.precheck import fixed_sweep_dir
     from rf2.cli.support import precheck_overrides, preflight_output_dir
+    from rf2.runs.lock import RunLock
 
     if any(a in ("--help", "-h") for a in sys.argv[1:]):
         _narrowed_help(sys.argv[1:])
@@ -294,10 +362,22 @@ def _main() -> None:
             from rf2.cli.precheck import check_command
 
             check_command(argv)
+            # A sweep into a fixed folder holds it before Hydra writes anything there: a
+            # second sweep into it is refused without touching the running one's files.
+            sweep_dir = fixed_sweep_dir(argv)
+            lock = RunLock(sweep_dir, "sweep folder") if sweep_dir is not None else None
+            if lock is not None:
+                lock.acquire()
         except UserInputError as ex:
             _fail(ex, debug)
-    register_ray_launcher()
-    _hydra_main()
+    else:
+        lock = None
+    try:
+        register_ray_launcher()
+        _hydra_main()
+    finally:
+        if lock is not None:
+            lock.release()
     sys.stdout.flush()
 
 

@@ -20,6 +20,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, OverrideParseException
 from omegaconf import OmegaConf
 
+from rf2.cli.support import override_value
 from rf2.core.config import RunConfig, load_run_config
 from rf2.core.errors import ConfigError, UserInputError
 from rf2.runs.lock import check_not_busy
@@ -81,10 +82,12 @@ def compose_job(job: list[str]) -> dict[str, Any]:
 
 def check_job(data: dict[str, Any]) -> RunConfig:
     """Everything about one job that needs no data: values, profile, resume folder."""
-    from rf2.cli.runner import check_profile  # torch-free path is not needed here
+    from rf2.cli.runner import check_profile, resolved_data_path
 
     cfg = load_run_config(data)
     check_profile(cfg)
+    if cfg.dataset.path:
+        resolved_data_path(cfg.dataset.path)  # a symlink loop: one line, before any folder
     if cfg.resume:
         folder = RunFolder(cfg.resume)
         if not (folder.path / "config.yaml").is_file():
@@ -94,16 +97,24 @@ def check_job(data: dict[str, Any]) -> RunConfig:
 
 
 def _static(argv: list[str], key: str) -> Path | None:
-    value = next((a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith(key + "=")), None)
+    value = override_value(argv, key)
     return None if value is None or "${" in value else Path(value)
+
+
+def fixed_sweep_dir(argv: list[str]) -> Path | None:
+    """The ``hydra.sweep.dir`` of a multirun when it is fixed on the command line (the
+    default one holds the time to the microsecond: no two sweeps share it)."""
+    _, multirun = _split(argv)
+    return _static(argv, "hydra.sweep.dir") if multirun else None
 
 
 def check_output_dirs(argv: list[str], configs: list[RunConfig], multirun: bool) -> None:
     """A fixed ``hydra.run.dir`` / ``hydra.sweep.dir`` must not hold another run."""
     if multirun:
         root = _static(argv, "hydra.sweep.dir")
-        if root is None or _static(argv, "hydra.sweep.subdir") is not None:
+        if root is None:
             return
+        check_not_busy(root, "sweep folder")  # another sweep runs there
         if any(a.lstrip("+").startswith("hydra.sweep.subdir=") for a in argv):
             return
         dirs = [(root / str(i), c) for i, c in enumerate(configs)]

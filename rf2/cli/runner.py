@@ -25,7 +25,7 @@ from rf2.data.base import FederatedDataset
 from rf2.eval.evaluation import Evaluator
 from rf2.fl.checkpointing import ServerState, restore_state
 from rf2.fl.client import client_spec_from, make_client_app, retire_worker_model, worker_state
-from rf2.fl.interrupt import RunInterrupted, stop_on_sigint, stop_requested
+from rf2.fl.interrupt import RunInterrupted, stop_on_signals, stop_requested
 from rf2.fl.params import load_numpy_into, state_to_numpy
 from rf2.fl.ray_nodes import NodeRecord, records_as_json
 from rf2.fl.selection import ClientSelector
@@ -59,6 +59,18 @@ class PreparedRun:
     strategy: Strategy
     num_examples: np.ndarray  # (num_users,)
     privacy: PrivacyPlan | None = None  # privacy=dp, resolved against the population
+
+
+def resolved_data_path(path: str) -> str:
+    """``dataset.path`` made absolute with symlinks resolved; a symlink loop (or a path
+    the OS cannot resolve) is one data error, not a traceback."""
+    try:
+        return str(Path(path).resolve())
+    except RuntimeError:  # Python < 3.13: "Symlink loop from ..."
+        raise DataError(path, "symlink loop: the path (or a folder in it) is a link that "
+                        "points back to itself; point dataset.path at the data") from None
+    except OSError as ex:
+        raise DataError(path, f"cannot resolve the path: {ex.strerror or ex}") from None
 
 
 def check_profile(cfg: RunConfig) -> DeviceProfile:
@@ -104,7 +116,7 @@ def prepare(cfg: RunConfig) -> PreparedRun:
     before a large dataset has loaded.
     """
     if cfg.dataset.path:
-        resolved = str(Path(cfg.dataset.path).resolve())
+        resolved = resolved_data_path(cfg.dataset.path)
         cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, path=resolved))
     profile = check_profile(cfg)
     dataset = load_dataset(cfg.dataset, cfg.seed)
@@ -173,7 +185,9 @@ def execute(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Pat
         folder.truncate_to_round(state.round)
     else:
         if resuming:
-            folder.truncate_to_round(-1)
+            restart_from_round_0(folder)
+            if not (folder.path / DATASET).exists():
+                folder.write_json(DATASET, fingerprint)  # checked by the next resume
         else:
             folder.create(to_dict(cfg))
             folder.write_json(DATASET, fingerprint)
@@ -205,7 +219,7 @@ def execute(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Pat
     if cfg.simulation.backend == "inprocess":
         worker_state(spec, prep.dataset)  # clients run here: share the loaded dataset
     if state.round < cfg.num_rounds or not folder.read_metrics():
-        with stop_on_sigint():
+        with stop_on_signals():
             nodes = launch(server.main, lambda shared: make_client_app(
                                dataclasses.replace(spec, data=shared)),
                            num_slots, cfg.simulation,
@@ -256,6 +270,21 @@ def write_nodes(folder: RunFolder, nodes: list[NodeRecord]) -> None:
 
 
 DATASET = "data_fingerprint.json"  # the data's sizes and SHA-256, checked on resume
+
+
+def restart_from_round_0(folder: RunFolder) -> None:
+    """A resume without a checkpoint to continue from: say so, and start at round 0.
+
+    (When checkpoints exist but none is valid, ``latest_checkpoint`` has said so.)
+    """
+    rows = folder.read_metrics()
+    if not (folder.path / "checkpoints").is_dir() or not any(
+            (folder.path / "checkpoints").glob("round_*")):
+        held = (f"its {len(rows)} row(s) are computed again" if rows
+                else "it holds no rounds yet")
+        log.warning("rf2: warning: %s has no checkpoint; resuming from round 0 (%s)",
+                    folder.path, held)
+    folder.truncate_to_round(-1)
 
 
 def check_same_data(folder: RunFolder, now: dict[str, Any]) -> None:

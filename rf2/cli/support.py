@@ -80,21 +80,40 @@ def precheck_overrides(argv: list[str]) -> list[str]:
     return out
 
 
+def override_value(argv: list[str], key: str) -> str | None:
+    """The value the command line gives ``key``, as Hydra reads it (``key=``, ``+key=``,
+    ``++key=``, quoted or not); None when absent or unreadable (reported later)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    value = None
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg or arg.lstrip("+~").split("=", 1)[0] != key:
+            continue
+        try:
+            override = parser.parse_overrides([arg])[0]
+        except HydraException:
+            continue
+        if not override.is_delete():
+            value = str(override.value())
+    return value
+
+
 def preflight_output_dir(argv: list[str]) -> None:
-    """Fail with one line if the run's output directory cannot be written.
+    """Fail with one line (exit 2) if the run's output directory cannot be written.
 
     Hydra creates the directory before rf2 runs and reports a failure with a traceback;
     this probes the nearest existing parent of the (static prefix of the) directory.
     """
     multirun = any(a in ("-m", "--multirun") for a in argv)
-    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
-    target = next((a[len(key):] for a in argv if a.startswith(key)),
-                  "multirun" if multirun else "outputs")
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    target = override_value(argv, key) or ("multirun" if multirun else "outputs")
     static = Path(target.split("${", 1)[0] or ".").absolute()
     probe = static
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
     try:
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
         if not probe.is_dir():
             raise NotADirectoryError(f"{probe} is not a directory")
         with tempfile.TemporaryFile(dir=probe):
@@ -103,7 +122,7 @@ def preflight_output_dir(argv: list[str]) -> None:
         reason = ex.strerror or str(ex)
         print(f"rf2: cannot write the output directory {static}: {reason}", file=sys.stderr,
               flush=True)
-        sys.exit(1)
+        sys.exit(2)
 
 
 def quiet_frameworks(debug: bool) -> None:

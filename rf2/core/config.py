@@ -252,8 +252,10 @@ class StrategyConfig:
     _target_: str = "rf2.strategies.build_strategy"
     # Keyword arguments for a custom ``_target_`` (``+strategy.kwargs.alpha=0.5``).
     kwargs: dict[str, Any] = field(default_factory=dict)
-    # Aggregation rule of rf2's builder (the strategy= group sets it).
-    name: Literal["fedavg", "fedprox", "qffl"] = "fedavg"
+    # Aggregation rule of rf2's builder (the strategy= group sets it). fedbuff: FedAvg's
+    # mean (and server optimizer) applied asynchronously, FedBuff on the simulated clock:
+    # one server step per "round" after clients_per_round arrivals (docs/strategies.md).
+    name: Literal["fedavg", "fedprox", "qffl", "fedbuff"] = "fedavg"
     # Server optimizer applied to the aggregated pseudo-gradient (FedOpt, Reddi et al.).
     server_optimizer: Literal["none", "adagrad", "adam", "yogi"] = "adagrad"
     # Server optimizer's learning rate.
@@ -268,6 +270,11 @@ class StrategyConfig:
     proximal_mu: float = 0.01
     # q-FFL: fairness exponent q (0 = unweighted mean, larger = fairer).
     q: float = 1.0
+    # fedbuff: clients training at once (null = 2 x clients_per_round, the buffer size K).
+    concurrency: int | None = None
+    # fedbuff: a delta s server steps stale weighs (1 + s)^-staleness_exponent (0: no
+    # down-weighting; FedBuff's default 0.5).
+    staleness_exponent: float = 0.5
 
     def validate(self, path: str = "strategy") -> None:
         check(self.server_lr > 0, f"{path}.server_lr", self.server_lr, "a number > 0")
@@ -276,6 +283,10 @@ class StrategyConfig:
         check(0 <= self.beta_2 < 1, f"{path}.beta_2", self.beta_2, "a number in [0, 1)")
         check(self.proximal_mu >= 0, f"{path}.proximal_mu", self.proximal_mu, "a number >= 0")
         check(self.q >= 0, f"{path}.q", self.q, "a number >= 0")
+        check(self.concurrency is None or self.concurrency >= 1, f"{path}.concurrency",
+              self.concurrency, "null (= 2 x clients_per_round) or an integer >= 1")
+        check(self.staleness_exponent >= 0, f"{path}.staleness_exponent",
+              self.staleness_exponent, "a number >= 0")
 
 
 @dataclass
@@ -625,6 +636,30 @@ class RunConfig:
               "an integer >= 0")
         if self.privacy.name == "dp":
             self._validate_dp()
+        if self.strategy.name == "fedbuff":
+            self._validate_fedbuff()
+
+    def buffer_concurrency(self) -> int:
+        """fedbuff: clients training at once (``strategy.concurrency`` resolved)."""
+        return self.strategy.concurrency or 2 * self.clients_per_round
+
+    def _validate_fedbuff(self) -> None:
+        """Round policies that only mean something for a synchronous round."""
+        check(self.buffer_concurrency() >= self.clients_per_round, "strategy.concurrency",
+              self.strategy.concurrency,
+              f"an integer >= clients_per_round={self.clients_per_round} (the buffer size)")
+        rnd, opt = self.round, self.optimization
+        for name, value, bad in (("round.deadline_s", rnd.deadline_s, rnd.deadline_s is not None),
+                                 ("round.deadline_quantile", rnd.deadline_quantile,
+                                  rnd.deadline_quantile is not None),
+                                 ("round.overcommit", rnd.overcommit, rnd.overcommit > 0),
+                                 ("optimization.overselect", opt.overselect, opt.overselect > 0)):
+            check(not bad, name, value, "unset with strategy=fedbuff (no synchronous round to "
+                  "cut short: slow clients arrive stale instead)")
+        check(self.privacy.name == "none", "privacy.name", self.privacy.name,
+              "none with strategy=fedbuff (DP accounting of buffered steps is not built)")
+        check(self.mode == "federated", "strategy.name", self.strategy.name,
+              "fedavg, fedprox or qffl with mode=central")
 
     def _validate_dp(self) -> None:
         """DP clips one update per client and feeds the strategy one noised mean."""

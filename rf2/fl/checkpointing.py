@@ -34,6 +34,9 @@ class ServerState:
     participation: Participation | None = None
     # privacy=dp: the accountant's ledger and the adaptive clip norm (JSON-able).
     privacy: dict[str, Any] | None = None
+    # strategy=fedbuff: the schedule (JSON-able) and the model versions still in flight.
+    buffered: dict[str, Any] | None = None
+    buffered_arrays: dict[str, np.ndarray] | None = None
 
 
 class Checkpointer:
@@ -58,12 +61,16 @@ class Checkpointer:
         }
         if state.privacy is not None:
             json_part["privacy"] = state.privacy
+        if state.buffered is not None:
+            json_part["buffered"] = state.buffered
         arrays = {f"model/{k}": v for k, v in state.arrays.items()}
         for k, v in strategy_arrays.items():
             arrays[f"strategy/{k}"] = v
         if state.participation is not None:
             for k, v in state.participation.arrays().items():
                 arrays[f"participation/{k}"] = v
+        for k, v in (state.buffered_arrays or {}).items():
+            arrays[f"buffered/{k}"] = v
         self.folder.save_checkpoint(state.round, arrays, json_part)
 
 
@@ -88,4 +95,7 @@ def restore_state(
         participation.load(counts)
     return ServerState(round=round_, arrays=model, selector=selector, clock=clock,
                        wall_offset_s=float(state.get("wall_offset_s", 0.0)),
-                       participation=participation, privacy=state.get("privacy"))
+                       participation=participation, privacy=state.get("privacy"),
+                       buffered=state.get("buffered"),
+                       buffered_arrays={k[len("buffered/"):]: v for k, v in arrays.items()
+                                        if k.startswith("buffered/")})

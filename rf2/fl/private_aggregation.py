@@ -69,6 +69,11 @@ class PrivateAggregator:
                   num_selected: int) -> tuple[Any, Any, dict[str, float]]:
         """(new global arrays or None, the strategy's metrics, the ``dp/...`` row keys)."""
         plan = self.plan
+        if any(getattr(r, "partial", None) is not None for r in usable):
+            # Clipping bounds each user's contribution: a reply that sums several users'
+            # updates (partial aggregation inside a message) cannot be clipped per user.
+            raise RuntimeError("privacy=dp needs each client's own update; a message replied "
+                               "a partial sum (partial aggregation must be off under DP)")
         rng = np.random.default_rng([self.seed, rnd, _NOISE_STREAM])
         clip_norm = self.clip_norm
         clipped = [clip_reply(r.arrays, g, clip_norm) for r in usable]

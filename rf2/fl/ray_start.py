@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,7 +60,11 @@ def start_lean(num_cpus: int, temp_dir: str | None) -> LeanHead | None:
         params = RayParams(num_cpus=num_cpus, include_dashboard=False, include_log_monitor=False,
                            no_monitor=True,
                            temp_dir=os.path.abspath(temp_dir) if temp_dir else None)
-        node = _Node(params, head=True, shutdown_at_exit=True, spawn_reaper=True)
+        # Ray's exit hooks set a SIGTERM handler, which only the main thread may do; rf2
+        # starts Ray from a helper thread (rf2.fl.interrupt.start_noting_stops) and stops
+        # the head itself (LeanHead.stop; its processes also die with that thread).
+        main = threading.current_thread() is threading.main_thread()
+        node = _Node(params, head=True, shutdown_at_exit=main, spawn_reaper=True)
     except (TypeError, AttributeError) as ex:  # Ray's internals changed: use ray.init
         log.debug("lean Ray start unavailable (%s); using ray.init", ex)
         return None

@@ -14,6 +14,7 @@ strategy's own ``configure_train``/``aggregate_train``, fed through :class:`Roun
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from flwr.serverapp.strategy import Strategy
 from rf2.core.config import RunConfig
 from rf2.eval.evaluation import Evaluator
 from rf2.fl.aggregation import Aggregator
+from rf2.fl.buffered import BufferedRounds
 from rf2.fl.checkpointing import Checkpointer, ServerState
 from rf2.fl.dispatch import TrainDispatcher
 from rf2.fl.download import DownloadSizes
@@ -34,7 +36,7 @@ from rf2.fl.params import load_numpy_into
 from rf2.fl.participation import Participation
 from rf2.fl.private_aggregation import PrivateAggregator
 from rf2.fl.progress import ProgressPrinter
-from rf2.fl.screening import ReplyScreen
+from rf2.fl.screening import ReplyScreen, Screened
 from rf2.fl.tier_settings import TierSettings
 from rf2.fl.traffic import TrafficMeter
 from rf2.hetero.clock import RoundPlan, num_to_select, tier_counts
@@ -76,12 +78,20 @@ class FederatedServer:
             if state.privacy is not None:
                 self.private.load_state_dict(state.privacy)
         # Partial sums only where the aggregate is a plain weighted mean of deltas (DP
-        # clips each client's update: it needs them one by one).
+        # clips each client's update, FedBuff rebases each stale one: they need them one
+        # by one).
+        fedbuff = cfg.strategy.name == "fedbuff"
         self.dispatcher = TrainDispatcher(
             cfg, setup.strategy, setup.tiers, setup.users_per_message,
             partial_sums=(cfg.simulation.partial_aggregation and self.private is None
-                          and self.aggregator.accepts_sums()))
+                          and not fedbuff and self.aggregator.accepts_sums()))
         self.screen = ReplyScreen(setup.tiers)
+        self.buffered: BufferedRounds | None = None
+        if fedbuff:
+            self.buffered = BufferedRounds(cfg, setup.tiers, setup.num_examples,
+                                           self.dispatcher, self.screen)
+            if state.buffered is not None:
+                self.buffered.load(state.buffered, state.buffered_arrays or {})
         self.traffic = TrafficMeter(setup.tiers, setup.num_examples)
         self.downloads = DownloadSizes(setup.model, setup.evaluator.dataset, setup.tiers,
                                        cfg.seed, cfg.num_rounds, cfg.simulation.sparse_updates)
@@ -131,6 +141,8 @@ class FederatedServer:
                 self.state.wall_offset_s = time.perf_counter() - started
                 if self.private is not None:
                     self.state.privacy = self.private.state_dict()
+                if self.buffered is not None:
+                    self.state.buffered, self.state.buffered_arrays = self.buffered.state()
                 self.checkpointer.save(self.state)
             if stopping:
                 return
@@ -163,7 +175,8 @@ class FederatedServer:
 
     # -- one round ---------------------------------------------------------------------
     def run_round(self, grid: Grid, slots: list[int], rnd: int) -> dict[str, Any]:
-        cfg = self.cfg
+        if self.buffered is not None:
+            return self._run_buffered_step(grid, slots, rnd)
         passes_before = self.state.selector.passes_completed
         plan, offline = self._select_and_time(rnd)
         passes = self.state.selector.passes_completed
@@ -177,11 +190,44 @@ class FederatedServer:
         screened = self.screen.screen(exchange.replies, exchange.missing, self.state.arrays)
         usable = screened.usable
         row.update(screened.fault_row())
+        return self._aggregate_and_evaluate(rnd, row, usable, plan.selected)
+
+    def _run_buffered_step(self, grid: Grid, slots: list[int], rnd: int) -> dict[str, Any]:
+        """strategy=fedbuff: one server step (rf2.fl.buffered)."""
+        buffered = self.buffered
+        assert buffered is not None
+        passes_before = self.state.selector.passes_completed
+        step = buffered.step(grid, slots, rnd, self.state.selector, self.state.clock,
+                             self.state.arrays, self.downloads.for_users)
+        self._bytes_down = step.bytes_down
+        passes = self.state.selector.passes_completed
+        row: dict[str, Any] = {"round": rnd, "num_clients_selected": int(step.started.size),
+                               "pass": passes, "pass_end": int(passes > passes_before)}
+        population = self.setup.tiers.population
+        row.update(buffered.row(step, list(population.tier_names), self.setup.tiers.tier_of))
+        faults = Screened([], Counter()).fault_row()  # every reason, zeros included
+        for screened in step.screened:
+            for key, value in screened.fault_row().items():
+                faults[key] += value
+        row.update(faults)
+        strategy = self.setup.strategy
+        if hasattr(strategy, "current_arrays"):
+            # FedOpt keeps w_t from its last configure_train, which may have been an older
+            # version's batch: its pseudo-gradient must be against the current model.
+            strategy.current_arrays = dict(self.state.arrays)
+        before = self.state.arrays
+        row = self._aggregate_and_evaluate(rnd, row, step.usable, step.started)
+        buffered.stepped(None if self.state.arrays is before else self.state.arrays, before)
+        return row
+
+    def _aggregate_and_evaluate(self, rnd: int, row: dict[str, Any], usable: list[Any],
+                                selected: np.ndarray) -> dict[str, Any]:
+        cfg = self.cfg
         row["num_clients_trained"] = len(usable)
         row["num_examples"] = int(sum(self.setup.num_examples[r.user] for r in usable))
         participation = self.state.participation
         assert participation is not None  # sized in __init__
-        participation.record(plan.selected, [r.user for r in usable])
+        participation.record(selected, [r.user for r in usable])
         if self.cfg.eval.distributions:
             population = self.setup.tiers.population
             tiered = len(population.tier_names) > 1  # one tier would repeat the overall
@@ -192,7 +238,7 @@ class FederatedServer:
         if len(usable) >= cfg.round.min_completed:
             if self.private is not None:
                 arrays, metrics, dp_row = self.private.aggregate(
-                    rnd, self.state.arrays, usable, len(plan.selected))
+                    rnd, self.state.arrays, usable, len(selected))
                 row.update(dp_row)
             else:
                 arrays, metrics = self.aggregator.aggregate(rnd, self.state.arrays, usable)

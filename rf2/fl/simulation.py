@@ -39,7 +39,7 @@ from rf2.core.config import SimulationConfig
 from rf2.core.flower_version import FlowerCompatError
 from rf2.fl import fast_transport
 from rf2.fl.deadline import DeadlineExceeded, call_with_deadline
-from rf2.fl.interrupt import children_ignore_sigint
+from rf2.fl.interrupt import start_noting_stops, stop_requested
 from rf2.fl.ray_nodes import NodeRecord, NodeTally, node_aware_pool, node_records, verify_pool_used
 from rf2.fl.ray_start import LeanHead, start_lean
 from rf2.fl.shared_data import SharedDataset, share
@@ -259,13 +259,14 @@ def _init_ray(ray: object, sim: SimulationConfig) -> LeanHead | None:
                                      "log_to_driver": False}
         if sim.ray_temp_dir:
             kwargs["_temp_dir"] = os.path.abspath(sim.ray_temp_dir)
-        with children_ignore_sigint():  # rf2 decides how a Ctrl-C stops the run
-            head = start_lean(os.cpu_count() or 1, sim.ray_temp_dir) if sim.lean_start else None
-            if head is None:
-                ray.init(**kwargs)  # type: ignore[attr-defined]
-            else:
-                ray.init(address=head.address, logging_level=logging.WARNING,  # type: ignore[attr-defined]
-                         log_to_driver=False)
+        # Ray's processes ignore the terminal's SIGINT: _launch_ray starts Ray inside
+        # rf2.fl.interrupt.start_noting_stops.
+        head = start_lean(os.cpu_count() or 1, sim.ray_temp_dir) if sim.lean_start else None
+        if head is None:
+            ray.init(**kwargs)  # type: ignore[attr-defined]
+        else:
+            ray.init(address=head.address, logging_level=logging.WARNING,  # type: ignore[attr-defined]
+                     log_to_driver=False)
         return head
     finally:
         for key, value in saved.items():
@@ -273,6 +274,11 @@ def _init_ray(ray: object, sim: SimulationConfig) -> LeanHead | None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _rf2_owns_sigterm(record: logging.LogRecord) -> bool:
+    # ray.init from rf2's start-up thread leaves SIGTERM to rf2: not worth a warning.
+    return "SIGTERM handler is not set" not in record.getMessage()
 
 
 def _launch_ray(
@@ -299,7 +305,13 @@ def _launch_ray(
         print(f"[rf2] starting Ray: {local_ray_workers(sim)} workers "
               f"({os.cpu_count() or 1} CPUs, {sim.num_cpus_per_client:g} per client worker)",
               flush=True)
-    head = _init_ray(ray, sim)
+    # A Ctrl-C or SIGTERM while Ray starts is noted, and acted on below (rf2.fl.interrupt);
+    # Ray lives inside ``starting`` (its processes die with the thread that started them).
+    logging.getLogger("ray._private.worker").addFilter(_rf2_owns_sigterm)
+    heads: list[LeanHead | None] = []
+    starting = contextlib.ExitStack()
+    starting.enter_context(start_noting_stops(lambda: heads.append(_init_ray(ray, sim))))
+    head = heads[0] if heads else None
     if sim.ray_address:
         cpus = float(ray.cluster_resources().get("CPU", 0))
         workers = int(cpus // sim.num_cpus_per_client)
@@ -315,6 +327,8 @@ def _launch_ray(
     started = time.perf_counter()
     tally = NodeTally()
     try:
+        if stop_requested():
+            return []  # stopped while Ray started: no round ran, shut Ray down again
         # Held until the simulation is over: this reference keeps the data in the store.
         shared = None if dataset is None else share(dataset)
         nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -337,4 +351,5 @@ def _launch_ray(
             ray.shutdown()
         if head is not None:
             head.stop()
+        starting.close()
         log.debug("ray simulation finished in %.1fs", time.perf_counter() - started)

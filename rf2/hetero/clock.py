@@ -121,6 +121,17 @@ class SimClock:
         return (np.asarray(b_down) * 8.0 / (down * 1e6) + compute_s
                 + np.asarray(b_up) * 8.0 / (up * 1e6))
 
+    def failures(self, users: np.ndarray, completion_s: np.ndarray, rnd: int, dropout: bool
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """(n,) whether each user fails mid-work in round ``rnd``, and when: after a
+        uniform fraction of its ``completion_s`` (no failure: the completion time)."""
+        users = np.asarray(users, dtype=np.int64)
+        t = np.asarray(completion_s, dtype=np.float64)
+        if not dropout:
+            return np.zeros(users.size, dtype=bool), t.copy()
+        u = self._rng(_STREAM_DROPOUT, rnd).random((2, self.population.num_users))[:, users]
+        return u[0] < self.population.dropout[users], u[1] * t
+
     def plan_round(self, rnd: int, selected: np.ndarray, num_examples: np.ndarray,
                    cfg: RoundConfig, k: int | None = None,
                    bytes_down: float | np.ndarray | None = None,
@@ -139,12 +150,7 @@ class SimClock:
         sel = np.asarray(selected, dtype=np.int64)  # (S,)
         s = sel.size
         t = self.completion_times(sel, num_examples, rnd, bytes_down, bytes_up)  # (S,)
-        if cfg.dropout:
-            u = self._rng(_STREAM_DROPOUT, rnd).random((2, self.population.num_users))[:, sel]
-            fail = u[0] < self.population.dropout[sel]
-            t_fail = u[1] * t  # fails after a uniform fraction of its work
-        else:
-            fail, t_fail = np.zeros(s, dtype=bool), t.copy()
+        fail, t_fail = self.failures(sel, t, rnd, cfg.dropout)
         deadline: float | None = cfg.deadline_s
         if cfg.deadline_quantile is not None and s > 0:
             q = float(np.quantile(t, cfg.deadline_quantile))

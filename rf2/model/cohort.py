@@ -511,8 +511,8 @@ def summed_step(
         raise NotVectorisable(reason)
     if not jobs or any(len(j.targets) == 0 for j in jobs):
         raise ValueError("summed_step needs at least one job, each with examples")
-    if not model.sampled and not isinstance(model, HierIndexModel):
-        return _flat_full_softmax_step(model, arrays, jobs, lr)
+    if not isinstance(model, HierIndexModel):
+        return _flat_two_tower_step(model, arrays, jobs, lr)
     totals: dict[str, torch.Tensor] = {}
     summaries: list[ClientSummary | None] = [None] * len(jobs)
     row_sets: dict[str, list[np.ndarray]] = {}
@@ -558,12 +558,14 @@ def summed_step(
     return CohortSum(weight, rows_out, deltas), [s for s in summaries if s is not None]
 
 
-def _flat_full_softmax_step(model: TwoTower, arrays: Mapping[str, np.ndarray],
-                            jobs: Sequence[ClientJob], lr: float
-                            ) -> tuple[CohortSum, list[ClientSummary]]:
-    """:func:`summed_step` for the two-tower's full softmax: sum_k n_k L_k is the sum of
-    every example's cross-entropy, so all the cohort's examples go through one
-    (examples x items) score matrix, unpadded, and one matmul back into the item table."""
+def _flat_two_tower_step(model: TwoTower, arrays: Mapping[str, np.ndarray],
+                         jobs: Sequence[ClientJob], lr: float
+                         ) -> tuple[CohortSum, list[ClientSummary]]:
+    """:func:`summed_step` for the two-tower: sum_k n_k L_k is the sum of every example's
+    cross-entropy, so all the cohort's examples go through one pass, unpadded, into one
+    copy of the tables. Full softmax: one (examples x items) score matrix and one matmul
+    back into the item table. Sampled: each client's examples against its own negatives
+    (``TwoTower._sampled_softmax``'s maths)."""
     leaves = {name: torch.tensor(np.asarray(g), dtype=torch.float32).requires_grad_(True)
               for name, g in arrays.items()}
     n = np.array([len(j.targets) for j in jobs], dtype=np.int64)  # (C,)
@@ -574,13 +576,42 @@ def _flat_full_softmax_step(model: TwoTower, arrays: Mapping[str, np.ndarray],
     mask = (hist >= 0).unsqueeze(-1).to(torch.float32)  # (E, H, 1)
     emb = leaves["history_table"][hist.clamp(min=0)] * mask  # (E, H, D)
     user = emb.sum(1) / mask.sum(1).clamp(min=1.0)  # (E, D)
-    items = leaves["item_table"]  # (I, D)
-    if model.genre_table is not None and model.item_genres is not None:
-        items = items + model.item_genres @ leaves["genre_table"]  # (I, D)
-    scores = user @ items.T  # (E, I)
-    if "bias" in leaves:
-        scores = scores + leaves["bias"]
-    per_ex = F.cross_entropy(scores, tgt, reduction="none")  # (E,)
+    genres = model.item_genres if model.genre_table is not None else None
+
+    def item_rows(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rows = leaves["item_table"][ids]  # (N, D)
+        if genres is not None:
+            rows = rows + genres[ids] @ leaves["genre_table"]
+        return rows, (leaves["bias"][ids] if "bias" in leaves else None)
+
+    samples = [client_sample(model, j.seed) for j in jobs]
+    if not model.sampled:
+        items = leaves["item_table"]  # (I, D)
+        if genres is not None:
+            items = items + genres @ leaves["genre_table"]  # (I, D)
+        scores = user @ items.T  # (E, I)
+        if "bias" in leaves:
+            scores = scores + leaves["bias"]
+        per_ex = F.cross_entropy(scores, tgt, reduction="none")  # (E,)
+    else:
+        k = samples[0].negatives.shape[0]
+        log_q = math.log(k / model.num_items)
+        tgt_emb, tgt_bias = item_rows(tgt)  # (E, D), (E,)
+        pos = (user * tgt_emb).sum(-1)  # (E,)
+        if tgt_bias is not None:
+            pos = pos + tgt_bias
+        parts, start = [], 0
+        for c, sample in enumerate(samples):  # a client's examples share its negatives
+            stop = start + int(n[c])
+            neg_emb, neg_bias = item_rows(sample.negatives)  # (K, D), (K,)
+            negs = user[start:stop] @ neg_emb.T - log_q  # (n_c, K)
+            if neg_bias is not None:
+                negs = negs + neg_bias
+            hit = sample.negatives.unsqueeze(0) == tgt[start:stop].unsqueeze(1)
+            parts.append(negs.masked_fill(hit, float("-inf")))
+            start = stop
+        logits = torch.cat([pos.unsqueeze(1), torch.cat(parts)], dim=1)  # (E, 1 + K)
+        per_ex = F.cross_entropy(logits, torch.zeros_like(tgt), reduction="none")  # (E,)
     names = list(leaves)
     grads = torch.autograd.grad(per_ex.sum(), [leaves[k] for k in names], allow_unused=True)
     owner = torch.from_numpy(np.repeat(np.arange(len(jobs)), n))  # (E,) client of each example
@@ -588,25 +619,27 @@ def _flat_full_softmax_step(model: TwoTower, arrays: Mapping[str, np.ndarray],
         0, owner, per_ex.detach().to(torch.float64))
     losses = (sums / torch.from_numpy(n).to(torch.float64)).tolist()  # (C,) mean per client
     hrows = [np.unique(j.histories[j.histories >= 0]).astype(np.int64) for j in jobs]
+    irows = [model.candidate_rows(np.asarray(j.targets, dtype=np.int64), s)
+             for j, s in zip(jobs, samples, strict=True)]
     all_items = np.arange(model.num_items, dtype=np.int64)
+    irows = [all_items if r is None else np.asarray(r, dtype=np.int64) for r in irows]
     tables = model.row_tables()
     history_tables = [t for t, roles in tables.items() if roles == {HISTORY}]
     item_tables = [t for t, roles in tables.items() if roles == {CANDIDATE}]
     summaries = [ClientSummary(int(n[k]), losses[k], losses[k],
                                {**{t: hrows[k] for t in history_tables},
-                                **{t: all_items for t in item_tables}})
+                                **{t: irows[k] for t in item_tables}})
                  for k in range(len(jobs))]
     rows: dict[str, np.ndarray] = {}
     deltas: dict[str, np.ndarray] = {}
-    union = np.unique(np.concatenate(hrows)) if hrows else np.zeros(0, np.int64)
+    unions = {"h": np.unique(np.concatenate(hrows)),
+              "i": np.unique(np.concatenate(irows))}
     for name, grad in zip(names, grads, strict=True):
         full = (torch.zeros(leaves[name].shape) if grad is None else grad.detach()) * -lr
-        if name in history_tables:
+        if name in history_tables or name in item_tables:
+            union = unions["h" if name in history_tables else "i"]
             rows[name] = union
             deltas[name] = full.numpy()[union]
-        elif name in item_tables:
-            rows[name] = all_items
-            deltas[name] = full.numpy()
         else:
             deltas[name] = full.numpy()
     return CohortSum(float(n.sum()), rows, deltas), summaries

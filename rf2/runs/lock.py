@@ -3,6 +3,9 @@
 ``.lock`` holds the writer's pid, host and process start time. A second writer (a run
 into the same ``hydra.run.dir``, a resume of a running run, a sweep launched twice
 into one ``hydra.sweep.dir``) gets :class:`RunFolderBusy`: one line, exit status 2.
+A sweep into a fixed ``hydra.sweep.dir`` holds that folder's ``.lock`` too, taken before
+Hydra writes anything there (``multirun.yaml``, the jobs' ``.hydra/``), so a second
+sweep is refused before it can rewrite any file of the running one.
 
 A lock whose writer is gone (killed, crashed, the machine rebooted) is stale and is
 taken over: same host and the pid no longer runs (or runs a different process, i.e.
@@ -55,9 +58,10 @@ def _alive(pid: int, ticks: int | None) -> bool:
 class RunLock:
     """``with RunLock(folder):`` holds the folder's lock; released on exit."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, what: str = "run folder") -> None:
         self.folder = Path(folder)
         self.path = self.folder / LOCK
+        self.what = what  # "run folder", or "sweep folder" for a sweep's hydra.sweep.dir
         self.held = False
 
     def owner(self) -> dict[str, Any] | None:
@@ -91,7 +95,7 @@ class RunLock:
         hint = "wait for it to finish, or choose another output directory"
         if owner and owner.get("host") != socket.gethostname():
             hint += f" (if that run is gone, delete {self.path})"
-        return f"run folder {self.folder} is in use by {who}: {hint}"
+        return f"{self.what} {self.folder} is in use by {who}: {hint}"
 
     def acquire(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -141,9 +145,9 @@ class RunLock:
         self.release()
 
 
-def check_not_busy(folder: str | Path) -> None:
+def check_not_busy(folder: str | Path, what: str = "run folder") -> None:
     """Raise RunFolderBusy if a live writer holds ``folder`` (without taking the lock)."""
-    lock = RunLock(folder)
+    lock = RunLock(folder, what)
     owner = lock.owner()
     if owner is not None and not lock.is_stale(owner):
         raise RunFolderBusy(lock.busy_message(owner))
