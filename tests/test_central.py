@@ -112,3 +112,21 @@ def test_central_learns_beyond_popularity_on_ml100k(ml100k: Path, tmp_path: Path
     assert popularity == pytest.approx(0.1585, abs=1e-3)
     # measured: 0.258 after 2 epochs (Adam 0.01, batch 256)
     assert rows[-1]["recall@20"] > popularity + 0.05
+
+
+def test_central_auto_loss_gets_central_num_negatives_and_federated_keeps_its_own(
+        tmp_path: Path) -> None:
+    """``model.loss=auto`` above ``auto_sampled_above``: central trains with
+    ``central.num_negatives`` (capped at the catalogue), a federated run with
+    ``model.num_negatives``; an explicit ``model.loss=sampled`` keeps its own."""
+    import yaml
+
+    auto = {"model.auto_sampled_above": 100, "model.num_negatives": 20}  # 150 items
+    cases = {"central": ({"mode": "central", "central.num_negatives": 120}, 120),
+             "capped": ({"mode": "central"}, 150),  # default 2000 > 150 items
+             "explicit": ({"mode": "central", "model.loss": "sampled"}, 20),
+             "federated": ({"central.num_negatives": 120}, 20)}
+    for name, (extra, negatives) in cases.items():
+        run = run_job(small_run(num_rounds=1, **auto, **extra), tmp_path / name)
+        saved = yaml.safe_load((run / "config.yaml").read_text())["model"]
+        assert saved["num_negatives"] == negatives, name

@@ -109,6 +109,17 @@ def check_against_data(cfg: RunConfig, dataset: FederatedDataset) -> None:
               f"rounds in [1, num_rounds={cfg.num_rounds}]")
 
 
+def central_negatives(cfg: RunConfig, num_items: int) -> RunConfig:
+    """``mode=central`` where ``model.loss=auto`` picks the sampled softmax: with
+    ``central.num_negatives`` negatives (at most the catalogue); config.yaml records it."""
+    k = cfg.central.num_negatives
+    if (cfg.mode != "central" or cfg.model.loss != "auto" or k <= 0
+            or cfg.model.loss_kind(num_items) != "sampled"):
+        return cfg
+    model = dataclasses.replace(cfg.model, num_negatives=min(k, num_items))
+    return dataclasses.replace(cfg, model=model)
+
+
 def prepare(cfg: RunConfig) -> PreparedRun:
     """Load and cross-check every input; raises UserInputError before any training.
 
@@ -120,6 +131,7 @@ def prepare(cfg: RunConfig) -> PreparedRun:
         cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, path=resolved))
     profile = check_profile(cfg)
     dataset = load_dataset(cfg.dataset, cfg.seed)
+    cfg = central_negatives(cfg, dataset.num_items)
     check_against_data(cfg, dataset)
     population = assign_tiers(dataset, profile, cfg.population, cfg.seed)
     model = build_model(cfg.model, dataset, cfg.seed)

@@ -229,6 +229,13 @@ class CentralConfig:
     # Metrics rows per epoch (evenly spaced in steps); round = evaluation number, so
     # with 1 (the default) round = epoch.
     evals_per_epoch: int = 1
+    # Negatives of the sampled softmax when model.loss=auto picks it (catalogues above
+    # model.auto_sampled_above), at most the catalogue: central training is the
+    # reference a federated run is judged against, so it gets the stronger estimate. On
+    # amazon-cds (36k items, two_tower) a step with 2,000 negatives cost 1.4x one with
+    # 200 and a full-softmax step 10x (docs/central.md). An explicit model.loss=sampled
+    # keeps model.num_negatives; 0 = always model.num_negatives.
+    num_negatives: int = 2000
 
     def validate(self, path: str = "central") -> None:
         check(self.epochs >= 1, f"{path}.epochs", self.epochs, "an integer >= 1")
@@ -237,6 +244,8 @@ class CentralConfig:
         check(self.weight_decay >= 0, f"{path}.weight_decay", self.weight_decay, "a number >= 0")
         check(self.evals_per_epoch >= 1, f"{path}.evals_per_epoch", self.evals_per_epoch,
               "an integer >= 1")
+        check(self.num_negatives >= 0, f"{path}.num_negatives", self.num_negatives,
+              "an integer >= 0 (0 = model.num_negatives)")
 
 
 @dataclass
