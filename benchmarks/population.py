@@ -33,6 +33,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+# the benchmarks run as scripts or are loaded by file path: their folder holds the shared helper
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from process_tree import tree_rss  # noqa: E402
+
 SIZES = (43_000, 200_000, 500_000)
 QUICK_SIZES = (2_000, 4_000, 8_000)
 BACKENDS = ("inprocess", "ray")
@@ -40,21 +44,6 @@ ITEMS, CLICKS_PER_USER = 20_000, 50
 QUICK_ITEMS = 2_000
 FIGURES = ("build_s", "to_round1_s", "round_s", "peak_rss_gb", "full_eval_s")
 
-
-def _tree_rss(proc: Any) -> int:  # psutil.Process
-    import psutil
-
-    try:
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.Error:
-        return 0
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
 
 
 class Watch(threading.Thread):
@@ -73,7 +62,7 @@ class Watch(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            self.peak = max(self.peak, _tree_rss(self.proc))
+            self.peak = max(self.peak, tree_rss(self.proc))
             if self.round1_at is None and self.metrics.is_file():
                 text = self.metrics.read_text(encoding="utf-8")
                 if any(json.loads(line).get("round") == 1 for line in text.splitlines() if line):

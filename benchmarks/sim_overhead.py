@@ -36,23 +36,12 @@ import threading
 import time
 from pathlib import Path
 
+# the benchmarks run as scripts or are loaded by file path: their folder holds the shared helper
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from process_tree import tree_rss  # noqa: E402
+
 ROUNDS = 12  # steady state: the median of rounds 2..ROUNDS-1
 
-
-def _tree_rss(proc) -> int:  # noqa: ANN001 - psutil.Process
-    import psutil
-
-    total = 0
-    try:
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.Error:
-        return 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
 
 
 class PeakMemory(threading.Thread):
@@ -68,7 +57,7 @@ class PeakMemory(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            self.peak = max(self.peak, _tree_rss(self.proc))
+            self.peak = max(self.peak, tree_rss(self.proc))
             self.stop.wait(0.2)
 
 
