@@ -31,6 +31,18 @@ def resolve(path: str) -> Any:  # noqa: ANN401 - whatever the path names
     return getattr(importlib.import_module(module), attr)
 
 
+def resolve_function(field: str, path: str, allowed: str) -> Any:  # noqa: ANN401
+    """The callable ``path`` names, or one config error naming ``field`` (not importable,
+    not callable)."""
+    try:
+        function = resolve(path)
+    except Exception as ex:  # noqa: BLE001 - ImportError, AttributeError, ValueError...
+        raise ConfigError(field, path, f"{allowed}; it cannot be imported: {ex}") from ex
+    if not callable(function):
+        raise ConfigError(field, path, allowed)
+    return function
+
+
 def _problem(inter: Interactions) -> str | None:
     """What is inconsistent about ``inter``, or None."""
     n = inter.user.size
@@ -53,13 +65,7 @@ def _problem(inter: Interactions) -> str | None:
 
 def load_target(cfg: DatasetConfig, seed: int) -> Interactions:
     """Call the user's loader and check what it returned (module docstring)."""
-    try:
-        loader = resolve(cfg._target_)
-    except Exception as ex:  # noqa: BLE001 - ImportError, AttributeError, ValueError...
-        raise ConfigError("dataset._target_", cfg._target_,
-                          f"{ALLOWED}; it cannot be imported: {ex}") from ex
-    if not callable(loader):
-        raise ConfigError("dataset._target_", cfg._target_, ALLOWED)
+    loader = resolve_function("dataset._target_", cfg._target_, ALLOWED)
     inter = loader(cfg, seed, **cfg.kwargs)
     if not isinstance(inter, Interactions):
         raise ConfigError("dataset._target_", cfg._target_,

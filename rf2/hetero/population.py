@@ -41,7 +41,7 @@ from rf2.core.config import PopulationConfig
 from rf2.core.errors import ConfigError
 from rf2.core.typed import check
 from rf2.data.base import FederatedDataset
-from rf2.data.plugin import resolve
+from rf2.data.plugin import resolve_function
 from rf2.hetero.devices import DeviceProfile
 from rf2.hetero.rf2_tiers import clickers_by_item, rf2_dirichlet, rf2_draws, rf2_random, training_samples
 from rf2.hetero.tier_file import read_tier_file
@@ -248,13 +248,7 @@ def target_tiers(dataset: FederatedDataset, profile: DeviceProfile, cfg: Populat
     indices into ``profile.tier_names`` or the names themselves. Anything else is one
     config error naming ``population._target_``.
     """
-    try:
-        tiering = resolve(cfg._target_)
-    except Exception as ex:  # noqa: BLE001 - ImportError, AttributeError, ValueError...
-        raise ConfigError("population._target_", cfg._target_,
-                          f"{_ALLOWED_TARGET}; it cannot be imported: {ex}") from ex
-    if not callable(tiering):
-        raise ConfigError("population._target_", cfg._target_, _ALLOWED_TARGET)
+    tiering = resolve_function("population._target_", cfg._target_, _ALLOWED_TARGET)
     got = np.asarray(tiering(dataset, profile, seed, **cfg.kwargs))
     names = list(profile.tier_names)
     if got.shape != (dataset.num_users,):
