@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +100,52 @@ def small_run(**overrides: Any) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return cfg
+
+
+def send_signal(pid: int, sig: signal.Signals) -> None:
+    """SIGINT as a terminal's Ctrl-C (the whole process group), SIGTERM as ``kill``,
+    ``timeout`` or a scheduler sends it (the process only)."""
+    if sig == signal.SIGINT:
+        os.killpg(pid, sig)
+    else:
+        os.kill(pid, sig)
+
+
+def signal_sweep(proc: subprocess.Popen[str], sweep: Path, running: int, sig: signal.Signals,
+                 timeout_s: float = 60) -> tuple[int, str]:
+    """``sig`` to an rf2 sweep (started in its own session) once ``running`` of its jobs
+    have logged 3 rows each; its exit code and stderr."""
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and proc.poll() is None:
+        started = [m for m in sweep.glob("*/metrics.jsonl") if m.read_text().count("\n") >= 3]
+        if len(started) >= running:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    send_signal(proc.pid, sig)
+    try:
+        _, err = proc.communicate(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, err
+
+
+def assert_sweep_stopped_at_checkpoints(sweep: Path, err: str, running: int) -> None:
+    """An interrupted sweep: its ``running`` jobs stopped at a round boundary with their
+    checkpoint, no later job started, one summary on stderr lists what to resume."""
+    assert "Traceback" not in err, err
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == [str(i) for i in range(running)], err  # no later job
+    lines = err.strip().splitlines()
+    assert f"rf2: sweep interrupted; {running} job(s) to resume" in lines, err
+    for job in jobs:
+        n = read_rows(job)[-1]["round"]
+        newest = sorted((job / "checkpoints").glob("round_*"))[-1]
+        assert int(newest.name.split("_")[1]) == n
+        assert f"  rf2 resume={job}" in lines
+        assert f"rf2: interrupted after round {n}; resume with: rf2 resume={job}" in lines
+        assert not (job / "DONE").exists() and not (job / ".lock").exists()
 
 
 def compose_experiment(experiment: str, *overrides: str) -> dict[str, Any]:
