@@ -64,15 +64,16 @@ def _ordered(values: Sequence[object], first: Sequence[str]) -> list[str]:
 
 def _with_variant(df: pd.DataFrame, reference: str = "none") -> tuple[pd.DataFrame, list[str]]:
     """Add ``variant``: the optimization, plus any context column the sweep varies
-    (e.g. "exclude_low [strategy=fedprox]"), so different strategies never share a bar."""
+    (e.g. "exclude_low [strategy=fedprox]"), so different strategies never share a bar.
+    A run without a value there (a custom strategy has no server_optimizer) shows none."""
     varying = [c for c in MATCH_COLUMNS if c in df and df[c].nunique(dropna=False) > 1]
-    label = df["optimization"].astype(str)
+    label = df["optimization"].map(str)
     if "arm" in df and df["arm"].nunique() > 1:  # beyond_rf2: the arm says strategy + privacy
         varying = [c for c in varying if c != "strategy"]
-        label = (df["arm"].astype(str) if df["optimization"].nunique() == 1
-                 else df["arm"].astype(str) + " · " + label)
+        label = (df["arm"].map(str) if df["optimization"].nunique() == 1
+                 else df["arm"].map(str) + " · " + label)
     for c in varying:
-        label = label + f" [{c}=" + df[c].astype(str) + "]"
+        label = label + df[c].map(lambda v, c=c: "" if pd.isna(v) else f" [{c}={v}]")
     df = df.assign(variant=label.to_numpy())
     order = _ordered(df["variant"].unique(), [])
     return df, sorted(order, key=lambda v: (not v.startswith(reference + " ") and v != reference))
