@@ -20,7 +20,7 @@ from rf2.runs.lock import LOCK, RunLock
 from rf2.runs.run_folder import CONFIG, RunExists, RunFolder
 
 GROUPS = ("dataset", "model", "strategy", "devices", "population", "optimization",
-          "simulation", "experiment")
+          "simulation", "privacy", "experiment", "arm")
 
 
 def group_options(group: str) -> list[str]:
