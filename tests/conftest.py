@@ -112,6 +112,23 @@ def compose_experiment(experiment: str, *overrides: str) -> dict[str, Any]:
     return data
 
 
+def plugin_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefix: str,
+                  source: str) -> str:
+    """Write ``source`` as a module of the user's own (``mylab/...`` in the docs) into a
+    temporary folder on ``sys.path`` and on ``PYTHONPATH`` (Ray's workers inherit it) for
+    this test only; returns its unique module name. Pop it from ``sys.modules`` after."""
+    import textwrap
+
+    pkg = tmp_path / "plugins"
+    pkg.mkdir(exist_ok=True)
+    name = f"{prefix}_{abs(hash(str(tmp_path))) % 10**8}"
+    (pkg / f"{name}.py").write_text(textwrap.dedent(source))
+    monkeypatch.syspath_prepend(str(pkg))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (str(pkg), os.environ.get("PYTHONPATH", "")) if p))
+    return name
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # One torch thread: on a busy 2-core machine two threads made SGD loops ~60x slower.
     import torch

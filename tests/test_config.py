@@ -38,7 +38,9 @@ ALL_OPTIONS = [(g, o) for g in GROUPS if g != "experiment" for o in group_option
 
 @pytest.mark.parametrize(("group", "option"), ALL_OPTIONS)
 def test_every_conf_option_composes(group: str, option: str) -> None:
-    extra = [f"{group}={option}"]
+    # arm (beyond_rf2's arms) is not in config.yaml's defaults: appended with +, as an
+    # experiment is; inside +experiment=beyond_rf2 a plain arm=X swaps it.
+    extra = [f"+{group}={option}" if group == "arm" else f"{group}={option}"]
     if group == "dataset" and option != "synthetic":
         extra.append("dataset.path=/some/where")
     cfg = composed(*extra)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from rf2.core.plugins import check_plugins
 from rf2.core.typed import check, from_dict
 
 DatasetName = Literal[
@@ -254,7 +255,8 @@ class StrategyConfig:
 
     ``_target_`` names what builds the strategy (``hydra.utils.instantiate``): rf2's
     builder, which reads the fields below, or a user's Flower Strategy class, which is
-    called with ``kwargs`` (see ``rf2.strategies.instantiate``).
+    called with ``kwargs`` (see ``rf2.strategies.instantiate``); the fields only the
+    builder reads are then an error when set (``rf2.core.plugins``).
     """
 
     # What builds the strategy: rf2's builder, or your Flower Strategy class (docs/extending.md).
@@ -264,6 +266,7 @@ class StrategyConfig:
     # Aggregation rule of rf2's builder (the strategy= group sets it). fedbuff: FedAvg's
     # mean (and server optimizer) applied asynchronously, FedBuff on the simulated clock:
     # one server step per "round" after clients_per_round arrivals (docs/strategies.md).
+    # With a custom _target_: fedavg (synchronous rounds) or fedbuff (asynchronous).
     name: Literal["fedavg", "fedprox", "qffl", "fedbuff"] = "fedavg"
     # Server optimizer applied to the aggregated pseudo-gradient (FedOpt, Reddi et al.).
     server_optimizer: Literal["none", "adagrad", "adam", "yogi"] = "adagrad"
@@ -647,6 +650,7 @@ class RunConfig:
             self._validate_dp()
         if self.strategy.name == "fedbuff":
             self._validate_fedbuff()
+        check_plugins(self)  # keys a _target_ plug-in would leave unused (rf2.core.plugins)
 
     def buffer_concurrency(self) -> int:
         """fedbuff: clients training at once (``strategy.concurrency`` resolved)."""
