@@ -1,13 +1,13 @@
 """Flower ClientApp: one message = the local training of a batch of users (``rf2.fl.user_batch``).
 
-A Flower SuperNode here is a transport slot, not a user: the server names the user
-(``partition-id``) in each message. Mapping one SuperNode per user would make Flower's
+A Flower SuperNode here is a transport slot, not a user: each message names its users,
+each with its own task (``rf2.fl.user_task``). Mapping one SuperNode per user would make Flower's
 simulation engine poll every node every 0.1 s, i.e. per-round cost growing with the
 population; with slots the per-round cost depends only on clients per round.
 
 The dataset is loaded once per worker process (``_WORKER_CACHE``), not per call: on Ray
 from the object store, where the driver put it (``ClientSpec.data``,
-``rf2.fl.shared_data``), never rebuilt by the worker.
+``rf2.fl.shared_data``), never rebuilt by the worker; in-process the server's own copy.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +40,8 @@ from rf2.fl.params import (
 )
 from rf2.fl.partial_sum import SumBuilder, finite, reply_bytes, summable
 from rf2.fl.shared_data import SharedDataset
-from rf2.fl.user_batch import pack_results, pack_sum, user_configs
+from rf2.fl.user_batch import pack_results, pack_sum, user_tasks
+from rf2.fl.user_task import RoundRecipe, UserTask
 from rf2.hetero.faults import apply_injected_fault
 from rf2.model import FederatedModel, build_model
 from rf2.model.cohort import (
@@ -58,6 +60,11 @@ from rf2.optim.heterofl import extract, rules_for, slice_spec
 from rf2.optim.row_averaging import touched_items
 from rf2.optim.sparse import ROWS, VALUES, encode, encode_dense
 
+log = logging.getLogger(__name__)
+
+# Adds one user's n_k Δ_k to its message's sum, at the user's position in the batch.
+AddToSum = Callable[[SumBuilder, int], None]
+
 
 @dataclass(frozen=True)
 class ClientSpec:
@@ -70,7 +77,7 @@ class ClientSpec:
     fast_transport: bool = True  # simulation.fast_transport: FastArray or stock Array
     # Train a message's users as one cohort (rf2.model.cohort); False: one at a time.
     vectorise: bool = True
-    # Reply only the changed rows of the item tables (rf2.optim.sparse); False: dense.
+    # Reply only the changed rows of the row tables (rf2.optim.sparse); False: dense.
     sparse_updates: bool = True
     # On Ray: the driver's dataset in the object store; None = load it from ``dataset``.
     data: SharedDataset | None = None
@@ -80,24 +87,24 @@ class ClientSpec:
         return json.dumps([self.dataset, self.model, self.seed], sort_keys=True)
 
 
-log = logging.getLogger(__name__)
-
-
 @dataclass
 class _WorkerState:
+    """What a worker process keeps across messages: the data and the model skeletons that
+    each user's training loads the received weights into."""
+
     dataset: FederatedDataset
     model: FederatedModel
     model_cfg: ModelConfig
-    seed: int
-    narrow: dict[float, FederatedModel] = field(default_factory=dict)
+    # HeteroFL sub-model skeletons by width, built on first use.
+    narrow_models: dict[float, FederatedModel] = field(default_factory=dict)
 
     def model_for_width(self, width: float) -> FederatedModel:
         """The full model, or its HeteroFL sub-model (``FederatedModel.at_width``)."""
         if width >= 1.0:
             return self.model
-        if width not in self.narrow:
-            self.narrow[width] = self.model.at_width(width)
-        return self.narrow[width]
+        if width not in self.narrow_models:
+            self.narrow_models[width] = self.model.at_width(width)
+        return self.narrow_models[width]
 
 
 _WORKER_CACHE: dict[str, _WorkerState] = {}
@@ -119,7 +126,7 @@ def worker_state(spec: ClientSpec, dataset: FederatedDataset | None = None) -> _
         if dataset is None:
             dataset = _dataset_of(spec, dataset_cfg)
         model = build_model(model_cfg, dataset, spec.seed)
-        state = _WorkerState(dataset=dataset, model=model, model_cfg=model_cfg, seed=spec.seed)
+        state = _WorkerState(dataset=dataset, model=model, model_cfg=model_cfg)
         _WORKER_CACHE.clear()  # one run per worker at a time; free the previous one
         _WORKER_CACHE[spec.key] = state
     return state
@@ -143,8 +150,8 @@ def client_spec_from(dataset_cfg: DatasetConfig, model_cfg: ModelConfig, seed: i
 def handle_train(msg: Message, spec: ClientSpec) -> Message:
     """Train each user of the batch in ``msg`` on the global model; one reply for all.
 
-    Vectorised (``spec.vectorise``): the batch's users of equal width and settings train
-    as one cohort; otherwise one after the other. Either way each user has its own seed,
+    Vectorised (``spec.vectorise``): the batch's users of equal width train as one
+    cohort; otherwise one after the other. Either way each user has its own seed,
     loss and metrics, and a user whose training raises gets an error entry while the
     others still reply. Users the server lets sum (``rf2.fl.partial_sum``) reply one
     sum of their deltas; the others reply their own arrays.
@@ -152,23 +159,25 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
     use_fast_arrays(spec.fast_transport)  # this worker's codec (Ray workers are processes)
     state = worker_state(spec)
     received = record_to_numpy(msg.content["arrays"])  # the global model, decoded once
-    configs = user_configs(msg)
+    recipe, tasks = user_tasks(msg)
     builder = SumBuilder(received, state.model.row_tables()) if any(
-        summable(c) for c in configs) else None
-    trained: list[_Trained | BaseException | None] = [None] * len(configs)
+        summable(recipe, t) for t in tasks) else None
+    # Per position: trained in a cohort, its cohort's error, or None (not trained yet:
+    # the per-user path trains it below, within its deadline).
+    trained: list[_Trained | BaseException | None] = [None] * len(tasks)
     if spec.vectorise:
-        for group in _cohorts(configs):
-            members = [configs[i] for i in group]
+        for group in _cohorts(tasks):
+            members = [tasks[i] for i in group]
             outs = None
-            if builder is not None and all(summable(c) for c in members):
-                outs = _sum_cohort(state, received, members, builder, group)
+            if builder is not None and all(summable(recipe, t) for t in members):
+                outs = _sum_cohort(state, received, recipe, members, builder, group)
             if outs is None:
-                outs = _train_cohort(state, received, members)
+                outs = _train_cohort(state, received, recipe, members)
             for i, out in zip(group, outs, strict=True):
                 trained[i] = out
     results: list[dict[str, Any] | BaseException] = []
     started = time.monotonic()
-    for i, config in enumerate(configs):
+    for i, task in enumerate(tasks):
         done = trained[i]
         if isinstance(done, _Trained) and done.summary is not None:
             # Already in the sum: only its metrics are left to reply.
@@ -177,12 +186,12 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
             continue
         # Each user's own part (its training when not in a cohort, compression, reply)
         # has its own deadline: a hanging user times out alone, the batch goes on.
-        timeout = user_timeout(config, time.monotonic() - started)
-        into_sum = builder if summable(config) else None
+        timeout = user_timeout(recipe, time.monotonic() - started)
+        into_sum = builder if summable(recipe, task) else None
         try:
             records, contribution = call_with_deadline(
-                lambda s=state, c=config, d=done, b=into_sum: _user_reply(
-                    s, received, c, d, spec.sparse_updates, b is not None),
+                lambda s=state, t=task, d=done, summed=into_sum is not None: _user_reply(
+                    s, received, recipe, t, d, spec.sparse_updates, into_sum=summed),
                 timeout)
         except DeadlineExceeded as ex:
             results.append(ex)
@@ -200,31 +209,30 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _user_reply(state: _WorkerState, received: dict[str, np.ndarray], config: dict[str, Any],
-                done: _Trained | BaseException | None, sparse: bool, into_sum: bool
-                ) -> tuple[dict[str, Any], Any]:
+def _user_reply(state: _WorkerState, received: dict[str, np.ndarray], recipe: RoundRecipe,
+                task: UserTask, done: _Trained | BaseException | None, sparse: bool,
+                into_sum: bool) -> tuple[dict[str, Any], AddToSum | None]:
     """A user's reply records, and (``into_sum``, update finite) the function that adds
     its update to the message's sum, its records then being its metrics alone."""
     if isinstance(done, BaseException):
         raise done
     if done is None:
-        done = _train_one(state, received, config)
+        done = _train_one(state, received, recipe, task)
     if into_sum:
         add = done.sum_contribution()
         if add is not None:
             return {"metrics": _metrics(done, num_bytes(done.reply_arrays(sparse)))}, add
-    return _reply(config, done, sparse), None
+    return _own_reply(recipe, task, done, sparse), None
 
 
-def user_timeout(config: dict[str, Any], elapsed_s: float) -> float | None:
-    """Seconds this user may take: its own deadline (``client-timeout-s``), within what
+def user_timeout(recipe: RoundRecipe, elapsed_s: float) -> float | None:
+    """Seconds this user may take: its own deadline (``client_timeout_s``), within what
     is left of the round's budget for the message, less a margin for the reply."""
-    round_s = float(config.get("round-timeout-s", -1.0))
-    user_s = float(config.get("client-timeout-s", -1.0))
+    round_s, user_s = recipe.round_timeout_s, recipe.client_timeout_s
     limits = []
-    if round_s > 0:
+    if round_s is not None:
         limits.append(round_s - min(2.0, 0.1 * round_s) - elapsed_s)
-    if user_s > 0:
+    if user_s is not None:
         limits.append(user_s)
     return max(0.0, min(limits)) if limits else None
 
@@ -250,9 +258,9 @@ class _Trained:
     update: ClientUpdate | None = None  # cohort path: its rows and values
     summary: ClientSummary | None = None  # summed step: already in its message's sum
 
-    def sum_contribution(self) -> Any:  # noqa: ANN401 - Callable[[SumBuilder, int], None]
+    def sum_contribution(self) -> AddToSum | None:
         """A function adding n_k Δ_k to a message's sum; None when the update is not
-        finite (the user then replies alone, and the server's screen counts it)."""
+        finite or empty (the user then replies alone, and the server's screen counts it)."""
         weight = float(self.result.num_examples)
         if self.update is not None:
             update = self.update
@@ -281,31 +289,27 @@ def training_seed(run_seed: int, user: int, server_round: int) -> int:
     return run_seed * 1_000_003 + user * 7919 + server_round
 
 
-def _user_seed(config: dict[str, Any]) -> int:
-    return training_seed(int(config.get("seed", 0)), int(config["partition-id"]),
-                         int(config["server-round"]))
+def _user_seed(recipe: RoundRecipe, task: UserTask) -> int:
+    return training_seed(recipe.seed, task.user, recipe.server_round)
 
 
-def _width(config: dict[str, Any]) -> float:
-    return float(config.get("width", 1.0))
-
-
-def _received_at(state: _WorkerState, received: dict[str, np.ndarray], width: float
-                 ) -> dict[str, np.ndarray]:
+def _global_at_width(state: _WorkerState, received: dict[str, np.ndarray], width: float
+                     ) -> dict[str, np.ndarray]:
+    """The global model as a client of this HeteroFL width holds it."""
     if width >= 1.0:
         return received
     # HeteroFL: this client holds the top-left slice of every width-scaled tensor.
-    # (The simulation ships the full model and slices here; traffic is logged as the
-    # slice's size, which is what a real server would send.)
+    # (The simulation ships the full model and slices here; the clock and the traffic
+    # log count what a real server would send at this width: rf2.fl.download.)
     shapes = {k: tuple(v.shape) for k, v in received.items()}
     rules = rules_for(shapes, state.model_cfg.dim, state.model.width_rules())
     return extract(received, slice_spec(shapes, width, rules))
 
 
-def _set_progress(model: FederatedModel, config: dict[str, Any]) -> None:
+def _set_progress(model: FederatedModel, recipe: RoundRecipe) -> None:
     # Schedules that depend on training progress (the index's temperature and loss
     # warm-up) follow the server round.
-    model.set_training_progress(int(config["server-round"]), int(config.get("num-rounds", 1)))
+    model.set_training_progress(recipe.server_round, recipe.num_rounds)
 
 
 _LOGGED_FALLBACKS: set[str] = set()
@@ -318,132 +322,133 @@ def _log_fallback_once(reason: str) -> None:
         log.warning("training user by user instead of as one cohort: %s", reason)
 
 
-_COHORT_KEYS = ("width", "lr", "local-epochs", "batch-size", "proximal-mu", "server-round",
-                "num-rounds")
-
-
-def _cohorts(configs: list[dict[str, Any]]) -> list[list[int]]:
-    """Positions of the batch's users grouped by what their training shares."""
-    groups: dict[tuple[Any, ...], list[int]] = {}
-    for i, config in enumerate(configs):
-        groups.setdefault(tuple(config.get(k) for k in _COHORT_KEYS), []).append(i)
+def _cohorts(tasks: list[UserTask]) -> list[list[int]]:
+    """Positions of the batch's users grouped by model width (the rest of their
+    training recipe is the message's, shared by all)."""
+    groups: dict[float, list[int]] = {}
+    for i, task in enumerate(tasks):
+        groups.setdefault(task.width, []).append(i)
     return list(groups.values())
 
 
-def _train_cohort(state: _WorkerState, received: dict[str, np.ndarray],
-                  configs: list[dict[str, Any]]) -> list[_Trained | BaseException | None]:
-    """Train ``configs``' users together. A model that does not declare cohort support
-    leaves each user to the per-user path (None), with the reason logged once; any other
-    error is every user's error (reported per user, never retried silently)."""
-    first = configs[0]
+def _train_cohort(state: _WorkerState, received: dict[str, np.ndarray], recipe: RoundRecipe,
+                  tasks: list[UserTask]) -> list[_Trained | BaseException | None]:
+    """Train ``tasks``' users (all of one width) together. A model that does not declare
+    cohort support leaves each user to the per-user path (None), with the reason logged
+    once; any other error is every user's error (reported per user, never retried
+    silently)."""
     try:
-        width = _width(first)
-        held = _received_at(state, received, width)
+        width = tasks[0].width
+        held = _global_at_width(state, received, width)
         model = state.model_for_width(width)
-        _set_progress(model, first)
-        examples = [user_examples(state.dataset, int(c["partition-id"])) for c in configs]
-        jobs = [ClientJob(h, t, _user_seed(c)) for (h, t), c in zip(examples, configs, strict=True)]
+        _set_progress(model, recipe)
+        jobs = _cohort_jobs(state, recipe, tasks)
         updates = train_cohort(
             model, held, jobs,
-            lr=float(first["lr"]),
-            local_epochs=int(first["local-epochs"]),
-            batch_size=int(first["batch-size"]),
-            proximal_mu=float(first.get("proximal-mu", 0.0)),
+            lr=recipe.lr,
+            local_epochs=recipe.local_epochs,
+            batch_size=recipe.batch_size,
+            proximal_mu=recipe.proximal_mu,
         )
     except NotVectorisable as ex:
         _log_fallback_once(str(ex))
-        return [None] * len(configs)
+        return [None] * len(tasks)
     except Exception as ex:  # noqa: BLE001 - reported per user, as Flower reports a client
-        return [ex] * len(configs)
-    tables = tuple(model.row_tables())
-    return [
-        _Trained(int(c["partition-id"]), held,
-                 LocalTrainingResult(u.num_examples, u.loss_before, u.loss_after), h, t, tables,
-                 update=u)
-        for c, u, (h, t) in zip(configs, updates, examples, strict=True)
-    ]
+        return [ex] * len(tasks)
+    return _cohort_outcomes(model, held, tasks, jobs, updates)
 
 
-def _sum_cohort(state: _WorkerState, received: dict[str, np.ndarray],
-                configs: list[dict[str, Any]], builder: SumBuilder, positions: list[int]
+def _sum_cohort(state: _WorkerState, received: dict[str, np.ndarray], recipe: RoundRecipe,
+                tasks: list[UserTask], builder: SumBuilder, positions: list[int]
                 ) -> list[_Trained | BaseException | None] | None:
-    """One full-batch step of ``configs``' users as one summed gradient, added to
+    """One full-batch step of ``tasks``' users as one summed gradient, added to
     ``builder``; None when the recipe is not one full-batch step, the model is not
     vectorisable or the sum is not finite (then the per-client path runs instead)."""
-    first = configs[0]
     try:
-        model = state.model
-        _set_progress(model, first)
-        examples = [user_examples(state.dataset, int(c["partition-id"])) for c in configs]
-        jobs = [ClientJob(h, t, _user_seed(c)) for (h, t), c in zip(examples, configs, strict=True)]
+        model = state.model  # summed users train the full model (no HeteroFL width)
+        _set_progress(model, recipe)
+        jobs = _cohort_jobs(state, recipe, tasks)
         if (any(len(j.targets) == 0 for j in jobs)
-                or not one_full_batch_step(jobs, int(first["local-epochs"]), int(first["batch-size"]))):
+                or not one_full_batch_step(jobs, recipe.local_epochs, recipe.batch_size)):
             return None
-        summed, summaries = summed_step(model, received, jobs, lr=float(first["lr"]))
+        summed, summaries = summed_step(model, received, jobs, lr=recipe.lr)
     except NotVectorisable:
         return None  # _train_cohort says why and leaves it to the per-user path
     except Exception as ex:  # noqa: BLE001 - reported per user, as Flower reports a client
-        return [ex] * len(configs)
+        return [ex] * len(tasks)
     if not finite(summed.deltas.values()):
         return None
     builder.add_sum(summed, positions)
+    return _cohort_outcomes(model, received, tasks, jobs, summaries)
+
+
+def _cohort_jobs(state: _WorkerState, recipe: RoundRecipe, tasks: list[UserTask]
+                 ) -> list[ClientJob]:
+    """Each user's examples and own training seed."""
+    return [ClientJob(*user_examples(state.dataset, t.user), _user_seed(recipe, t))
+            for t in tasks]
+
+
+def _cohort_outcomes(model: FederatedModel, held: dict[str, np.ndarray], tasks: list[UserTask],
+                     jobs: list[ClientJob], outcomes: Sequence[ClientUpdate | ClientSummary]
+                     ) -> list[_Trained | BaseException | None]:
+    """Each cohort user's training outcome: its update (trained), or its summary (already
+    in the message's sum)."""
     tables = tuple(model.row_tables())
     return [
-        _Trained(int(c["partition-id"]), received,
-                 LocalTrainingResult(s.num_examples, s.loss_before, s.loss_after), h, t, tables,
-                 summary=s)
-        for c, s, (h, t) in zip(configs, summaries, examples, strict=True)
+        _Trained(t.user, held, LocalTrainingResult(o.num_examples, o.loss_before, o.loss_after),
+                 j.histories, j.targets, tables,
+                 update=o if isinstance(o, ClientUpdate) else None,
+                 summary=o if isinstance(o, ClientSummary) else None)
+        for t, j, o in zip(tasks, jobs, outcomes, strict=True)
     ]
 
 
-def _train_one(state: _WorkerState, received: dict[str, np.ndarray], config: dict[str, Any]
-               ) -> _Trained:
+def _train_one(state: _WorkerState, received: dict[str, np.ndarray], recipe: RoundRecipe,
+               task: UserTask) -> _Trained:
     """One user's local training from the global model (the per-user reference path)."""
-    user = int(config["partition-id"])
-    held = _received_at(state, received, _width(config))
-    model = state.model_for_width(_width(config))
+    held = _global_at_width(state, received, task.width)
+    model = state.model_for_width(task.width)
     load_numpy_into(model, held)
-    _set_progress(model, config)
-    histories, targets = user_examples(state.dataset, user)
+    _set_progress(model, recipe)
+    histories, targets = user_examples(state.dataset, task.user)
     result = train_locally(
         model,
         histories,
         targets,
-        lr=float(config["lr"]),
-        local_epochs=int(config["local-epochs"]),
-        batch_size=int(config["batch-size"]),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
-        seed=_user_seed(config),
+        lr=recipe.lr,
+        local_epochs=recipe.local_epochs,
+        batch_size=recipe.batch_size,
+        proximal_mu=recipe.proximal_mu,
+        seed=_user_seed(recipe, task),
     )
-    return _Trained(user, held, result, histories, targets, tuple(model.row_tables()),
+    return _Trained(task.user, held, result, histories, targets, tuple(model.row_tables()),
                     arrays=state_to_numpy(model))
 
 
-def _reply(config: dict[str, Any], done: _Trained, sparse: bool) -> dict[str, Any]:
-    """A trained user's reply records: compression, injected faults, metrics."""
-    user, server_round = done.user, int(config["server-round"])
+def _own_reply(recipe: RoundRecipe, task: UserTask, done: _Trained, sparse: bool
+               ) -> dict[str, Any]:
+    """The reply records of a user that replies alone (not in its message's sum): its
+    arrays (compressed, with any injected fault), its metrics, its touched rows."""
     received = done.received
     arrays = done.reply_arrays(sparse)
     bytes_up = num_bytes(arrays)
-    prune, bits = config.get("prune-rate"), config.get("quant-bits")
-    if prune is not None or bits is not None:
+    if task.prune_rate is not None or task.quant_bits is not None:
         # Compress the update (not the weights); the server sees the decompressed,
         # unbiased update, and the clock and traffic log see the compressed size. A
         # sparse reply compresses the deltas of its rows; the row ids travel as they are.
-        rng = np.random.default_rng([int(config.get("seed", 0)), user, server_round, 1])
+        rng = np.random.default_rng([recipe.seed, task.user, recipe.server_round, 1])
         base = _reference_values(received, arrays)
         delta = {k: arrays[k] - base[k] for k in base}
-        delta_hat, bytes_up = compress_update(
-            delta, None if prune is None else float(prune), None if bits is None else int(bits), rng
-        )
+        delta_hat, bytes_up = compress_update(delta, task.prune_rate, task.quant_bits, rng)
         ids = {k: v for k, v in arrays.items() if k not in base}
         bytes_up += num_bytes(ids)
         arrays = {k: ids[k] if k in ids else (base[k] + delta_hat[k]).astype(arrays[k].dtype)
                   for k in arrays}
-    arrays = apply_injected_fault(config, arrays)
+    arrays = apply_injected_fault(task.fault, task.hang_s, arrays)
     records: dict[str, Any] = {"arrays": numpy_to_record(arrays),
                                "metrics": _metrics(done, bytes_up)}
-    if config.get("report-touched", False):
+    if task.report_touched:
         # Per-row embedding averaging needs the rows this client's data touched.
         touched = touched_items(done.histories, done.targets)
         records["rf2"] = ConfigRecord({"touched-items": [int(i) for i in touched]})
