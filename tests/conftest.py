@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,46 @@ def assert_sweep_stopped_at_checkpoints(sweep: Path, err: str, running: int) -> 
         assert f"  rf2 resume={job}" in lines
         assert f"rf2: interrupted after round {n}; resume with: rf2 resume={job}" in lines
         assert not (job / "DONE").exists() and not (job / ".lock").exists()
+
+
+@pytest.fixture
+def rf2_in_process(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Any:  # noqa: ANN401
+    """``rf2 ARGS`` run by ``rf2.cli.main.main`` in this process, from ``cwd``: its exit
+    status, stdout and stderr, as ``subprocess.run`` gives them. For checks that end before
+    a run starts: the same code path as ``python -m rf2`` without a new interpreter that
+    imports torch and Flower (seconds each); real ``rf2`` processes stay tested for exit
+    codes and signals (tests/test_run_safety.py, tests/test_interrupt.py)."""
+    import logging
+    import logging.config
+
+    from rf2.cli.main import SWEEP_INTERRUPTS, SWEEP_JOBS, main
+
+    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+        monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", ["rf2", *args])
+        for name in (SWEEP_INTERRUPTS, SWEEP_JOBS):  # a sweep sets them: undone at teardown
+            monkeypatch.setenv(name, "")
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        # Hydra's job logging replaces the root logger's handlers (put back below) and
+        # would close every handler there is, pytest's own capturing ones included.
+        monkeypatch.setattr(logging.config, "_clearExistingHandlers", logging._handlers.clear)
+        root = logging.getLogger()
+        root_handlers, root_level = root.handlers[:], root.level
+        capsys.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as ex:
+            code = ex.code if isinstance(ex.code, int) else int(ex.code is not None)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            root.handlers[:] = root_handlers
+            root.setLevel(root_level)
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(["rf2", *args], code, out.out, out.err)
+
+    return run
 
 
 def composed(*overrides: str) -> Any:

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import read_rows, small_run, without_timing
@@ -435,10 +436,12 @@ def test_symlink_loop_as_dataset_path_is_one_data_error(tmp_path: Path) -> None:
         check_command(["dataset=movielens100k", f"dataset.path={loop}"])
 
 
-@pytest.mark.slow  # an rf2 subprocess
-def test_cli_symlink_loop_is_one_line_exit_2_and_leaves_nothing(tmp_path: Path) -> None:
+def test_cli_symlink_loop_is_one_line_exit_2_and_leaves_nothing(tmp_path: Path,
+                                                                 rf2_in_process: Any) -> None:
+    # rf2's command in this process: a data error's exit 2 in a real process is
+    # test_cli_data_error_leaves_no_outputs_date_folder
     loop = _symlink_loop(tmp_path)
-    proc = _rf2([*SMALL, "dataset=movielens100k", f"dataset.path={loop}"], tmp_path)
+    proc = rf2_in_process(*SMALL, "dataset=movielens100k", f"dataset.path={loop}", cwd=tmp_path)
     assert proc.returncode == 2
     assert "symlink loop" in _one_line(proc) and str(loop) in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no outputs/ left
