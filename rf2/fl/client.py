@@ -40,6 +40,7 @@ from rf2.fl.params import (
 from rf2.fl.partial_sum import SumBuilder, finite, reply_bytes, summable
 from rf2.fl.shared_data import SharedDataset
 from rf2.fl.user_batch import pack_results, pack_sum, user_configs
+from rf2.fl.user_state import MessageRows, UserStateStore
 from rf2.hetero.faults import apply_injected_fault
 from rf2.model import FederatedModel, build_model
 from rf2.model.cohort import (
@@ -74,6 +75,8 @@ class ClientSpec:
     sparse_updates: bool = True
     # On Ray: the driver's dataset in the object store; None = load it from ``dataset``.
     data: SharedDataset | None = None
+    # A model with per-user state: where its users' rows live between rounds.
+    user_state: UserStateStore | None = None
 
     @functools.cached_property
     def key(self) -> str:
@@ -153,10 +156,17 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
     state = worker_state(spec)
     received = record_to_numpy(msg.content["arrays"])  # the global model, decoded once
     configs = user_configs(msg)
+    # Per-user state (rf2.fl.user_state): this message's users' rows, fetched once.
+    own = (MessageRows.fetch(spec.user_state, state.model,
+                             [int(c["partition-id"]) for c in configs])
+           if spec.user_state is not None else None)
     builder = SumBuilder(received, state.model.row_tables()) if any(
         summable(c) for c in configs) else None
     trained: list[_Trained | BaseException | None] = [None] * len(configs)
-    if spec.vectorise:
+    if spec.vectorise and own is not None:
+        _log_fallback_once(f"{type(state.model).__name__} has per-user state "
+                           f"{state.model.user_state_names()} (the cohort does not carry it)")
+    elif spec.vectorise:
         for group in _cohorts(configs):
             members = [configs[i] for i in group]
             outs = None
@@ -182,7 +192,7 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
         try:
             records, contribution = call_with_deadline(
                 lambda s=state, c=config, d=done, b=into_sum: _user_reply(
-                    s, received, c, d, spec.sparse_updates, b is not None),
+                    s, received, c, d, spec.sparse_updates, b is not None, own),
                 timeout)
         except DeadlineExceeded as ex:
             results.append(ex)
@@ -194,6 +204,8 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
         if into_sum is not None and contribution is not None:
             contribution(into_sum, i)  # added here: a late, abandoned call never writes it
         results.append(records)
+    if own is not None:
+        own.write_back(spec.user_state)  # before replying: the server evaluates them next
     content = pack_results(results)
     if builder is not None and builder.positions:
         pack_sum(content, builder.arrays(), builder.positions, builder.weight)
@@ -201,14 +213,14 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
 
 
 def _user_reply(state: _WorkerState, received: dict[str, np.ndarray], config: dict[str, Any],
-                done: _Trained | BaseException | None, sparse: bool, into_sum: bool
-                ) -> tuple[dict[str, Any], Any]:
+                done: _Trained | BaseException | None, sparse: bool, into_sum: bool,
+                own: MessageRows | None = None) -> tuple[dict[str, Any], Any]:
     """A user's reply records, and (``into_sum``, update finite) the function that adds
     its update to the message's sum, its records then being its metrics alone."""
     if isinstance(done, BaseException):
         raise done
     if done is None:
-        done = _train_one(state, received, config)
+        done = _train_one(state, received, config, own)
     if into_sum:
         add = done.sum_contribution()
         if add is not None:
@@ -396,13 +408,18 @@ def _sum_cohort(state: _WorkerState, received: dict[str, np.ndarray],
     ]
 
 
-def _train_one(state: _WorkerState, received: dict[str, np.ndarray], config: dict[str, Any]
-               ) -> _Trained:
-    """One user's local training from the global model (the per-user reference path)."""
+def _train_one(state: _WorkerState, received: dict[str, np.ndarray], config: dict[str, Any],
+               own: MessageRows | None = None) -> _Trained:
+    """One user's local training from the global model (the per-user reference path).
+
+    ``own``: a stateful model's per-user rows; the user's are loaded before training and
+    kept after (they are never part of the reply)."""
     user = int(config["partition-id"])
     held = _received_at(state, received, _width(config))
     model = state.model_for_width(_width(config))
     load_numpy_into(model, held)
+    if own is not None:
+        own.load_into(model, user)
     _set_progress(model, config)
     histories, targets = user_examples(state.dataset, user)
     result = train_locally(
@@ -414,7 +431,10 @@ def _train_one(state: _WorkerState, received: dict[str, np.ndarray], config: dic
         batch_size=int(config["batch-size"]),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         seed=_user_seed(config),
+        user=user,
     )
+    if own is not None:
+        own.keep(model, user)
     return _Trained(user, held, result, histories, targets, tuple(model.row_tables()),
                     arrays=state_to_numpy(model))
 
