@@ -99,6 +99,19 @@ def small_run(**overrides: Any) -> dict[str, Any]:
     return cfg
 
 
+def composed(*overrides: str) -> Any:
+    """``rf2 OVERRIDES`` composed by Hydra and validated: the run's RunConfig."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from rf2.core.config import load_run_config
+
+    with initialize_config_module(config_module="rf2.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    data = OmegaConf.to_container(cfg, resolve=True)
+    return load_run_config(data)  # type: ignore[arg-type]
+
+
 def compose_experiment(experiment: str, *overrides: str) -> dict[str, Any]:
     """``+experiment=NAME`` composed by Hydra (with its sweep settings), as a plain mapping."""
     from hydra import compose, initialize_config_module
@@ -110,6 +123,23 @@ def compose_experiment(experiment: str, *overrides: str) -> dict[str, Any]:
     data = OmegaConf.to_container(cfg, resolve=False)
     assert isinstance(data, dict)
     return data
+
+
+def plugin_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefix: str,
+                  source: str) -> str:
+    """Write ``source`` as a module of the user's own (``mylab/...`` in the docs) into a
+    temporary folder on ``sys.path`` and on ``PYTHONPATH`` (Ray's workers inherit it) for
+    this test only; returns its unique module name. Pop it from ``sys.modules`` after."""
+    import textwrap
+
+    pkg = tmp_path / "plugins"
+    pkg.mkdir(exist_ok=True)
+    name = f"{prefix}_{abs(hash(str(tmp_path))) % 10**8}"
+    (pkg / f"{name}.py").write_text(textwrap.dedent(source))
+    monkeypatch.syspath_prepend(str(pkg))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (str(pkg), os.environ.get("PYTHONPATH", "")) if p))
+    return name
 
 
 def pytest_configure(config: pytest.Config) -> None:

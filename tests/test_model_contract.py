@@ -24,6 +24,7 @@ from rf2.core.config import DatasetConfig, ModelConfig
 from rf2.core.errors import ConfigError
 from rf2.data import load_dataset
 from rf2.fl import client as client_module
+from rf2.fl.user_task import RoundRecipe, UserTask
 from rf2.model import HierIndexModel, TwoTower, build_model, user_examples
 from rf2.model.base import CANDIDATE, HISTORY
 from rf2.model.cohort import ClientJob, NotVectorisable, train_cohort
@@ -142,9 +143,8 @@ def test_a_real_cohort_error_is_each_users_error(monkeypatch: pytest.MonkeyPatch
         raise RuntimeError("boom")
 
     monkeypatch.setattr(client_module, "train_cohort", broken)
-    configs = [{"partition-id": u, "server-round": 1, "lr": 1.0, "local-epochs": 1,
-                "batch-size": 0} for u in (0, 1)]
-    out = client_module._train_cohort(state, received, configs)
+    recipe = RoundRecipe(server_round=1, lr=1.0, local_epochs=1, batch_size=0)
+    out = client_module._train_cohort(state, received, recipe, [UserTask(user=u) for u in (0, 1)])
     assert [str(o) for o in out] == ["boom", "boom"]
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import read_rows, small_run, without_timing
-from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from rf2.cli.support import run_job
@@ -15,14 +15,16 @@ from rf2.core.config import SimulationConfig, load_run_config
 from rf2.core.errors import ConfigError
 from rf2.fl.params import numpy_to_record
 from rf2.fl.simulation import users_per_message
-from rf2.fl.user_batch import batch_instruction, pack_results, unpack_reply, user_configs
+from rf2.fl.user_batch import batch_instruction, pack_results, unpack_reply, user_tasks
+from rf2.fl.user_task import RoundRecipe, UserTask, recipe_record
 
 
 @pytest.fixture
 def instruction() -> Message:
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     content = RecordDict({"arrays": numpy_to_record({"w": np.arange(6, dtype=np.float32)}),
-                          "config": ConfigRecord({"lr": 0.5, "server-round": 3})})
+                          "config": recipe_record(RoundRecipe(server_round=3, lr=0.5,
+                                                              local_epochs=1, batch_size=0))})
     return Message(content, 11, "train")
 
 
@@ -32,11 +34,11 @@ def _as_reply(msg: Message, content: RecordDict) -> Message:
 
 
 def test_each_user_gets_the_shared_config_plus_its_own(instruction: Message) -> None:
-    batch = batch_instruction(instruction, [4, 9, 2], {9: {"width": 0.5}})
-    configs = user_configs(batch)
-    assert [c["partition-id"] for c in configs] == [4, 9, 2]
-    assert all(c["lr"] == 0.5 and c["server-round"] == 3 for c in configs)
-    assert configs[1]["width"] == 0.5 and "width" not in configs[0]
+    batch = batch_instruction(instruction, [4, 9, 2], {9: UserTask(user=9, width=0.5)})
+    recipe, tasks = user_tasks(batch)
+    assert [t.user for t in tasks] == [4, 9, 2]
+    assert recipe.lr == 0.5 and recipe.server_round == 3
+    assert tasks[1].width == 0.5 and tasks[0].width == 1.0
     assert batch.metadata.dst_node_id == 11 and batch.metadata.group_id == "3"
     # The shared arrays are not copied per user.
     assert batch.content["arrays"] is instruction.content["arrays"]

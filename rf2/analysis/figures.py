@@ -1,4 +1,5 @@
-"""Figures from run folders: per-tier curves, RF²'s fairness-gap bars, participation.
+"""Figures from run folders: per-tier curves, RF²'s fairness-gap bars, participation,
+per-user CDFs and the pass study.
 
 Console script ``rf2-figures MULTIRUN_DIR [--out DIR] [--metric recall@20]`` (also
 ``python -m rf2.analysis.figures``). The plot functions take a :func:`rf2.analysis.results.load` frame and
@@ -23,6 +24,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from rf2.analysis.beyond import ARM_COLUMNS, beyond_markdown, beyond_tables, with_arm
 from rf2.analysis.results import (
     ALL_USERS,
     MATCH_COLUMNS,
@@ -63,11 +65,16 @@ def _ordered(values: Sequence[object], first: Sequence[str]) -> list[str]:
 
 def _with_variant(df: pd.DataFrame, reference: str = "none") -> tuple[pd.DataFrame, list[str]]:
     """Add ``variant``: the optimization, plus any context column the sweep varies
-    (e.g. "exclude_low [strategy=fedprox]"), so different strategies never share a bar."""
+    (e.g. "exclude_low [strategy=fedprox]"), so different strategies never share a bar.
+    A run without a value there (a custom strategy has no server_optimizer) shows none."""
     varying = [c for c in MATCH_COLUMNS if c in df and df[c].nunique(dropna=False) > 1]
-    label = df["optimization"].astype(str)
+    label = df["optimization"].map(str)
+    if "arm" in df and df["arm"].nunique() > 1:  # beyond_rf2: the arm says strategy + privacy
+        varying = [c for c in varying if c != "strategy"]
+        label = (df["arm"].map(str) if df["optimization"].nunique() == 1
+                 else df["arm"].map(str) + " · " + label)
     for c in varying:
-        label = label + f" [{c}=" + df[c].astype(str) + "]"
+        label = label + df[c].map(lambda v, c=c: "" if pd.isna(v) else f" [{c}={v}]")
     df = df.assign(variant=label.to_numpy())
     order = _ordered(df["variant"].unique(), [])
     return df, sorted(order, key=lambda v: (not v.startswith(reference + " ") and v != reference))
@@ -455,6 +462,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="population of the MDAC ratio's denominator (default independent)")
     parser.add_argument("--realistic", default="popularity-dirichlet",
                         help="population of its numerator (default popularity-dirichlet)")
+    parser.add_argument("--target-fraction", type=float, default=0.8,
+                        help="runs of several arms (beyond_rf2): simulated time to this "
+                        "fraction of the sync arm's final metric (default 0.8)")
     parser.add_argument("--formats", default="png,pdf", help="file types (default png,pdf)")
     parser.add_argument("--passes", help="RF²'s pass study: compare at these passes, e.g. 1,2,10 "
                         "(tierings from the 'tiering' column; --independent defaults to "
@@ -462,7 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     matplotlib.use("Agg")
     try:
-        df = load(args.multirun_dir)
+        df = with_arm(load(args.multirun_dir, ARM_COLUMNS))
     except UserInputError as exc:
         print(exc, file=sys.stderr)
         return exc.exit_code
@@ -477,8 +487,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     slug = _slug(args.metric)
     if args.passes:
         return _pass_study(df, args, out, slug)
+    several_arms = df["arm"].nunique() > 1
+    if several_arms:
+        _beyond(df, args, out)
     tables: FairnessTables | None = None
     try:
+        if several_arms:  # D_t of each arm is in beyond_rf2.md; "none" runs differ by arm
+            raise ResultsError("runs of several arms: see beyond_rf2.md")
         tables = fairness_gap_table(df, args.metric, args.round, args.reference,
                                     args.realistic, args.independent)
         _print_tables(tables, args.metric)
@@ -511,6 +526,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         written += 1
     print(f"wrote {written} figure(s) as {args.formats} to {out}")
     return 0 if written else 1
+
+
+def _beyond(df: pd.DataFrame, args: argparse.Namespace, out: Path) -> None:
+    """Runs of several arms (``+experiment=beyond_rf2``): beyond_rf2.md, CSVs, the figure."""
+    from rf2.analysis.beyond_figure import plot_beyond_rf2
+
+    try:
+        tables = beyond_tables(df, args.metric, args.target_fraction)
+    except ResultsError as exc:
+        print(f"no beyond-RF² table: {exc}")
+        return
+    text = beyond_markdown(tables)
+    (out / "beyond_rf2.md").write_text(text, encoding="utf-8")
+    tables.per_run.to_csv(out / "beyond_rf2_runs.csv", index=False)
+    tables.summary.to_csv(out / "beyond_rf2_summary.csv", index=False)
+    print(text)
+    fig = plot_beyond_rf2(tables)
+    for i, ext in enumerate(args.formats.split(",")):
+        fig.savefig(out / f"beyond_rf2.{ext}", dpi=150)
+        if i == 0:
+            fig.set_layout_engine("none")
+    print(f"wrote beyond_rf2.md and beyond_rf2 as {args.formats} to {out}")
 
 
 def _pass_study(df: pd.DataFrame, args: argparse.Namespace, out: Path, slug: str) -> int:

@@ -26,13 +26,16 @@ import yaml
 from rf2.core.errors import UserInputError
 from rf2.eval.fairness import mdac as mdac_of
 from rf2.eval.fairness import relative_change
+from rf2.runs.what_ran import PARTS, config_value, part_used, server_optimizer_used
 
 __all__ = ["ALL_USERS", "CONFIG_COLUMNS", "FairnessTables", "PassStudyTables", "ResultsError",
            "ResultsWarning", "distributions", "fairness_gap_table", "find_runs", "load",
            "load_population", "load_wide", "order_tiers", "pass_study_tables", "tier_metric",
            "to_parquet", "user_cdf"]
 
-# Column -> dotted path in config.yaml: the axes a sweep usually varies.
+# Column -> dotted path in config.yaml: the axes a sweep usually varies. strategy,
+# server_optimizer, model, dataset and population name what ran (rf2.runs.what_ran): a
+# plug-in by its ``_target_``, and a custom strategy has no server_optimizer (None).
 CONFIG_COLUMNS: dict[str, str] = {
     "mode": "mode", "strategy": "strategy.name", "server_optimizer": "strategy.server_optimizer",
     "optimization": "optimization.name", "population": "population.mode",
@@ -40,8 +43,9 @@ CONFIG_COLUMNS: dict[str, str] = {
     "seed": "seed", "num_rounds": "num_rounds", "clients_per_round": "clients_per_round",
     "leak_test": "population.leak_test", "protocol": "dataset.protocol",
 }
-# Derived column ``tiering``: population.mode, with "-leaky" when the map used test
-# clicks (population.leak_test), so leaky and leak-free maps of one mode stay apart.
+# Derived column ``tiering``: population.mode (or the tiering's ``_target_``), with
+# "-leaky" when the map used test clicks (population.leak_test), so leaky and leak-free
+# maps of one mode stay apart.
 LEAKY_SUFFIX = "-leaky"
 # Besides seed and population, what must be equal for a run to be another's reference.
 MATCH_COLUMNS = ("strategy", "server_optimizer", "devices", "dataset", "model")
@@ -94,9 +98,24 @@ def find_runs(path: PathLike) -> list[Path]:
     return sorted(runs, key=lambda r: _natural(r.relative_to(root).as_posix()))
 
 
+# Old key -> today's, for run folders written before the rename: rows carried the users
+# evaluated twice (``users_evaluated`` and ``eval_users``), groups as .../users_evaluated.
+_RENAMED = re.compile(r"^(.*/)?users_evaluated$")
+
+
+def _current_keys(record: dict[str, Any]) -> dict[str, Any]:
+    """A row with old keys read under today's names (today's name wins when both exist)."""
+    old = [k for k in record if _RENAMED.match(k)]
+    for key in old:
+        value = record.pop(key)
+        record.setdefault(_RENAMED.sub(r"\1eval_users", key), value)
+    return record
+
+
 def _read_records(path: Path) -> list[dict[str, Any]]:
     """Rows of metrics.jsonl; a torn last line is skipped with a warning. Should a round
-    appear twice (a resume), its last row wins: it belongs to the trajectory that went on."""
+    appear twice (a resume), its last row wins: it belongs to the trajectory that went on.
+    Keys renamed since a row was written read under today's name (:data:`_RENAMED`)."""
     lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
     by_round: dict[int, dict[str, Any]] = {}
     for i, line in enumerate(lines):
@@ -111,7 +130,7 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
             break
         if not isinstance(record, dict) or not isinstance(record.get("round"), int):
             raise ResultsError(f"{path}:{i + 1}: expected a JSON object with an integer 'round'")
-        by_round[record["round"]] = record
+        by_round[record["round"]] = _current_keys(record)
     return [by_round[r] for r in sorted(by_round)]
 
 
@@ -124,12 +143,19 @@ def _numeric(record: Mapping[str, Any]) -> dict[str, float]:
 def _config_value(config: Mapping[str, Any], dotted: str) -> Any:
     """Value at a dotted path (None if absent); lists/dicts as JSON text, keeping columns
     scalar and parquet-friendly."""
-    node: Any = config
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
+    node = config_value(config, dotted)
     return json.dumps(node, sort_keys=True) if isinstance(node, (list, dict)) else node
+
+
+def _column_value(config: Mapping[str, Any], column: str, dotted: str) -> Any:
+    """A config column's value; the columns naming what ran read it as rf2.runs.what_ran
+    does (unless the caller mapped the column to another path)."""
+    if dotted == CONFIG_COLUMNS.get(column):
+        if column in PARTS:
+            return part_used(config, column)
+        if column == "server_optimizer":
+            return server_optimizer_used(config)
+    return _config_value(config, dotted)
 
 
 def _columns(config_columns: ConfigColumns) -> dict[str, str]:
@@ -149,8 +175,8 @@ def _runs(path: PathLike, columns: Mapping[str, str]) -> list[tuple[str, Path, d
             raise ResultsError(f"{run / 'config.yaml'}: not valid YAML ({exc})") from None
         if not isinstance(config, dict):
             raise ResultsError(f"{run / 'config.yaml'}: expected a mapping")
-        values = {col: _config_value(config, dotted) for col, dotted in columns.items()}
-        mode = _config_value(config, "population.mode")
+        values = {col: _column_value(config, col, dotted) for col, dotted in columns.items()}
+        mode = part_used(config, "population")
         leaky = bool(_config_value(config, "population.leak_test"))
         values["tiering"] = None if mode is None else f"{mode}{LEAKY_SUFFIX if leaky else ''}"
         out.append((run.relative_to(root).as_posix(), run, values))

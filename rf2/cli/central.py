@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rf2.core.typed import to_dict
+from rf2.core.plugins import recorded_config
 from rf2.eval.evaluation import Evaluator
 from rf2.fl.progress import ProgressPrinter
 from rf2.hetero.population import population_summary
@@ -52,7 +52,7 @@ def execute_central(prep: PreparedRun, folder: RunFolder, resuming: bool = False
         if resuming:
             restart_from_round_0(folder)
         else:
-            folder.create(to_dict(cfg))
+            folder.create(recorded_config(cfg))
         folder.write_json("population.json", population_summary(prep.dataset, prep.population))
         folder.write_json("data.json", data_summary(cfg, prep.dataset))
     tensorboard = None

@@ -19,7 +19,8 @@ import torch
 
 from rf2.core.config import RunConfig
 from rf2.core.errors import DataError
-from rf2.core.typed import check, to_dict
+from rf2.core.plugins import recorded_config, unused_keys
+from rf2.core.typed import check
 from rf2.data import load_dataset
 from rf2.data.base import FederatedDataset
 from rf2.eval.evaluation import Evaluator
@@ -39,7 +40,7 @@ from rf2.hetero.population import Population, assign_tiers, population_summary
 from rf2.hetero.tier_file import tier_csv_text
 from rf2.model import FederatedModel, build_model
 from rf2.model.examples import num_training_examples
-from rf2.model.ttt import ttt_if_enabled
+from rf2.model.ttt import check_ttt, ttt_if_enabled
 from rf2.privacy.plan import PrivacyPlan, plan_privacy
 from rf2.runs.run_folder import Checkpoint, RunFolder
 from rf2.strategies import instantiate_strategy
@@ -95,7 +96,7 @@ def check_against_data(cfg: RunConfig, dataset: FederatedDataset) -> None:
           f"cut-offs <= the number of items ({dataset.num_items})")
     check(cfg.clients_per_round <= dataset.num_users, "clients_per_round", cfg.clients_per_round,
           f"an integer in [1, {dataset.num_users}] (the number of users)")
-    if cfg.model.name == "hier_index":
+    if cfg.model.name == "hier_index" and not cfg.model._target_:
         # k-means initialises each level from the items: more nodes than items is empty
         # clusters at best.
         check(max(cfg.model.index.nodes_per_level) <= dataset.num_items,
@@ -141,12 +142,15 @@ def prepare(cfg: RunConfig) -> PreparedRun:
         resolved = resolved_data_path(cfg.dataset.path)
         cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, path=resolved))
     profile = check_profile(cfg)
+    for unused in unused_keys(cfg):  # the errors among them failed validation already
+        log.warning("rf2: warning: %s", unused.message())
     dataset = load_dataset(cfg.dataset, cfg.seed)
     cfg = central_negatives(cfg, dataset.num_items)
     check_against_data(cfg, dataset)
     population = assign_tiers(dataset, profile, cfg.population, cfg.seed)
     model = build_model(cfg.model, dataset, cfg.seed)
     check_model_supports(cfg, model)
+    check_ttt(cfg.model, model)
     strategy = instantiate_strategy(cfg.strategy, cfg.client)
     num_examples = num_training_examples(dataset)
     prep = PreparedRun(cfg, dataset, profile, population, model, strategy, num_examples)
@@ -173,6 +177,10 @@ def data_summary(cfg: RunConfig, dataset: FederatedDataset) -> dict[str, object]
 def tiering_info(cfg: RunConfig) -> dict[str, object]:
     """How the tier map was made, for population.json (leaky maps say so)."""
     pop = cfg.population
+    if pop._target_:  # the user's own tiering: mode and its settings were not used
+        # It gets the whole split dataset: whether it read test clicks is its own.
+        return {"_target_": pop._target_, "kwargs": pop.kwargs,
+                "dataset_protocol": cfg.dataset.protocol}
     info: dict[str, object] = {"mode": pop.mode, "dataset_protocol": cfg.dataset.protocol,
                                "leak_test": bool(pop.leak_test),
                                "uses_test_clicks": bool(pop.leak_test)}
@@ -180,8 +188,6 @@ def tiering_info(cfg: RunConfig) -> dict[str, object]:
         info["alpha"] = pop.alpha
     if pop.mode == "from-file":
         info["path"] = pop.path
-    if pop._target_:  # the user's own tiering replaced ``mode``
-        info["_target_"] = pop._target_
     return info
 
 
@@ -214,7 +220,7 @@ def execute(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Pat
             if not (folder.path / DATASET).exists():
                 folder.write_json(DATASET, fingerprint)  # checked by the next resume
         else:
-            folder.create(to_dict(cfg))
+            folder.create(recorded_config(cfg))
             folder.write_json(DATASET, fingerprint)
         summary = population_summary(prep.dataset, prep.population)
         summary["tiering"] = tiering_info(cfg)

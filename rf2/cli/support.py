@@ -14,12 +14,13 @@ import yaml
 
 from rf2.core.config import RunConfig, load_run_config
 from rf2.core.errors import ConfigError, UserInputError
+from rf2.core.plugins import recorded_config
 from rf2.core.typed import to_dict
 from rf2.runs.lock import LOCK, RunLock
 from rf2.runs.run_folder import CONFIG, RunExists, RunFolder
 
 GROUPS = ("dataset", "model", "strategy", "devices", "population", "optimization",
-          "simulation", "experiment")
+          "simulation", "privacy", "experiment", "arm")
 
 
 def group_options(group: str) -> list[str]:
@@ -213,7 +214,7 @@ def _resume(cfg: RunConfig, data: dict[str, Any], run_dir: Path, overrides: list
         prep = prepare(new_cfg)
         remove_unused_run_dir(run_dir)
         if merged != {**saved, "resume": None}:
-            folder.write_text(CONFIG, yaml.safe_dump(to_dict(new_cfg), sort_keys=False))
+            folder.write_text(CONFIG, yaml.safe_dump(recorded_config(new_cfg), sort_keys=False))
         folder.undo_done()
         run = execute_central if prep.cfg.mode == "central" else execute
         return run(prep, folder, resuming=True)

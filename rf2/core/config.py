@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from rf2.core.plugins import check_plugins
 from rf2.core.typed import check, from_dict
 
 DatasetName = Literal[
@@ -273,7 +274,8 @@ class StrategyConfig:
 
     ``_target_`` names what builds the strategy (``hydra.utils.instantiate``): rf2's
     builder, which reads the fields below, or a user's Flower Strategy class, which is
-    called with ``kwargs`` (see ``rf2.strategies.instantiate``).
+    called with ``kwargs`` (see ``rf2.strategies.instantiate``); the fields only the
+    builder reads are then an error when set (``rf2.core.plugins``).
     """
 
     # What builds the strategy: rf2's builder, or your Flower Strategy class (docs/extending.md).
@@ -283,6 +285,7 @@ class StrategyConfig:
     # Aggregation rule of rf2's builder (the strategy= group sets it). fedbuff: FedAvg's
     # mean (and server optimizer) applied asynchronously, FedBuff on the simulated clock:
     # one server step per "round" after clients_per_round arrivals (docs/strategies.md).
+    # With a custom _target_: fedavg (synchronous rounds) or fedbuff (asynchronous).
     name: Literal["fedavg", "fedprox", "qffl", "fedbuff"] = "fedavg"
     # Server optimizer applied to the aggregated pseudo-gradient (FedOpt, Reddi et al.).
     server_optimizer: Literal["none", "adagrad", "adam", "yogi"] = "adagrad"
@@ -380,12 +383,23 @@ class RoundConfig:
               "an integer >= 1")
 
 
+# The conf/optimization/*.yaml options (tests/test_config.py keeps them equal).
+OptimizationName = Literal["none", "exclude-low", "fsl", "heterofl", "over-select", "prune",
+                           "quantize"]
+# A named optimization's own setting: its name alone would label a run it did not change.
+_OPTIMIZATION_SETTING = {"exclude-low": "exclude_tiers", "fsl": "per_row_embedding_avg",
+                         "heterofl": "width", "over-select": "overselect",
+                         "prune": "prune_rate", "quantize": "quant_bits"}
+
+
 @dataclass
 class OptimizationConfig:
     """RF²'s tier-aware optimizations; each usable with any strategy."""
 
-    # Which tier-aware optimization (the optimization= group sets it; docs/strategies.md).
-    name: str = "none"
+    # Which tier-aware optimization (the optimization= group sets it with its setting;
+    # docs/strategies.md). The name labels the run (results, figures: "none" is the
+    # reference of D_t); the settings below do the work.
+    name: OptimizationName = "none"
     # Tiers never selected for training (still evaluated).
     exclude_tiers: list[str] = field(default_factory=list)
     # Over-selection: select ceil((1 + x) K), keep the K that finish first.
@@ -400,6 +414,10 @@ class OptimizationConfig:
     per_row_embedding_avg: bool = False
 
     def validate(self, path: str = "optimization") -> None:
+        setting = _OPTIMIZATION_SETTING.get(self.name)
+        check(setting is None or bool(getattr(self, setting)), f"{path}.name", self.name,
+              f"a name whose setting is set: {self.name} needs {path}.{setting} "
+              f"(optimization={self.name} sets both)")
         check(self.overselect >= 0, f"{path}.overselect", self.overselect, "a number >= 0")
         for tier, rate in self.prune_rate.items():
             check(0 <= rate < 1, f"{path}.prune_rate.{tier}", rate, "a fraction in [0, 1)")
@@ -666,6 +684,7 @@ class RunConfig:
             self._validate_dp()
         if self.strategy.name == "fedbuff":
             self._validate_fedbuff()
+        check_plugins(self)  # keys a _target_ plug-in would leave unused (rf2.core.plugins)
 
     def buffer_concurrency(self) -> int:
         """fedbuff: clients training at once (``strategy.concurrency`` resolved)."""

@@ -39,8 +39,9 @@ from rf2.fl.params import (
 )
 from rf2.fl.partial_sum import SumBuilder, finite, reply_bytes, summable
 from rf2.fl.shared_data import SharedDataset
-from rf2.fl.user_batch import pack_results, pack_sum, user_configs
+from rf2.fl.user_batch import pack_results, pack_sum, user_tasks
 from rf2.fl.user_state import MessageRows, UserStateStore
+from rf2.fl.user_task import RoundRecipe, UserTask
 from rf2.hetero.faults import apply_injected_fault
 from rf2.model import FederatedModel, build_model
 from rf2.model.cohort import (
@@ -155,30 +156,29 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
     use_fast_arrays(spec.fast_transport)  # this worker's codec (Ray workers are processes)
     state = worker_state(spec)
     received = record_to_numpy(msg.content["arrays"])  # the global model, decoded once
-    configs = user_configs(msg)
+    recipe, tasks = user_tasks(msg)
     # Per-user state (rf2.fl.user_state): this message's users' rows, fetched once.
-    own = (MessageRows.fetch(spec.user_state, state.model,
-                             [int(c["partition-id"]) for c in configs])
+    own = (MessageRows.fetch(spec.user_state, state.model, [t.user for t in tasks])
            if spec.user_state is not None else None)
     builder = SumBuilder(received, state.model.row_tables()) if any(
-        summable(c) for c in configs) else None
-    trained: list[_Trained | BaseException | None] = [None] * len(configs)
+        summable(recipe, t) for t in tasks) else None
+    trained: list[_Trained | BaseException | None] = [None] * len(tasks)
     if spec.vectorise and own is not None:
         _log_fallback_once(f"{type(state.model).__name__} has per-user state "
                            f"{state.model.user_state_names()} (the cohort does not carry it)")
     elif spec.vectorise:
-        for group in _cohorts(configs):
-            members = [configs[i] for i in group]
+        for group in _cohorts(tasks):
+            members = [tasks[i] for i in group]
             outs = None
-            if builder is not None and all(summable(c) for c in members):
-                outs = _sum_cohort(state, received, members, builder, group)
+            if builder is not None and all(summable(recipe, t) for t in members):
+                outs = _sum_cohort(state, received, recipe, members, builder, group)
             if outs is None:
-                outs = _train_cohort(state, received, members)
+                outs = _train_cohort(state, received, recipe, members)
             for i, out in zip(group, outs, strict=True):
                 trained[i] = out
     results: list[dict[str, Any] | BaseException] = []
     started = time.monotonic()
-    for i, config in enumerate(configs):
+    for i, task in enumerate(tasks):
         done = trained[i]
         if isinstance(done, _Trained) and done.summary is not None:
             # Already in the sum: only its metrics are left to reply.
@@ -187,12 +187,12 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
             continue
         # Each user's own part (its training when not in a cohort, compression, reply)
         # has its own deadline: a hanging user times out alone, the batch goes on.
-        timeout = user_timeout(config, time.monotonic() - started)
-        into_sum = builder if summable(config) else None
+        timeout = user_timeout(recipe, time.monotonic() - started)
+        into_sum = builder if summable(recipe, task) else None
         try:
             records, contribution = call_with_deadline(
-                lambda s=state, c=config, d=done, b=into_sum: _user_reply(
-                    s, received, c, d, spec.sparse_updates, b is not None, own),
+                lambda s=state, t=task, d=done, b=into_sum: _user_reply(
+                    s, received, recipe, t, d, spec.sparse_updates, b is not None, own),
                 timeout)
         except DeadlineExceeded as ex:
             results.append(ex)
@@ -212,31 +212,30 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _user_reply(state: _WorkerState, received: dict[str, np.ndarray], config: dict[str, Any],
-                done: _Trained | BaseException | None, sparse: bool, into_sum: bool,
-                own: MessageRows | None = None) -> tuple[dict[str, Any], Any]:
+def _user_reply(state: _WorkerState, received: dict[str, np.ndarray], recipe: RoundRecipe,
+                task: UserTask, done: _Trained | BaseException | None, sparse: bool,
+                into_sum: bool, own: MessageRows | None = None) -> tuple[dict[str, Any], Any]:
     """A user's reply records, and (``into_sum``, update finite) the function that adds
     its update to the message's sum, its records then being its metrics alone."""
     if isinstance(done, BaseException):
         raise done
     if done is None:
-        done = _train_one(state, received, config, own)
+        done = _train_one(state, received, recipe, task, own)
     if into_sum:
         add = done.sum_contribution()
         if add is not None:
             return {"metrics": _metrics(done, num_bytes(done.reply_arrays(sparse)))}, add
-    return _reply(config, done, sparse), None
+    return _reply(recipe, task, done, sparse), None
 
 
-def user_timeout(config: dict[str, Any], elapsed_s: float) -> float | None:
-    """Seconds this user may take: its own deadline (``client-timeout-s``), within what
+def user_timeout(recipe: RoundRecipe, elapsed_s: float) -> float | None:
+    """Seconds this user may take: its own deadline (``client_timeout_s``), within what
     is left of the round's budget for the message, less a margin for the reply."""
-    round_s = float(config.get("round-timeout-s", -1.0))
-    user_s = float(config.get("client-timeout-s", -1.0))
+    round_s, user_s = recipe.round_timeout_s, recipe.client_timeout_s
     limits = []
-    if round_s > 0:
+    if round_s is not None:
         limits.append(round_s - min(2.0, 0.1 * round_s) - elapsed_s)
-    if user_s > 0:
+    if user_s is not None:
         limits.append(user_s)
     return max(0.0, min(limits)) if limits else None
 
@@ -293,13 +292,8 @@ def training_seed(run_seed: int, user: int, server_round: int) -> int:
     return run_seed * 1_000_003 + user * 7919 + server_round
 
 
-def _user_seed(config: dict[str, Any]) -> int:
-    return training_seed(int(config.get("seed", 0)), int(config["partition-id"]),
-                         int(config["server-round"]))
-
-
-def _width(config: dict[str, Any]) -> float:
-    return float(config.get("width", 1.0))
+def _user_seed(recipe: RoundRecipe, task: UserTask) -> int:
+    return training_seed(recipe.seed, task.user, recipe.server_round)
 
 
 def _received_at(state: _WorkerState, received: dict[str, np.ndarray], width: float
@@ -314,10 +308,10 @@ def _received_at(state: _WorkerState, received: dict[str, np.ndarray], width: fl
     return extract(received, slice_spec(shapes, width, rules))
 
 
-def _set_progress(model: FederatedModel, config: dict[str, Any]) -> None:
+def _set_progress(model: FederatedModel, recipe: RoundRecipe) -> None:
     # Schedules that depend on training progress (the index's temperature and loss
     # warm-up) follow the server round.
-    model.set_training_progress(int(config["server-round"]), int(config.get("num-rounds", 1)))
+    model.set_training_progress(recipe.server_round, recipe.num_rounds)
 
 
 _LOGGED_FALLBACKS: set[str] = set()
@@ -330,140 +324,133 @@ def _log_fallback_once(reason: str) -> None:
         log.warning("training user by user instead of as one cohort: %s", reason)
 
 
-_COHORT_KEYS = ("width", "lr", "local-epochs", "batch-size", "proximal-mu", "server-round",
-                "num-rounds")
-
-
-def _cohorts(configs: list[dict[str, Any]]) -> list[list[int]]:
-    """Positions of the batch's users grouped by what their training shares."""
-    groups: dict[tuple[Any, ...], list[int]] = {}
-    for i, config in enumerate(configs):
-        groups.setdefault(tuple(config.get(k) for k in _COHORT_KEYS), []).append(i)
+def _cohorts(tasks: list[UserTask]) -> list[list[int]]:
+    """Positions of the batch's users grouped by model width (the rest of their
+    training recipe is the message's, shared by all)."""
+    groups: dict[float, list[int]] = {}
+    for i, task in enumerate(tasks):
+        groups.setdefault(task.width, []).append(i)
     return list(groups.values())
 
 
-def _train_cohort(state: _WorkerState, received: dict[str, np.ndarray],
-                  configs: list[dict[str, Any]]) -> list[_Trained | BaseException | None]:
-    """Train ``configs``' users together. A model that does not declare cohort support
+def _train_cohort(state: _WorkerState, received: dict[str, np.ndarray], recipe: RoundRecipe,
+                  tasks: list[UserTask]) -> list[_Trained | BaseException | None]:
+    """Train ``tasks``' users (of one width) together. A model that does not declare cohort support
     leaves each user to the per-user path (None), with the reason logged once; any other
     error is every user's error (reported per user, never retried silently)."""
-    first = configs[0]
     try:
-        width = _width(first)
+        width = tasks[0].width
         held = _received_at(state, received, width)
         model = state.model_for_width(width)
-        _set_progress(model, first)
-        examples = [user_examples(state.dataset, int(c["partition-id"])) for c in configs]
-        jobs = [ClientJob(h, t, _user_seed(c)) for (h, t), c in zip(examples, configs, strict=True)]
+        _set_progress(model, recipe)
+        examples = [user_examples(state.dataset, t.user) for t in tasks]
+        jobs = [ClientJob(h, y, _user_seed(recipe, t))
+                for (h, y), t in zip(examples, tasks, strict=True)]
         updates = train_cohort(
             model, held, jobs,
-            lr=float(first["lr"]),
-            local_epochs=int(first["local-epochs"]),
-            batch_size=int(first["batch-size"]),
-            proximal_mu=float(first.get("proximal-mu", 0.0)),
+            lr=recipe.lr,
+            local_epochs=recipe.local_epochs,
+            batch_size=recipe.batch_size,
+            proximal_mu=recipe.proximal_mu,
         )
     except NotVectorisable as ex:
         _log_fallback_once(str(ex))
-        return [None] * len(configs)
+        return [None] * len(tasks)
     except Exception as ex:  # noqa: BLE001 - reported per user, as Flower reports a client
-        return [ex] * len(configs)
+        return [ex] * len(tasks)
     tables = tuple(model.row_tables())
     return [
-        _Trained(int(c["partition-id"]), held,
-                 LocalTrainingResult(u.num_examples, u.loss_before, u.loss_after), h, t, tables,
+        _Trained(t.user, held,
+                 LocalTrainingResult(u.num_examples, u.loss_before, u.loss_after), h, y, tables,
                  update=u)
-        for c, u, (h, t) in zip(configs, updates, examples, strict=True)
+        for t, u, (h, y) in zip(tasks, updates, examples, strict=True)
     ]
 
 
-def _sum_cohort(state: _WorkerState, received: dict[str, np.ndarray],
-                configs: list[dict[str, Any]], builder: SumBuilder, positions: list[int]
+def _sum_cohort(state: _WorkerState, received: dict[str, np.ndarray], recipe: RoundRecipe,
+                tasks: list[UserTask], builder: SumBuilder, positions: list[int]
                 ) -> list[_Trained | BaseException | None] | None:
-    """One full-batch step of ``configs``' users as one summed gradient, added to
+    """One full-batch step of ``tasks``' users as one summed gradient, added to
     ``builder``; None when the recipe is not one full-batch step, the model is not
     vectorisable or the sum is not finite (then the per-client path runs instead)."""
-    first = configs[0]
     try:
         model = state.model
-        _set_progress(model, first)
-        examples = [user_examples(state.dataset, int(c["partition-id"])) for c in configs]
-        jobs = [ClientJob(h, t, _user_seed(c)) for (h, t), c in zip(examples, configs, strict=True)]
+        _set_progress(model, recipe)
+        examples = [user_examples(state.dataset, t.user) for t in tasks]
+        jobs = [ClientJob(h, y, _user_seed(recipe, t))
+                for (h, y), t in zip(examples, tasks, strict=True)]
         if (any(len(j.targets) == 0 for j in jobs)
-                or not one_full_batch_step(jobs, int(first["local-epochs"]), int(first["batch-size"]))):
+                or not one_full_batch_step(jobs, recipe.local_epochs, recipe.batch_size)):
             return None
-        summed, summaries = summed_step(model, received, jobs, lr=float(first["lr"]))
+        summed, summaries = summed_step(model, received, jobs, lr=recipe.lr)
     except NotVectorisable:
         return None  # _train_cohort says why and leaves it to the per-user path
     except Exception as ex:  # noqa: BLE001 - reported per user, as Flower reports a client
-        return [ex] * len(configs)
+        return [ex] * len(tasks)
     if not finite(summed.deltas.values()):
         return None
     builder.add_sum(summed, positions)
     tables = tuple(model.row_tables())
     return [
-        _Trained(int(c["partition-id"]), received,
-                 LocalTrainingResult(s.num_examples, s.loss_before, s.loss_after), h, t, tables,
+        _Trained(t.user, received,
+                 LocalTrainingResult(s.num_examples, s.loss_before, s.loss_after), h, y, tables,
                  summary=s)
-        for c, s, (h, t) in zip(configs, summaries, examples, strict=True)
+        for t, s, (h, y) in zip(tasks, summaries, examples, strict=True)
     ]
 
 
-def _train_one(state: _WorkerState, received: dict[str, np.ndarray], config: dict[str, Any],
-               own: MessageRows | None = None) -> _Trained:
+def _train_one(state: _WorkerState, received: dict[str, np.ndarray], recipe: RoundRecipe,
+               task: UserTask, own: MessageRows | None = None) -> _Trained:
     """One user's local training from the global model (the per-user reference path).
 
     ``own``: a stateful model's per-user rows; the user's are loaded before training and
     kept after (they are never part of the reply)."""
-    user = int(config["partition-id"])
-    held = _received_at(state, received, _width(config))
-    model = state.model_for_width(_width(config))
+    held = _received_at(state, received, task.width)
+    model = state.model_for_width(task.width)
     load_numpy_into(model, held)
     if own is not None:
-        own.load_into(model, user)
-    _set_progress(model, config)
-    histories, targets = user_examples(state.dataset, user)
+        own.load_into(model, task.user)
+    _set_progress(model, recipe)
+    histories, targets = user_examples(state.dataset, task.user)
     result = train_locally(
         model,
         histories,
         targets,
-        lr=float(config["lr"]),
-        local_epochs=int(config["local-epochs"]),
-        batch_size=int(config["batch-size"]),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
-        seed=_user_seed(config),
-        user=user,
+        lr=recipe.lr,
+        local_epochs=recipe.local_epochs,
+        batch_size=recipe.batch_size,
+        proximal_mu=recipe.proximal_mu,
+        seed=_user_seed(recipe, task),
+        user=task.user,
     )
     if own is not None:
-        own.keep(model, user)
-    return _Trained(user, held, result, histories, targets, tuple(model.row_tables()),
+        own.keep(model, task.user)
+    return _Trained(task.user, held, result, histories, targets, tuple(model.row_tables()),
                     arrays=state_to_numpy(model))
 
 
-def _reply(config: dict[str, Any], done: _Trained, sparse: bool) -> dict[str, Any]:
+def _reply(recipe: RoundRecipe, task: UserTask, done: _Trained, sparse: bool
+           ) -> dict[str, Any]:
     """A trained user's reply records: compression, injected faults, metrics."""
-    user, server_round = done.user, int(config["server-round"])
     received = done.received
     arrays = done.reply_arrays(sparse)
     bytes_up = num_bytes(arrays)
-    prune, bits = config.get("prune-rate"), config.get("quant-bits")
-    if prune is not None or bits is not None:
+    if task.prune_rate is not None or task.quant_bits is not None:
         # Compress the update (not the weights); the server sees the decompressed,
         # unbiased update, and the clock and traffic log see the compressed size. A
         # sparse reply compresses the deltas of its rows; the row ids travel as they are.
-        rng = np.random.default_rng([int(config.get("seed", 0)), user, server_round, 1])
+        rng = np.random.default_rng([recipe.seed, task.user, recipe.server_round, 1])
         base = _reference_values(received, arrays)
         delta = {k: arrays[k] - base[k] for k in base}
-        delta_hat, bytes_up = compress_update(
-            delta, None if prune is None else float(prune), None if bits is None else int(bits), rng
-        )
+        delta_hat, bytes_up = compress_update(delta, task.prune_rate, task.quant_bits, rng)
         ids = {k: v for k, v in arrays.items() if k not in base}
         bytes_up += num_bytes(ids)
         arrays = {k: ids[k] if k in ids else (base[k] + delta_hat[k]).astype(arrays[k].dtype)
                   for k in arrays}
-    arrays = apply_injected_fault(config, arrays)
+    arrays = apply_injected_fault(task.fault, task.hang_s, arrays)
     records: dict[str, Any] = {"arrays": numpy_to_record(arrays),
                                "metrics": _metrics(done, bytes_up)}
-    if config.get("report-touched", False):
+    if task.report_touched:
         # Per-row embedding averaging needs the rows this client's data touched.
         touched = touched_items(done.histories, done.targets)
         records["rf2"] = ConfigRecord({"touched-items": [int(i) for i in touched]})

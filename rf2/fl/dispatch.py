@@ -2,17 +2,17 @@
 
 The strategy's own ``configure_train`` builds the instructions (FedProx adds its mu,
 FedOpt snapshots w_t) over a :class:`RoundGrid` that shows it exactly the slots this
-round uses; each message carries its batch of users and their per-user settings (tier
-settings from :class:`TierSettings`, injected faults from ``fault_injection``).
+round uses; the shared config is the round's :class:`RoundRecipe`, and each message
+carries its batch of users with each one's :class:`UserTask` (tier settings from
+:class:`TierSettings`, injected faults from ``fault_injection``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
 
 import numpy as np
-from flwr.app import ConfigRecord, Message
+from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -20,6 +20,7 @@ from rf2.core.config import RunConfig
 from rf2.fl.params import numpy_to_record
 from rf2.fl.round_grid import RoundGrid
 from rf2.fl.tier_settings import TierSettings
+from rf2.fl.user_task import RoundRecipe, UserTask, recipe_record
 
 
 @dataclass(frozen=True)
@@ -45,37 +46,34 @@ class TrainDispatcher:
               global_arrays: dict[str, np.ndarray]) -> Exchange:
         if not users:
             return Exchange([], [])
-        round_grid = RoundGrid(grid, slots, users, self.per_client_config_for(users, rnd),
+        round_grid = RoundGrid(grid, slots, users, self.tasks_for(users, rnd),
                                self.users_per_message)
-        config = ConfigRecord(
-            {
-                "lr": float(self.cfg.client.lr),
-                "local-epochs": int(self.cfg.client.local_epochs),
-                "batch-size": int(self.cfg.client.batch_size),
-                "seed": int(self.cfg.seed),
-                "num-rounds": int(self.cfg.num_rounds),
-                # Deadlines per user inside a batch (rf2.fl.deadline); -1 = none.
-                "round-timeout-s": float(self.cfg.simulation.round_timeout_s),
-                "client-timeout-s": float(self.cfg.simulation.client_timeout_s or -1.0),
-                "partial-sum": bool(self.partial_sums),
-            }
+        sim = self.cfg.simulation
+        recipe = RoundRecipe(
+            server_round=rnd,
+            lr=float(self.cfg.client.lr),
+            local_epochs=int(self.cfg.client.local_epochs),
+            batch_size=int(self.cfg.client.batch_size),
+            seed=int(self.cfg.seed),
+            num_rounds=int(self.cfg.num_rounds),
+            round_timeout_s=float(sim.round_timeout_s),
+            client_timeout_s=None if sim.client_timeout_s is None else float(sim.client_timeout_s),
+            partial_sums=self.partial_sums,
         )
         messages = self.strategy.configure_train(
-            rnd, numpy_to_record(global_arrays), config, round_grid
+            rnd, numpy_to_record(global_arrays), recipe_record(recipe), round_grid
         )
         pairs = round_grid.exchange(list(messages), timeout=self.cfg.simulation.round_timeout_s)
         answered = {u for u, _ in pairs}
         return Exchange(pairs, [u for u in round_grid.sent_users if u not in answered])
 
-    def per_client_config_for(self, users: list[int], rnd: int) -> dict[int, dict[str, Any]]:
-        """Per-user message keys beyond the shared config (only users that have some)."""
-        out: dict[int, dict[str, Any]] = {}
+    def tasks_for(self, users: list[int], rnd: int) -> dict[int, UserTask]:
+        """Each user's own task this round: its tier's settings and injected faults."""
+        out: dict[int, UserTask] = {}
         for u in users:
-            extra = self.tiers.client_config(u)
+            task = self.tiers.task_for(u)
             for fi in self.cfg.fault_injection:
                 if u in fi.users and (not fi.rounds or rnd in fi.rounds):
-                    extra["inject-fault"] = fi.kind
-                    extra["inject-hang-s"] = float(fi.hang_s)
-            if extra:
-                out[u] = extra
+                    task = replace(task, fault=fi.kind, hang_s=float(fi.hang_s))
+            out[u] = task
         return out

@@ -3,7 +3,7 @@
 When the round's aggregate is a weighted mean of client deltas (FedAvg, FedProx, a
 server optimizer stepping on that mean) and a user's update needs no per-client
 transform (compression, a HeteroFL width, per-row averaging, an injected fault), the
-server asks for sums (``partial-sum`` in the shared config). A message then replies, as
+server asks for sums (``RoundRecipe.partial_sums``). A message then replies, as
 hierarchical and secure aggregation do, with
 
 * ``sum/arrays``: sum_k n_k Δ_k over its summed users (n_k = its examples; row tables
@@ -20,22 +20,20 @@ the server's screen still counts it. Who trains was decided per user before trai
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 import numpy as np
 
+from rf2.fl.user_task import RoundRecipe, UserTask
 from rf2.model.cohort import CohortSum
 from rf2.optim.sparse import ROWS, VALUES, changed_rows
 
-# Per-user settings that transform one client's update (or need it alone).
-_PER_CLIENT_KEYS = ("width", "prune-rate", "quant-bits", "report-touched", "inject-fault")
 FLOAT_BYTES = 4  # a client's parameters are float32
 ID_BYTES = 8  # a sparse reply's row ids are int64
 
 
-def summable(config: Mapping[str, Any]) -> bool:
+def summable(recipe: RoundRecipe, task: UserTask) -> bool:
     """True when this user's update may go into its message's sum."""
-    return bool(config.get("partial-sum", False)) and not any(k in config for k in _PER_CLIENT_KEYS)
+    return recipe.partial_sums and not task.replies_alone
 
 
 def reply_bytes(received: Mapping[str, np.ndarray], rows: Mapping[str, np.ndarray],

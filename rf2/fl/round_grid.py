@@ -6,7 +6,7 @@ seeded and by partition id, and hands the strategy a grid whose ``get_node_ids()
 exactly the slots this round uses, so the strategy's own ``configure_train``
 (FedProx's mu injection, FedOpt's snapshot of the current arrays, ...) runs unchanged.
 On the way out each message is addressed to its batch of users (``rf2.fl.user_batch``:
-partition ids, tier settings); on the way back each batch reply is unpacked into one
+each user's :class:`UserTask`); on the way back each batch reply is unpacked into one
 reply per user, returned in partition-id order, so aggregation is identical whatever
 order clients finish in and however users are batched.
 """
@@ -14,13 +14,13 @@ order clients finish in and however users are batched.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 from rf2.fl.grid_view import GridView
 from rf2.fl.user_batch import batch_instruction, unpack_reply
+from rf2.fl.user_task import UserTask
 
 
 class RoundGrid(GridView):
@@ -29,7 +29,7 @@ class RoundGrid(GridView):
         base: Grid,
         slots: list[int],
         users: list[int],
-        per_client: Mapping[int, Mapping[str, Any]] | None = None,
+        tasks: Mapping[int, UserTask] | None = None,
         users_per_message: int = 1,
     ) -> None:
         num_messages = -(-len(users) // max(1, users_per_message))
@@ -39,7 +39,7 @@ class RoundGrid(GridView):
         super().__init__(base)
         # Interleaved batches: equal sizes, and heavy users spread over the messages.
         self.node_to_users = {slots[j]: list(users[j::num_messages]) for j in range(num_messages)}
-        self._per_client = per_client or {}
+        self._tasks = tasks or {}  # users without one get the default UserTask
         self.sent_users: list[int] = []
 
     def get_node_ids(self) -> Iterable[int]:
@@ -48,7 +48,7 @@ class RoundGrid(GridView):
     def _personalise(self, msg: Message) -> Message:
         users = self.node_to_users[msg.metadata.dst_node_id]
         self.sent_users.extend(users)
-        return batch_instruction(msg, users, self._per_client)
+        return batch_instruction(msg, users, self._tasks)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._base.push_messages([self._personalise(m) for m in messages])

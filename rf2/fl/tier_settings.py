@@ -1,17 +1,16 @@
 """Per-tier client settings of RF²'s tier-aware optimizations, as the server applies them.
 
-Maps each user's tier to what its client is told (HeteroFL width, prune rate, quantizer
-bits, whether to report touched rows) and to what the round costs on the wire (bytes
+Maps each user's tier to what its client is told (its :class:`UserTask`: HeteroFL width,
+prune rate, quantizer bits, whether to report touched rows) and to what the round costs on the wire (bytes
 down and the expected bytes up, for the simulated clock and the traffic log).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from rf2.core.config import OptimizationConfig
+from rf2.fl.user_task import UserTask
 from rf2.hetero.population import Population
 from rf2.optim.compression import FLOAT_BYTES, update_bytes
 from rf2.optim.heterofl import Spec, extract, rules_for, slice_spec, sub_shapes
@@ -62,19 +61,19 @@ class TierSettings:
     def spec_of(self, user: int) -> Spec | None:
         return self.specs[self.tier_of(user)]
 
-    def client_config(self, user: int) -> dict[str, Any]:
-        """Message config keys for this user's client (only the non-default ones)."""
+    def task_for(self, user: int) -> UserTask:
+        """What this user's client is told beyond the round's recipe (its tier's width,
+        compression, and whether to report touched rows)."""
         name = self.population.tier_names[self.tier_of(user)]
-        out: dict[str, Any] = {}
-        if name in self.opt.width and self.opt.width[name] < 1.0:
-            out["width"] = float(self.opt.width[name])
-        if self.opt.prune_rate.get(name, 0.0) > 0.0:
-            out["prune-rate"] = float(self.opt.prune_rate[name])
-        if name in self.opt.quant_bits and self.opt.quant_bits[name] < 32:
-            out["quant-bits"] = int(self.opt.quant_bits[name])
-        if self.per_row:
-            out["report-touched"] = True
-        return out
+        prune = self.opt.prune_rate.get(name, 0.0)
+        bits = self.opt.quant_bits.get(name, 32)
+        return UserTask(
+            user=user,
+            width=float(self.opt.width.get(name, 1.0)),
+            prune_rate=float(prune) if prune > 0.0 else None,
+            quant_bits=int(bits) if bits < 32 else None,
+            report_touched=self.per_row,
+        )
 
     def reference_arrays(self, user: int, global_arrays: dict[str, np.ndarray]
                          ) -> dict[str, np.ndarray]:

@@ -8,10 +8,9 @@ simulation engine costs ~10 ms of driver, raylet and actor CPU per message on th
 machine, which at one user per message is several times the user's own training
 (benchmarks/sim_overhead.py).
 
-Instruction (server -> client): the strategy's ``arrays`` and ``config`` records, plus
-one ``ConfigRecord`` per user under ``user/<i>`` holding ``partition-id`` and the
-user's own settings (tier width, compression, injected faults), and ``num-users`` in
-``config``.
+Instruction (server -> client): the strategy's ``arrays`` and ``config`` records (the
+round's ``RoundRecipe``), plus one record per user under ``user/<i>`` holding its
+``UserTask`` (both encoded by ``rf2.fl.user_task``), and ``num-users`` in ``config``.
 
 Reply (client -> server): per user ``i``, either ``arrays/<i>`` + ``metrics/<i>``
 (+ ``rf2/<i>``) or ``error/<i>`` with the exception's reason. A client that raises
@@ -31,38 +30,39 @@ from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
 from rf2.fl.params import numpy_to_record
+from rf2.fl.user_task import RoundRecipe, UserTask, read_recipe, read_task, task_record
 
 USER_KEY = "user/{}"
+NUM_USERS = "num-users"  # in the shared config
 REPLY_KEYS = ("arrays", "metrics", "rf2")
 ERROR_KEY = "error/{}"
 SUM_ARRAYS, SUM_USERS = "sum/arrays", "sum/users"  # in a batch reply
 SUM, SUM_META = "sum", "sum-users"  # in each summed user's unpacked reply
 
 
-def batch_instruction(
-    msg: Message, users: Sequence[int], per_user: Mapping[int, Mapping[str, Any]]
-) -> Message:
-    """A copy of the strategy's instruction ``msg`` addressed to ``users``."""
+def batch_instruction(msg: Message, users: Sequence[int], tasks: Mapping[int, UserTask]) -> Message:
+    """A copy of the strategy's instruction ``msg`` addressed to ``users`` (a user with
+    no entry in ``tasks`` gets the default task: no override)."""
     content = msg.content
     records: dict[str, Any] = {k: v for k, v in content.items() if k != "config"}
     config = ConfigRecord(dict(content["config"]))
-    config["num-users"] = len(users)
+    config[NUM_USERS] = len(users)
     records["config"] = config
     for i, user in enumerate(users):
-        records[USER_KEY.format(i)] = ConfigRecord({"partition-id": int(user), **per_user.get(user, {})})
+        records[USER_KEY.format(i)] = task_record(tasks.get(user) or UserTask(user=int(user)))
     return Message(
         RecordDict(records),
         msg.metadata.dst_node_id,
         msg.metadata.message_type,
-        group_id=msg.metadata.group_id or str(config.get("server-round", "")),
+        group_id=msg.metadata.group_id or str(read_recipe(config).server_round),
     )
 
 
-def user_configs(msg: Message) -> list[dict[str, Any]]:
-    """Client side: the shared config merged with each user's own, in batch order."""
-    shared = dict(msg.content["config"])
-    n = int(shared.pop("num-users", 0))
-    return [{**shared, **dict(msg.content[USER_KEY.format(i)])} for i in range(n)]
+def user_tasks(msg: Message) -> tuple[RoundRecipe, list[UserTask]]:
+    """Client side: the message's shared recipe and each user's task, in batch order."""
+    config = msg.content["config"]
+    n = int(config.get(NUM_USERS, 0))
+    return read_recipe(config), [read_task(msg.content[USER_KEY.format(i)]) for i in range(n)]
 
 
 def error_reason(ex: BaseException) -> str:

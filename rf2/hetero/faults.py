@@ -8,7 +8,6 @@ counted per round under ``fault/<reason>``.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import numpy as np
 
@@ -19,15 +18,16 @@ class InjectedClientError(RuntimeError):
     """Raised on purpose by a client told to fail."""
 
 
-def apply_injected_fault(config: Any, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Corrupt this client's reply as the server's ``inject-fault`` instruction says."""
-    kind = str(config.get("inject-fault", "")) if hasattr(config, "get") else ""
+def apply_injected_fault(kind: str | None, hang_s: float, arrays: dict[str, np.ndarray]
+                         ) -> dict[str, np.ndarray]:
+    """Corrupt this client's reply as the server's injected fault ``kind`` says (None:
+    none; ``hang``: sleep ``hang_s`` seconds first)."""
     if not kind:
         return arrays
     if kind == "raise":
         raise InjectedClientError("injected client fault")
     if kind == "hang":
-        time.sleep(float(config.get("inject-hang-s", 3600.0)))
+        time.sleep(hang_s)
         return arrays
     # The first non-empty array (a sparse reply may hold no rows of some table).
     first = next((k for k, v in arrays.items() if np.size(v)), next(iter(arrays)))

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from rf2.core.config import IndexConfig, ModelConfig
+from rf2.core.errors import ConfigError
 from rf2.data.base import FederatedDataset
 from rf2.model.examples import user_examples
 from rf2.model.hier_index import HierIndexModel
@@ -160,6 +161,16 @@ def run_ttt(
     return out
 
 
+def check_ttt(cfg: ModelConfig, model: torch.nn.Module) -> None:
+    """``model.index.ttt`` needs a model with rf2's learned index: on any other (a
+    ``two_tower``, a ``model._target_`` of your own) it would silently do nothing."""
+    if cfg.index.ttt and not isinstance(model, HierIndexModel):
+        built = f"model._target_={cfg._target_}" if cfg._target_ else f"model.name={cfg.name}"
+        raise ConfigError("model.index.ttt", cfg.index.ttt,
+                          f"false with {built} (test-time training tunes rf2's learned index; "
+                          f"a {type(model).__name__} has none)")
+
+
 def ttt_if_enabled(
     model: torch.nn.Module,
     dataset: FederatedDataset,
@@ -168,6 +179,6 @@ def ttt_if_enabled(
     seed: int = 0,
 ) -> dict[str, float] | None:
     """The runner's hook after training: :func:`run_ttt` when ``model.index.ttt`` is on."""
-    if cfg.name != "hier_index" or not cfg.index.ttt or not isinstance(model, HierIndexModel):
+    if not cfg.index.ttt or not isinstance(model, HierIndexModel):
         return None
     return run_ttt(model, dataset, evaluate, cfg.index, seed)

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from rf2.runs.run_folder import RunFolder
+from rf2.runs.what_ran import config_value, part_used, server_optimizer_used
 
 SUMMARY_METRICS = ("recall@20", "ndcg@20")
 
@@ -43,13 +44,7 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def _get(config: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
-    node: Any = config
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return default
-        node = node[part]
-    return node
+_get = config_value
 
 
 def _read_yaml_or_json(path: Path) -> dict[str, Any]:
@@ -62,20 +57,19 @@ def _read_yaml_or_json(path: Path) -> dict[str, Any]:
 
 def describe_run(config: Mapping[str, Any], data: Mapping[str, Any],
                  tiers: Sequence[str]) -> list[str]:
-    """Three lines naming what ran, from the run's config.yaml and data.json."""
-    name = _get(config, "dataset.name", "?")
+    """Three lines naming what ran, from the run's config.yaml and data.json (a plug-in
+    by its ``_target_``: ``rf2.runs.what_ran``)."""
+    name = part_used(config, "dataset") or "?"
     sizes = (f" ({int(data['users']):,} users x {int(data['items']):,} items)"
              if "users" in data and "items" in data else "")
-    model = _get(config, "model.name", "?")
+    model = part_used(config, "model") or "?"
     if _get(config, "mode") == "central":
         how = (f"central: {_get(config, 'central.optimizer')} lr {_get(config, 'central.lr')}, "
                f"{_get(config, 'central.epochs')} epoch(s), batch {_get(config, 'central.batch_size')}")
     else:
-        target = str(_get(config, "strategy._target_", ""))
-        strategy = (str(_get(config, "strategy.name", "?"))
-                    if target.startswith("rf2.strategies") else target)
-        server = _get(config, "strategy.server_optimizer", "none")
-        if server and server != "none" and target.startswith("rf2.strategies"):
+        strategy = str(part_used(config, "strategy") or "?")
+        server = server_optimizer_used(config)
+        if server and server != "none":
             strategy += f" + server {server} (lr {_get(config, 'strategy.server_lr')})"
         how = (f"{strategy}, {_get(config, 'clients_per_round')} clients/round, "
                f"optimization {_get(config, 'optimization.name', 'none')}")
@@ -84,7 +78,7 @@ def describe_run(config: Mapping[str, Any], data: Mapping[str, Any],
     if backend == "ray" and _get(config, "simulation.ray_address"):
         where += f" (cluster {_get(config, 'simulation.ray_address')})"
     tiering = (f"{len(tiers)} tiers ({', '.join(tiers)}), population "
-               f"{_get(config, 'population.mode', '?')}" if len(tiers) > 1 else "one tier")
+               f"{part_used(config, 'population') or '?'}" if len(tiers) > 1 else "one tier")
     return [f"  data     {name}{sizes}",
             f"  model    {model}; {how}",
             f"  devices  {_get(config, 'devices.profile', '?')}: {tiering}"
