@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,31 @@ def test_an_optimization_name_without_its_setting_is_an_error(name: str) -> None
     with pytest.raises(ConfigError) as err:
         load_run_config({"optimization": {"name": name}})
     assert err.value.field == "optimization.name" and f"optimization={name}" in str(err.value)
+
+
+def test_a_setting_the_optimization_name_does_not_say_is_listed_for_a_warning() -> None:
+    # Results take "none" as the reference of D_t: a pruned run labelled none would pass
+    # for it. Each shipped option names exactly what it sets.
+    assert load_run_config({"optimization": {"prune_rate": {"low": 0.5}}}
+                           ).optimization.unnamed_settings() == ["prune_rate"]
+    assert load_run_config({"optimization": {"name": "heterofl", "width": {"low": 0.5},
+                                             "quant_bits": {"low": 8}}}
+                           ).optimization.unnamed_settings() == ["quant_bits"]
+    for option in group_options("optimization"):
+        assert composed(f"optimization={option}").optimization.unnamed_settings() == [], option
+
+
+def test_the_run_warns_of_a_setting_its_optimization_name_does_not_say(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from rf2.cli.runner import prepare
+
+    cfg = load_run_config(small_run(**{"devices.profile": "rf2-3tier",
+                                       "optimization.prune_rate": {"low": 0.5}}))
+    with caplog.at_level(logging.WARNING, logger="rf2.cli.runner"):
+        prepare(cfg)
+    assert [r.getMessage() for r in caplog.records if r.name == "rf2.cli.runner"] == [
+        "rf2: warning: optimization.prune_rate acts but optimization.name=none does not say "
+        "so (results and figures label the run none)"]
 
 
 def test_every_group_has_options() -> None:

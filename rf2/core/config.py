@@ -413,6 +413,12 @@ class OptimizationConfig:
     # Average each item row only over the clients that touched it (RF²'s fsl).
     per_row_embedding_avg: bool = False
 
+    def unnamed_settings(self) -> list[str]:
+        """Settings that act although ``name`` does not say so (e.g. ``prune_rate`` under
+        ``name: none``, the reference of D_t): the runner warns, the label would mislead."""
+        return [setting for name, setting in _OPTIMIZATION_SETTING.items()
+                if name != self.name and getattr(self, setting)]
+
     def validate(self, path: str = "optimization") -> None:
         setting = _OPTIMIZATION_SETTING.get(self.name)
         check(setting is None or bool(getattr(self, setting)), f"{path}.name", self.name,
