@@ -98,10 +98,12 @@ def with_arm(frame: pd.DataFrame) -> pd.DataFrame:
     if "strategy" not in frame:
         raise ResultsError("expected a frame of rf2.analysis.results.load() (no 'strategy' column)")
     cols = ["strategy", *ARM_COLUMNS]
-    values = [frame[c] if c in frame else pd.Series(None, index=frame.index) for c in cols]
-    label = [arm_label(*[None if pd.isna(v) else v for v in row])
-             for row in zip(*values, strict=True)]
-    return frame.assign(arm=label)
+    keys = pd.DataFrame({c: frame[c] if c in frame else None for c in cols},
+                        index=frame.index).astype(object)
+    # One label per distinct config (a long frame repeats it on every metric row).
+    codes, uniques = pd.factorize(pd.MultiIndex.from_frame(keys.where(keys.notna(), "∅")))
+    labels = [arm_label(*[None if v == "∅" else v for v in u]) for u in uniques]
+    return frame.assign(arm=np.asarray(labels, dtype=object)[codes])
 
 
 def time_to_target(sim_time_s: Sequence[float], values: Sequence[float], target: float
