@@ -99,6 +99,19 @@ def small_run(**overrides: Any) -> dict[str, Any]:
     return cfg
 
 
+def composed(*overrides: str) -> Any:
+    """``rf2 OVERRIDES`` composed by Hydra and validated: the run's RunConfig."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from rf2.core.config import load_run_config
+
+    with initialize_config_module(config_module="rf2.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    data = OmegaConf.to_container(cfg, resolve=True)
+    return load_run_config(data)  # type: ignore[arg-type]
+
+
 def compose_experiment(experiment: str, *overrides: str) -> dict[str, Any]:
     """``+experiment=NAME`` composed by Hydra (with its sweep settings), as a plain mapping."""
     from hydra import compose, initialize_config_module

@@ -2,35 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import subprocess
 import sys
 from pathlib import Path
+from typing import get_args
 
 import pytest
-from conftest import small_run
-from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf
+from conftest import composed, small_run
 
 from rf2.cli.support import GROUPS, group_options, run_job
-from rf2.core.config import RunConfig, load_run_config
+from rf2.core.config import OptimizationName, RunConfig, load_run_config
 from rf2.core.errors import ConfigError, UserInputError
+from rf2.data import load_dataset
+from rf2.strategies import instantiate_strategy
 
 
-def composed(*overrides: str) -> RunConfig:
-    with initialize_config_module(config_module="rf2.conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    data = OmegaConf.to_container(cfg, resolve=True)
-    return load_run_config(data)  # type: ignore[arg-type]
-
-
-def test_defaults_compose_to_rf2_settings() -> None:
+def test_plain_rf2_builds_rf2s_baseline_on_data_it_needs_no_file_for() -> None:
     cfg = composed()
-    assert cfg.dataset.name == "synthetic"
-    assert cfg.strategy.name == "fedavg" and cfg.strategy.server_optimizer == "adagrad"
-    assert cfg.strategy.server_lr == 0.1
-    assert cfg.client.lr == 1.0 and cfg.client.local_epochs == 1 and cfg.client.batch_size == 0
-    assert cfg.clients_per_round == 100 and cfg.seed == 123
-    assert cfg.simulation.backend == "ray" and cfg.simulation.num_cpus_per_client == 1.0
+    # RF²'s baseline: FedAvg's mean, then a server Adagrad step.
+    assert type(instantiate_strategy(cfg.strategy, cfg.client)).__name__ == "FedAdagrad"
+    dataset = load_dataset(dataclasses.replace(cfg.dataset, num_users=50), cfg.seed)
+    assert dataset.num_users == 50 and cfg.dataset.path is None
 
 
 ALL_OPTIONS = [(g, o) for g in GROUPS if g != "experiment" for o in group_options(g)]
@@ -45,6 +39,46 @@ def test_every_conf_option_composes(group: str, option: str) -> None:
         extra.append("dataset.path=/some/where")
     cfg = composed(*extra)
     assert isinstance(cfg, RunConfig)
+
+
+def test_optimization_name_is_one_of_the_group_options() -> None:
+    assert sorted(get_args(OptimizationName)) == group_options("optimization")
+    with pytest.raises(ConfigError) as err:
+        load_run_config({"optimization": {"name": "hetrofl"}})
+    assert err.value.field == "optimization.name" and "'heterofl'" in str(err.value)
+
+
+@pytest.mark.parametrize("name", sorted(set(get_args(OptimizationName)) - {"none"}))
+def test_an_optimization_name_without_its_setting_is_an_error(name: str) -> None:
+    # ``optimization.name=heterofl`` alone would label a plain run as HeteroFL.
+    with pytest.raises(ConfigError) as err:
+        load_run_config({"optimization": {"name": name}})
+    assert err.value.field == "optimization.name" and f"optimization={name}" in str(err.value)
+
+
+def test_a_setting_the_optimization_name_does_not_say_is_listed_for_a_warning() -> None:
+    # Results take "none" as the reference of D_t: a pruned run labelled none would pass
+    # for it. Each shipped option names exactly what it sets.
+    assert load_run_config({"optimization": {"prune_rate": {"low": 0.5}}}
+                           ).optimization.unnamed_settings() == ["prune_rate"]
+    assert load_run_config({"optimization": {"name": "heterofl", "width": {"low": 0.5},
+                                             "quant_bits": {"low": 8}}}
+                           ).optimization.unnamed_settings() == ["quant_bits"]
+    for option in group_options("optimization"):
+        assert composed(f"optimization={option}").optimization.unnamed_settings() == [], option
+
+
+def test_the_run_warns_of_a_setting_its_optimization_name_does_not_say(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from rf2.cli.runner import prepare
+
+    cfg = load_run_config(small_run(**{"devices.profile": "rf2-3tier",
+                                       "optimization.prune_rate": {"low": 0.5}}))
+    with caplog.at_level(logging.WARNING, logger="rf2.cli.runner"):
+        prepare(cfg)
+    assert [r.getMessage() for r in caplog.records if r.name == "rf2.cli.runner"] == [
+        "rf2: warning: optimization.prune_rate acts but optimization.name=none does not say "
+        "so (results and figures label the run none)"]
 
 
 def test_every_group_has_options() -> None:
@@ -116,6 +150,10 @@ _SLOW_CLI = pytest.mark.slow
         pytest.param(["devices=rf2-3tier", "optimization.prune_rate.low=2"],
                      "optimization.prune_rate.low", marks=_SLOW_CLI),
         pytest.param(["devices=nokia"], "devices='nokia'", marks=_SLOW_CLI),
+        pytest.param(["optimization.name=hetrofl"], "optimization.name='hetrofl'",
+                     marks=_SLOW_CLI),
+        pytest.param(["strategy._target_=mylab.Mine", "strategy.server_optimizer=yogi"],
+                     "strategy.server_optimizer='yogi'", marks=_SLOW_CLI),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line_and_no_run_folder(

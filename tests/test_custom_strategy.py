@@ -7,12 +7,11 @@ user's ``mylab/strategies.py`` would.
 from __future__ import annotations
 
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_run
+from conftest import plugin_module, small_run
 
 from rf2.cli.support import run_job
 from rf2.core.config import ClientConfig, StrategyConfig
@@ -48,9 +47,7 @@ def not_a_strategy():
 
 @pytest.fixture
 def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
-    name = f"mylab_strategies_{tmp_path.name.replace('-', '_')}"
-    (tmp_path / f"{name}.py").write_text(textwrap.dedent(PLUGIN))
-    monkeypatch.syspath_prepend(str(tmp_path))
+    name = plugin_module(tmp_path, monkeypatch, "mylab_strategies", PLUGIN)
     __import__(name)
     yield sys.modules[name]
     sys.modules.pop(name, None)

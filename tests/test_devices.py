@@ -56,8 +56,6 @@ def test_shipped_profiles_cite_flash_and_order_tiers_slowest_first() -> None:
         drops = [t.dropout for t in load_profile(name).tiers]
         assert drops == sorted(drops, reverse=True)
     rf2 = load_profile("rf2-3tier")
-    # FLASH per-batch times 1642 / 588 / 179 ms at batch 10 -> ms per example.
-    assert [t.compute_ms_per_example.value for t in rf2.tiers] == [164.2, 58.8, 17.9]
     mean_dropout = float(np.mean([t.dropout for t in rf2.tiers]))
     assert mean_dropout > 0.10  # FLASH: > 10% of selected clients fail
 

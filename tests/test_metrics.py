@@ -259,10 +259,10 @@ def test_group_means_flat_keys() -> None:
     out = group_means(per_user, np.array([0, 0, 1, 1]), ["low", "high", "empty"])
     assert out["tier/low/recall@20"] == pytest.approx(0.5)
     assert out["tier/low/auc"] == pytest.approx(0.6)
-    assert out["tier/low/users_evaluated"] == 2
+    assert out["tier/low/eval_users"] == 2
     assert out["tier/high/recall@20"] == pytest.approx(0.5)
-    assert out["tier/high/users_evaluated"] == 1
-    assert math.isnan(out["tier/empty/auc"]) and out["tier/empty/users_evaluated"] == 0
+    assert out["tier/high/eval_users"] == 1
+    assert math.isnan(out["tier/empty/auc"]) and out["tier/empty/eval_users"] == 0
     named = group_means(per_user, np.array(["a", "a", "b", "b"]), ["a", "b"], prefix="q")
     assert named["q/a/auc"] == pytest.approx(0.6)
 

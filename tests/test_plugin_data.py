@@ -7,14 +7,12 @@ own ids (5, 15, 25, ...), and a tiering that deals users to tiers by position.
 
 from __future__ import annotations
 
-import os
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import read_rows, small_run
+from conftest import plugin_module, read_rows, small_run
 
 from rf2.cli.support import run_job
 from rf2.core.config import DatasetConfig, PopulationConfig
@@ -65,13 +63,7 @@ def unknown_tier(dataset, profile, seed):
 @pytest.fixture
 def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """The plug-in's module name, importable for this test only (PYTHONPATH too: Ray)."""
-    pkg = tmp_path / "plugins"
-    pkg.mkdir()
-    name = f"mylab_data_{abs(hash(str(tmp_path))) % 10**8}"
-    (pkg / f"{name}.py").write_text(textwrap.dedent(PLUGIN))
-    monkeypatch.syspath_prepend(str(pkg))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        p for p in (str(pkg), os.environ.get("PYTHONPATH", "")) if p))
+    name = plugin_module(tmp_path, monkeypatch, "mylab_data", PLUGIN)
     yield name
     sys.modules.pop(name, None)
 

@@ -7,11 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from rf2.core.config import DatasetConfig
 from rf2.core.errors import DataError
-from rf2.core.typed import from_dict
 from rf2.data import load_dataset, load_interactions
 from rf2.data.recbole import encode_tokens
 
@@ -212,13 +210,6 @@ def test_bom_and_old_mac_line_ends(tmp_path: Path) -> None:
     (root / "toy.inter").write_bytes("\ufeffuser_id:token\titem_id:token\r1\t2\r3\t4\r".encode())
     ds = load_dataset(_cfg(root), seed=0)
     assert (ds.num_users, ds.num_items) == (2, 2)
-
-
-def test_recbole_yaml_is_a_valid_config() -> None:
-    data = yaml.safe_load((REPO / "conf" / "dataset" / "recbole.yaml").read_text())
-    data["path"] = "/somewhere"
-    cfg = from_dict(DatasetConfig, data, "dataset")
-    assert cfg.name == "recbole" and cfg.name_in_dir is None and cfg.split_seed is None
 
 
 def test_cli_writes_data_json_and_rejects_bad_files(tmp_path: Path) -> None:

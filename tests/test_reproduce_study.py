@@ -25,17 +25,16 @@ OPTIMIZATIONS = ["none", "exclude-low", "over-select"]
     ("rf2_reproduce_ml100k", "movielens100k", ["1", "2", "3", "4", "5"]),
     ("rf2_reproduce_quick", "synthetic", ["1", "2"]),
 ])
-def test_reproduce_experimentscompose_experiment(experiment: str, dataset: str, seeds: list[str]) -> None:
+def test_reproduce_experiments_sweep_the_study_and_validate(experiment: str, dataset: str,
+                                                           seeds: list[str]) -> None:
     data = compose_experiment(experiment, "dataset.path=/data/ml-100k")
     params = {k: [v.strip() for v in str(p).split(",")]
               for k, p in data["hydra"]["sweeper"]["params"].items()}
     assert params == {"population": TIERINGS, "optimization": OPTIMIZATIONS, "seed": seeds}
     cfg = load_run_config(data)
-    assert cfg.dataset.name == dataset and cfg.dataset.protocol == "rf2"
+    assert cfg.dataset.name == dataset
+    # Compared by pass: a row at the end of each pass, and at least the passes compared.
     assert cfg.eval.at_pass_end and cfg.num_passes >= 2
-    assert cfg.client.lr == 1.0 and cfg.client.batch_size == 0 and cfg.client.local_epochs == 1
-    assert cfg.strategy.server_optimizer == "adagrad"
-    assert not cfg.round.availability and not cfg.round.dropout
     leaky = load_run_config(compose_experiment(experiment, "dataset.path=/x", "population=rf2-dirichlet"))
     free = load_run_config(compose_experiment(experiment, "dataset.path=/x",
                                     "population=rf2-dirichlet-leakfree"))

@@ -167,6 +167,18 @@ def test_corrupt_middle_line_and_resumed_rounds(tmp_path: Path) -> None:
         load(tmp_path / "run")
 
 
+def test_old_users_evaluated_keys_read_as_eval_users(tmp_path: Path) -> None:
+    # Rows written before one name: the count twice, and per tier as .../users_evaluated.
+    write_run(tmp_path / "run", "none", "independent", 1)
+    (tmp_path / "run" / "metrics.jsonl").write_text(json.dumps(
+        {"round": 0, "users_evaluated": 30, "eval_users": 30, "tier/low/users_evaluated": 9,
+         "activity/q1/users_evaluated": 7}) + "\n")
+    row = load_wide(tmp_path / "run").iloc[0]
+    assert (row["eval_users"], row["tier/low/eval_users"], row["activity/q1/eval_users"]) \
+        == (30, 9, 7)
+    assert not any("users_evaluated" in c for c in row.index)
+
+
 def test_not_a_run_folder(tmp_path: Path) -> None:
     (tmp_path / "empty" / ".hydra").mkdir(parents=True)
     (tmp_path / "empty" / ".hydra" / "config.yaml").write_text("a: 1\n")

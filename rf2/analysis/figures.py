@@ -1,4 +1,5 @@
-"""Figures from run folders: per-tier curves, RF²'s fairness-gap bars, participation.
+"""Figures from run folders: per-tier curves, RF²'s fairness-gap bars, participation,
+per-user CDFs and the pass study.
 
 Console script ``rf2-figures MULTIRUN_DIR [--out DIR] [--metric recall@20]`` (also
 ``python -m rf2.analysis.figures``). The plot functions take a :func:`rf2.analysis.results.load` frame and

@@ -98,9 +98,24 @@ def find_runs(path: PathLike) -> list[Path]:
     return sorted(runs, key=lambda r: _natural(r.relative_to(root).as_posix()))
 
 
+# Old key -> today's, for run folders written before the rename: rows carried the users
+# evaluated twice (``users_evaluated`` and ``eval_users``), groups as .../users_evaluated.
+_RENAMED = re.compile(r"^(.*/)?users_evaluated$")
+
+
+def _current_keys(record: dict[str, Any]) -> dict[str, Any]:
+    """A row with old keys read under today's names (today's name wins when both exist)."""
+    old = [k for k in record if _RENAMED.match(k)]
+    for key in old:
+        value = record.pop(key)
+        record.setdefault(_RENAMED.sub(r"\1eval_users", key), value)
+    return record
+
+
 def _read_records(path: Path) -> list[dict[str, Any]]:
     """Rows of metrics.jsonl; a torn last line is skipped with a warning. Should a round
-    appear twice (a resume), its last row wins: it belongs to the trajectory that went on."""
+    appear twice (a resume), its last row wins: it belongs to the trajectory that went on.
+    Keys renamed since a row was written read under today's name (:data:`_RENAMED`)."""
     lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
     by_round: dict[int, dict[str, Any]] = {}
     for i, line in enumerate(lines):
@@ -115,7 +130,7 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
             break
         if not isinstance(record, dict) or not isinstance(record.get("round"), int):
             raise ResultsError(f"{path}:{i + 1}: expected a JSON object with an integer 'round'")
-        by_round[record["round"]] = record
+        by_round[record["round"]] = _current_keys(record)
     return [by_round[r] for r in sorted(by_round)]
 
 

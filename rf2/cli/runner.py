@@ -133,6 +133,10 @@ def prepare(cfg: RunConfig) -> PreparedRun:
     profile = check_profile(cfg)
     for unused in unused_keys(cfg):  # the errors among them failed validation already
         log.warning("rf2: warning: %s", unused.message())
+    for setting in cfg.optimization.unnamed_settings():
+        log.warning("rf2: warning: optimization.%s acts but optimization.name=%s does not "
+                    "say so (results and figures label the run %s)", setting,
+                    cfg.optimization.name, cfg.optimization.name)
     dataset = load_dataset(cfg.dataset, cfg.seed)
     cfg = central_negatives(cfg, dataset.num_items)
     check_against_data(cfg, dataset)
@@ -309,7 +313,7 @@ def check_same_data(folder: RunFolder, now: dict[str, Any]) -> None:
     """A resume must see the data the run started with (else rows and shapes mix)."""
     path = folder.path / DATASET
     if not path.exists():
-        return  # a run folder from before dataset.json
+        return  # a run folder from before data_fingerprint.json
     then = json.loads(path.read_text(encoding="utf-8"))
     if then == now:
         return

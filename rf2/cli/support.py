@@ -14,7 +14,7 @@ import yaml
 
 from rf2.core.config import RunConfig, load_run_config
 from rf2.core.errors import ConfigError, UserInputError
-from rf2.core.plugins import recorded_config
+from rf2.core.plugins import recorded_config, without_unused
 from rf2.core.typed import to_dict
 from rf2.runs.lock import LOCK, RunLock
 from rf2.runs.run_folder import CONFIG, RunExists, RunFolder
@@ -194,7 +194,7 @@ def _resume(cfg: RunConfig, data: dict[str, Any], run_dir: Path, overrides: list
     folder = RunFolder(cfg.resume or "")
     if not (folder.path / "config.yaml").exists():
         raise ConfigError("resume", cfg.resume, "a run folder (containing config.yaml)")
-    saved = folder.read_config()
+    saved = without_unused(folder.read_config())  # a record from before plug-in records
     merged = resumed_config(saved, data, overrides, str(folder.path))
     merged["resume"] = None
     new_cfg = load_run_config(merged)

@@ -364,12 +364,23 @@ class RoundConfig:
               "an integer >= 1")
 
 
+# The conf/optimization/*.yaml options (tests/test_config.py keeps them equal).
+OptimizationName = Literal["none", "exclude-low", "fsl", "heterofl", "over-select", "prune",
+                           "quantize"]
+# A named optimization's own setting: its name alone would label a run it did not change.
+_OPTIMIZATION_SETTING = {"exclude-low": "exclude_tiers", "fsl": "per_row_embedding_avg",
+                         "heterofl": "width", "over-select": "overselect",
+                         "prune": "prune_rate", "quantize": "quant_bits"}
+
+
 @dataclass
 class OptimizationConfig:
     """RF²'s tier-aware optimizations; each usable with any strategy."""
 
-    # Which tier-aware optimization (the optimization= group sets it; docs/strategies.md).
-    name: str = "none"
+    # Which tier-aware optimization (the optimization= group sets it with its setting;
+    # docs/strategies.md). The name labels the run (results, figures: "none" is the
+    # reference of D_t); the settings below do the work.
+    name: OptimizationName = "none"
     # Tiers never selected for training (still evaluated).
     exclude_tiers: list[str] = field(default_factory=list)
     # Over-selection: select ceil((1 + x) K), keep the K that finish first.
@@ -383,7 +394,17 @@ class OptimizationConfig:
     # Average each item row only over the clients that touched it (RF²'s fsl).
     per_row_embedding_avg: bool = False
 
+    def unnamed_settings(self) -> list[str]:
+        """Settings that act although ``name`` does not say so (e.g. ``prune_rate`` under
+        ``name: none``, the reference of D_t): the runner warns, the label would mislead."""
+        return [setting for name, setting in _OPTIMIZATION_SETTING.items()
+                if name != self.name and getattr(self, setting)]
+
     def validate(self, path: str = "optimization") -> None:
+        setting = _OPTIMIZATION_SETTING.get(self.name)
+        check(setting is None or bool(getattr(self, setting)), f"{path}.name", self.name,
+              f"a name whose setting is set: {self.name} needs {path}.{setting} "
+              f"(optimization={self.name} sets both)")
         check(self.overselect >= 0, f"{path}.overselect", self.overselect, "a number >= 0")
         for tier, rate in self.prune_rate.items():
             check(0 <= rate < 1, f"{path}.prune_rate.{tier}", rate, "a fraction in [0, 1)")

@@ -131,14 +131,22 @@ def check_plugins(cfg: Any) -> None:
 def recorded_config(cfg: Any) -> dict[str, Any]:
     """The config a run folder records (``config.yaml``): ``cfg`` as a mapping, minus the
     built-in-only keys of each plug-in's group (its ``_target_`` says what ran)."""
-    data = to_dict(cfg)
+    return without_unused(to_dict(cfg))
+
+
+def without_unused(data: dict[str, Any]) -> dict[str, Any]:
+    """A config mapping (changed in place and returned) minus the built-in-only keys of
+    each plug-in's section. Also for a record written before they were left out: they
+    never acted, so a resume drops them instead of tripping over them."""
     for group in GROUPS:
-        if not plugin_target(cfg, group):
+        section = data.get(group.group)
+        if not isinstance(section, dict):
             continue
-        section = data[group.group]
-        keep_selector = (group.group == "strategy"
-                         and section[group.selector] != STRATEGY_SCHEDULES[0])
-        if not keep_selector:
+        target = section.get("_target_") or ""
+        if not target or target == group.builtin_target:
+            continue
+        # strategy.name=fedbuff still schedules the rounds around a custom strategy.
+        if not (group.group == "strategy" and section.get(group.selector) == "fedbuff"):
             section.pop(group.selector, None)
         for key in group.settings:
             section.pop(key, None)

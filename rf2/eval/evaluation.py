@@ -1,9 +1,10 @@
 """Server-side evaluation: test users' held-out clicks, all-item ranking minus train items.
 
 Produces the flat metric keys of one ``metrics.jsonl`` row: overall user means
-(``recall@K``, ``ndcg@K``, ``auc``, ``loss``), per tier (``tier/<name>/...``), per
-activity quartile (``activity/<q>/...``) and fairness summaries across tiers
-(``fair/<m>/...``).
+(``recall@K``, ``ndcg@K``, ``auc``, ``loss``) with the users evaluated (``eval_users``,
+of ``eval_users_total``), per tier (``tier/<name>/...``), per activity quartile
+(``activity/<q>/...``), fairness summaries across tiers (``fair/<m>/...``) and per-user
+distributions (``dist/...``, :mod:`rf2.eval.distribution`).
 
 For a model with an index (``build_retriever``, e.g. ``hier_index``) the same users are
 also served through the index: ``index/recall@K`` and ``index/ndcg@K`` (same definitions
@@ -24,17 +25,22 @@ calibrated CTR loss and is comparable only between runs of the same model.
 
 How it stays fast at 40k users x 40k items:
 
-- users are scored in blocks of a few MB (``rank_block``): every metric family reads the
-  same score block, raw families (loss) first, then one top-k and the AUC passes on it;
+- users are scored in blocks of a few MB (:data:`BLOCK_FLOATS`): every metric family
+  reads the same score block, raw families (loss) first, then one top-k and the AUC
+  passes on it (``rank_block``);
 - the per-block index structures are built once, in ``__init__``;
 - ``eval.metrics`` selects the families (:data:`FAMILIES`); ``eval.max_users`` scores a
   fixed seeded sample of test users, stratified by tier, and logs its standard error;
-- evaluation runs with its own torch thread count (:func:`torch_threads`): in-process,
-  the client code pins the whole process to one thread.
+- blocks run on ``eval.num_threads`` Python threads, one torch thread each
+  (``Evaluator._map_blocks``); the setting in force before (in-process, the client code
+  pins the process to one thread) is restored afterwards (:func:`torch_threads`).
 
-A metric family is a name, a stage and a function of a scored block (see
-:class:`MetricFamily`); a new family (e.g. CTR metrics over rated items) is one entry in
-:data:`FAMILIES` plus its name in ``rf2.core.config.METRIC_FAMILIES``.
+A per-user metric family is a name, a stage and a function of a scored block (see
+:class:`MetricFamily`); a new one (e.g. hit rate at K) is one entry in :data:`FAMILIES`
+plus its name in ``rf2.core.config.METRIC_FAMILIES``. The other names there are not
+entries: ``recall``, ``ndcg`` and ``auc`` come from the one shared ranking pass,
+``popularity`` is a separate round-0 baseline, ``rated`` RF²'s CTR metrics pooled over
+test ratings (:meth:`Evaluator.rated_metrics`).
 """
 
 from __future__ import annotations
@@ -578,7 +584,6 @@ class Evaluator:
 
     def summarise(self, per_user: dict[str, np.ndarray]) -> dict[str, float]:
         row: dict[str, float] = {k: float(np.nanmean(v)) for k, v in per_user.items()}
-        row["users_evaluated"] = int(len(self.users))
         row["eval_users"] = int(len(self.users))
         row["eval_users_total"] = self.num_candidates
         strata = self.strata_of_user[self.users]

@@ -76,8 +76,8 @@ def group_means(
 
     ``group_of_user`` holds, per user, an index into ``group_names`` (or the name
     itself). Keys: ``f"{prefix}/{name}/{metric}"`` (NaN-mean over the group's users, NaN
-    if none was evaluated) and ``f"{prefix}/{name}/users_evaluated"`` (users with at
-    least one non-NaN metric).
+    if none was evaluated) and ``f"{prefix}/{name}/eval_users"`` (users with at least
+    one non-NaN metric; the row's overall count is ``eval_users`` too).
     """
     groups = np.asarray(group_of_user)
     if groups.dtype.kind not in "iu":
@@ -97,7 +97,7 @@ def group_means(
             vals = arr[members]
             vals = vals[~np.isnan(vals)]
             out[f"{prefix}/{name}/{metric}"] = float(vals.mean()) if vals.size else math.nan
-        out[f"{prefix}/{name}/users_evaluated"] = float(np.sum(evaluated & members))
+        out[f"{prefix}/{name}/eval_users"] = float(np.sum(evaluated & members))
     return out
 
 

@@ -3,7 +3,7 @@
 Evaluation scores every user against every item each round, so the cost is a few passes
 over a (B, I) block. Per block, in this order and on the same buffer:
 
-1. the caller reads what needs raw scores (the test loss, CTR-style metrics);
+1. the caller reads what needs raw scores (the test loss);
 2. the scores of each user's retrievable held-out items (its *positives*) are gathered;
 3. the training items are set to -inf in place and one exact top-k (:func:`top_ids`)
    gives recall/NDCG;

@@ -3,8 +3,8 @@
 the launcher that starts Ray or the in-process backend (``simulation``, the only Ray
 caller), the transport (``round_grid``, ``grid_view``, ``prompt_delivery``,
 ``user_batch``, ``params``; Flower internals behind ``fast_transport``), seeded client
-selection (``selection``), per-tier client settings (``tier_settings``) and the progress
-line (``progress``).
+selection (``selection``), per-tier client settings (``tier_settings``), the typed
+per-user task and its wire codec (``user_task``) and the progress line (``progress``).
 
 Importing it checks the installed Flower against the tested range (one warning line).
 

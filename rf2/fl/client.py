@@ -1,13 +1,13 @@
 """Flower ClientApp: one message = the local training of a batch of users (``rf2.fl.user_batch``).
 
-A Flower SuperNode here is a transport slot, not a user: the server names the user
-(``partition-id``) in each message. Mapping one SuperNode per user would make Flower's
+A Flower SuperNode here is a transport slot, not a user: each message names its users,
+each with its own task (``rf2.fl.user_task``). Mapping one SuperNode per user would make Flower's
 simulation engine poll every node every 0.1 s, i.e. per-round cost growing with the
 population; with slots the per-round cost depends only on clients per round.
 
 The dataset is loaded once per worker process (``_WORKER_CACHE``), not per call: on Ray
 from the object store, where the driver put it (``ClientSpec.data``,
-``rf2.fl.shared_data``), never rebuilt by the worker.
+``rf2.fl.shared_data``), never rebuilt by the worker; in-process the server's own copy.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,11 @@ from rf2.optim.heterofl import extract, rules_for, slice_spec
 from rf2.optim.row_averaging import touched_items
 from rf2.optim.sparse import ROWS, VALUES, encode, encode_dense
 
+log = logging.getLogger(__name__)
+
+# Adds one user's n_k Δ_k to its message's sum, at the user's position in the batch.
+AddToSum = Callable[[SumBuilder, int], None]
+
 
 @dataclass(frozen=True)
 class ClientSpec:
@@ -71,7 +77,7 @@ class ClientSpec:
     fast_transport: bool = True  # simulation.fast_transport: FastArray or stock Array
     # Train a message's users as one cohort (rf2.model.cohort); False: one at a time.
     vectorise: bool = True
-    # Reply only the changed rows of the item tables (rf2.optim.sparse); False: dense.
+    # Reply only the changed rows of the row tables (rf2.optim.sparse); False: dense.
     sparse_updates: bool = True
     # On Ray: the driver's dataset in the object store; None = load it from ``dataset``.
     data: SharedDataset | None = None
@@ -81,24 +87,24 @@ class ClientSpec:
         return json.dumps([self.dataset, self.model, self.seed], sort_keys=True)
 
 
-log = logging.getLogger(__name__)
-
-
 @dataclass
 class _WorkerState:
+    """What a worker process keeps across messages: the data and the model skeletons that
+    each user's training loads the received weights into."""
+
     dataset: FederatedDataset
     model: FederatedModel
     model_cfg: ModelConfig
-    seed: int
-    narrow: dict[float, FederatedModel] = field(default_factory=dict)
+    # HeteroFL sub-model skeletons by width, built on first use.
+    narrow_models: dict[float, FederatedModel] = field(default_factory=dict)
 
     def model_for_width(self, width: float) -> FederatedModel:
         """The full model, or its HeteroFL sub-model (``FederatedModel.at_width``)."""
         if width >= 1.0:
             return self.model
-        if width not in self.narrow:
-            self.narrow[width] = self.model.at_width(width)
-        return self.narrow[width]
+        if width not in self.narrow_models:
+            self.narrow_models[width] = self.model.at_width(width)
+        return self.narrow_models[width]
 
 
 _WORKER_CACHE: dict[str, _WorkerState] = {}
@@ -120,7 +126,7 @@ def worker_state(spec: ClientSpec, dataset: FederatedDataset | None = None) -> _
         if dataset is None:
             dataset = _dataset_of(spec, dataset_cfg)
         model = build_model(model_cfg, dataset, spec.seed)
-        state = _WorkerState(dataset=dataset, model=model, model_cfg=model_cfg, seed=spec.seed)
+        state = _WorkerState(dataset=dataset, model=model, model_cfg=model_cfg)
         _WORKER_CACHE.clear()  # one run per worker at a time; free the previous one
         _WORKER_CACHE[spec.key] = state
     return state
@@ -144,8 +150,8 @@ def client_spec_from(dataset_cfg: DatasetConfig, model_cfg: ModelConfig, seed: i
 def handle_train(msg: Message, spec: ClientSpec) -> Message:
     """Train each user of the batch in ``msg`` on the global model; one reply for all.
 
-    Vectorised (``spec.vectorise``): the batch's users of equal width and settings train
-    as one cohort; otherwise one after the other. Either way each user has its own seed,
+    Vectorised (``spec.vectorise``): the batch's users of equal width train as one
+    cohort; otherwise one after the other. Either way each user has its own seed,
     loss and metrics, and a user whose training raises gets an error entry while the
     others still reply. Users the server lets sum (``rf2.fl.partial_sum``) reply one
     sum of their deltas; the others reply their own arrays.
@@ -156,6 +162,8 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
     recipe, tasks = user_tasks(msg)
     builder = SumBuilder(received, state.model.row_tables()) if any(
         summable(recipe, t) for t in tasks) else None
+    # Per position: trained in a cohort, its cohort's error, or None (not trained yet:
+    # the per-user path trains it below, within its deadline).
     trained: list[_Trained | BaseException | None] = [None] * len(tasks)
     if spec.vectorise:
         for group in _cohorts(tasks):
@@ -182,8 +190,8 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
         into_sum = builder if summable(recipe, task) else None
         try:
             records, contribution = call_with_deadline(
-                lambda s=state, t=task, d=done, b=into_sum: _user_reply(
-                    s, received, recipe, t, d, spec.sparse_updates, b is not None),
+                lambda s=state, t=task, d=done, summed=into_sum is not None: _user_reply(
+                    s, received, recipe, t, d, spec.sparse_updates, into_sum=summed),
                 timeout)
         except DeadlineExceeded as ex:
             results.append(ex)
@@ -203,7 +211,7 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
 
 def _user_reply(state: _WorkerState, received: dict[str, np.ndarray], recipe: RoundRecipe,
                 task: UserTask, done: _Trained | BaseException | None, sparse: bool,
-                into_sum: bool) -> tuple[dict[str, Any], Any]:
+                into_sum: bool) -> tuple[dict[str, Any], AddToSum | None]:
     """A user's reply records, and (``into_sum``, update finite) the function that adds
     its update to the message's sum, its records then being its metrics alone."""
     if isinstance(done, BaseException):
@@ -214,7 +222,7 @@ def _user_reply(state: _WorkerState, received: dict[str, np.ndarray], recipe: Ro
         add = done.sum_contribution()
         if add is not None:
             return {"metrics": _metrics(done, num_bytes(done.reply_arrays(sparse)))}, add
-    return _reply(recipe, task, done, sparse), None
+    return _own_reply(recipe, task, done, sparse), None
 
 
 def user_timeout(recipe: RoundRecipe, elapsed_s: float) -> float | None:
@@ -250,9 +258,9 @@ class _Trained:
     update: ClientUpdate | None = None  # cohort path: its rows and values
     summary: ClientSummary | None = None  # summed step: already in its message's sum
 
-    def sum_contribution(self) -> Any:  # noqa: ANN401 - Callable[[SumBuilder, int], None]
+    def sum_contribution(self) -> AddToSum | None:
         """A function adding n_k Δ_k to a message's sum; None when the update is not
-        finite (the user then replies alone, and the server's screen counts it)."""
+        finite or empty (the user then replies alone, and the server's screen counts it)."""
         weight = float(self.result.num_examples)
         if self.update is not None:
             update = self.update
@@ -285,13 +293,14 @@ def _user_seed(recipe: RoundRecipe, task: UserTask) -> int:
     return training_seed(recipe.seed, task.user, recipe.server_round)
 
 
-def _received_at(state: _WorkerState, received: dict[str, np.ndarray], width: float
-                 ) -> dict[str, np.ndarray]:
+def _global_at_width(state: _WorkerState, received: dict[str, np.ndarray], width: float
+                     ) -> dict[str, np.ndarray]:
+    """The global model as a client of this HeteroFL width holds it."""
     if width >= 1.0:
         return received
     # HeteroFL: this client holds the top-left slice of every width-scaled tensor.
-    # (The simulation ships the full model and slices here; traffic is logged as the
-    # slice's size, which is what a real server would send.)
+    # (The simulation ships the full model and slices here; the clock and the traffic
+    # log count what a real server would send at this width: rf2.fl.download.)
     shapes = {k: tuple(v.shape) for k, v in received.items()}
     rules = rules_for(shapes, state.model_cfg.dim, state.model.width_rules())
     return extract(received, slice_spec(shapes, width, rules))
@@ -324,17 +333,16 @@ def _cohorts(tasks: list[UserTask]) -> list[list[int]]:
 
 def _train_cohort(state: _WorkerState, received: dict[str, np.ndarray], recipe: RoundRecipe,
                   tasks: list[UserTask]) -> list[_Trained | BaseException | None]:
-    """Train ``tasks``' users (of one width) together. A model that does not declare cohort support
-    leaves each user to the per-user path (None), with the reason logged once; any other
-    error is every user's error (reported per user, never retried silently)."""
+    """Train ``tasks``' users (all of one width) together. A model that does not declare
+    cohort support leaves each user to the per-user path (None), with the reason logged
+    once; any other error is every user's error (reported per user, never retried
+    silently)."""
     try:
         width = tasks[0].width
-        held = _received_at(state, received, width)
+        held = _global_at_width(state, received, width)
         model = state.model_for_width(width)
         _set_progress(model, recipe)
-        examples = [user_examples(state.dataset, t.user) for t in tasks]
-        jobs = [ClientJob(h, y, _user_seed(recipe, t))
-                for (h, y), t in zip(examples, tasks, strict=True)]
+        jobs = _cohort_jobs(state, recipe, tasks)
         updates = train_cohort(
             model, held, jobs,
             lr=recipe.lr,
@@ -347,13 +355,7 @@ def _train_cohort(state: _WorkerState, received: dict[str, np.ndarray], recipe: 
         return [None] * len(tasks)
     except Exception as ex:  # noqa: BLE001 - reported per user, as Flower reports a client
         return [ex] * len(tasks)
-    tables = tuple(model.row_tables())
-    return [
-        _Trained(t.user, held,
-                 LocalTrainingResult(u.num_examples, u.loss_before, u.loss_after), h, y, tables,
-                 update=u)
-        for t, u, (h, y) in zip(tasks, updates, examples, strict=True)
-    ]
+    return _cohort_outcomes(model, held, tasks, jobs, updates)
 
 
 def _sum_cohort(state: _WorkerState, received: dict[str, np.ndarray], recipe: RoundRecipe,
@@ -363,11 +365,9 @@ def _sum_cohort(state: _WorkerState, received: dict[str, np.ndarray], recipe: Ro
     ``builder``; None when the recipe is not one full-batch step, the model is not
     vectorisable or the sum is not finite (then the per-client path runs instead)."""
     try:
-        model = state.model
+        model = state.model  # summed users train the full model (no HeteroFL width)
         _set_progress(model, recipe)
-        examples = [user_examples(state.dataset, t.user) for t in tasks]
-        jobs = [ClientJob(h, y, _user_seed(recipe, t))
-                for (h, y), t in zip(examples, tasks, strict=True)]
+        jobs = _cohort_jobs(state, recipe, tasks)
         if (any(len(j.targets) == 0 for j in jobs)
                 or not one_full_batch_step(jobs, recipe.local_epochs, recipe.batch_size)):
             return None
@@ -379,19 +379,35 @@ def _sum_cohort(state: _WorkerState, received: dict[str, np.ndarray], recipe: Ro
     if not finite(summed.deltas.values()):
         return None
     builder.add_sum(summed, positions)
+    return _cohort_outcomes(model, received, tasks, jobs, summaries)
+
+
+def _cohort_jobs(state: _WorkerState, recipe: RoundRecipe, tasks: list[UserTask]
+                 ) -> list[ClientJob]:
+    """Each user's examples and own training seed."""
+    return [ClientJob(*user_examples(state.dataset, t.user), _user_seed(recipe, t))
+            for t in tasks]
+
+
+def _cohort_outcomes(model: FederatedModel, held: dict[str, np.ndarray], tasks: list[UserTask],
+                     jobs: list[ClientJob], outcomes: Sequence[ClientUpdate | ClientSummary]
+                     ) -> list[_Trained | BaseException | None]:
+    """Each cohort user's training outcome: its update (trained), or its summary (already
+    in the message's sum)."""
     tables = tuple(model.row_tables())
     return [
-        _Trained(t.user, received,
-                 LocalTrainingResult(s.num_examples, s.loss_before, s.loss_after), h, y, tables,
-                 summary=s)
-        for t, s, (h, y) in zip(tasks, summaries, examples, strict=True)
+        _Trained(t.user, held, LocalTrainingResult(o.num_examples, o.loss_before, o.loss_after),
+                 j.histories, j.targets, tables,
+                 update=o if isinstance(o, ClientUpdate) else None,
+                 summary=o if isinstance(o, ClientSummary) else None)
+        for t, j, o in zip(tasks, jobs, outcomes, strict=True)
     ]
 
 
 def _train_one(state: _WorkerState, received: dict[str, np.ndarray], recipe: RoundRecipe,
                task: UserTask) -> _Trained:
     """One user's local training from the global model (the per-user reference path)."""
-    held = _received_at(state, received, task.width)
+    held = _global_at_width(state, received, task.width)
     model = state.model_for_width(task.width)
     load_numpy_into(model, held)
     _set_progress(model, recipe)
@@ -410,9 +426,10 @@ def _train_one(state: _WorkerState, received: dict[str, np.ndarray], recipe: Rou
                     arrays=state_to_numpy(model))
 
 
-def _reply(recipe: RoundRecipe, task: UserTask, done: _Trained, sparse: bool
-           ) -> dict[str, Any]:
-    """A trained user's reply records: compression, injected faults, metrics."""
+def _own_reply(recipe: RoundRecipe, task: UserTask, done: _Trained, sparse: bool
+               ) -> dict[str, Any]:
+    """The reply records of a user that replies alone (not in its message's sum): its
+    arrays (compressed, with any injected fault), its metrics, its touched rows."""
     received = done.received
     arrays = done.reply_arrays(sparse)
     bytes_up = num_bytes(arrays)

@@ -80,6 +80,8 @@ class InProcessGrid(Grid):
             node_id: Context(
                 run_id=run_id,
                 node_id=node_id,
+                # As Flower's engine sets it; rf2 never reads it: a node is a transport
+                # slot, and each message names its users (rf2.fl.user_batch).
                 node_config={"partition-id": i, "num-partitions": num_nodes},
                 state=RecordDict(),
                 run_config={},
@@ -113,7 +115,7 @@ class InProcessGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid4())
+            message_id = str(uuid4())
             context = self._contexts[msg.metadata.dst_node_id]
             remaining = None if self._deadline is None else self._deadline - time.monotonic()
             try:
@@ -124,7 +126,7 @@ class InProcessGrid(Grid):
                 # in its thread; it gets a retired model (rf2.fl.deadline).
                 if self._on_abandoned is not None:
                     self._on_abandoned()
-                ids.append(msg.metadata.message_id)
+                ids.append(message_id)  # pulled, it yields nothing
                 continue
             except Exception as ex:  # noqa: BLE001 - reported as an error reply, like Flower
                 reason = f"{type(ex)}:<'{ex}'>"
@@ -132,9 +134,8 @@ class InProcessGrid(Grid):
                     Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
                     reply_to=msg,
                 )
-            reply.metadata.__dict__["_message_id"] = str(uuid4())
-            self._replies[msg.metadata.message_id] = reply
-            ids.append(msg.metadata.message_id)
+            self._replies[message_id] = reply
+            ids.append(message_id)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:

@@ -2,14 +2,19 @@
 
 Layout (the stable format; ``rf2.analysis.results`` reads it)::
 
-    config.yaml        resolved RunConfig
-    population.json    per-tier population summary
+    config.yaml        the validated RunConfig (a plug-in's unused keys left out: rf2.core.plugins)
+    population.json    per-tier population summary (federated: how the tiers were made)
+    tiers.csv          user_id,tier of every user (federated runs)
     data.json          dataset sizes and the train/test split used (chronological/random/given)
+    data_fingerprint.json  the data's sizes and SHA-256: a resume refuses other data (federated)
     metrics.jsonl      one JSON object per round (round 0 = before training)
     checkpoints/round_NNNNNN/{arrays.npz,state.json,manifest.json}   resumable state, atomic;
                        the manifest holds each file's size and SHA-256, checked on load
     .lock              held while a process writes the folder (``rf2.runs.lock``)
+    rf2.log            the console of every command that wrote the folder (``rf2.runs.console``)
+    nodes.json         Ray nodes the clients trained on (Ray backend)
     model.pt           final global model (state_dict of tensors only)
+    ttt.json           test-time training's metric change (model.index.ttt)
     DONE               written last: the run finished
 
 A crash can tear only the last line of ``metrics.jsonl``; :meth:`RunFolder.read_metrics`
