@@ -255,7 +255,7 @@ def test_quick_study_and_its_table(tmp_path: Path) -> None:
     rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
     for arm in ("sync", "fedbuff", "dp ε=8", "dp ε=1"):
         for pop in POPULATIONS:
-            assert sum(r.startswith(f"| {arm} | {pop} |") for r in rows) == 2, (arm, pop)
+            assert sum(r.startswith(f"| {arm} | {pop} |") for r in rows) == 3, (arm, pop)  # 3 tables
     t = beyond_tables(tmp_path / "multirun" / "beyond_rf2_quick")
     runs = t.per_run.set_index("arm")
     assert (runs.loc["sync", "mdac"] == 0).all()
