@@ -114,7 +114,7 @@ def test_rf2_help_lists_groups_and_described_keys(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "model: hier_index, two_tower" in out  # Hydra's $APP_CONFIG_GROUPS
+    assert "model: fcf, hier_index, two_tower" in out  # Hydra's $APP_CONFIG_GROUPS
     assert "model.index.anneal_steps" in out and "Steps from min_alpha to max_alpha" in out
     assert "rf2 --help PREFIX" in out and "Powered by Hydra" not in out
     assert not list(tmp_path.iterdir())  # help creates no run folder

@@ -23,7 +23,7 @@ from rf2.core.plugins import recorded_config
 from rf2.eval.evaluation import Evaluator
 from rf2.fl.progress import ProgressPrinter
 from rf2.hetero.population import population_summary
-from rf2.model.central import CentralTrainer, pooled_examples
+from rf2.model.central import CentralTrainer, pooled_examples, pooled_users
 from rf2.runs.run_folder import RunFolder
 
 if TYPE_CHECKING:
@@ -36,7 +36,8 @@ def execute_central(prep: PreparedRun, folder: RunFolder, resuming: bool = False
 
     cfg = prep.cfg
     hist, tgt = pooled_examples(prep.dataset)
-    trainer = CentralTrainer(prep.model, hist, tgt, cfg.central, cfg.seed)
+    trainer = CentralTrainer(prep.model, hist, tgt, cfg.central, cfg.seed,
+                             users=pooled_users(prep.dataset))
     evaluator = Evaluator.from_config(prep.dataset, cfg.eval, cfg.seed,
                                       prep.population.tier_of_user, prep.population.tier_names)
     points = trainer.eval_steps()  # points[r - 1] = step after which row r is written

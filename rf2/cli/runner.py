@@ -33,11 +33,12 @@ from rf2.fl.selection import ClientSelector
 from rf2.fl.server import FederatedServer, ServerSetup
 from rf2.fl.simulation import launch, users_per_message
 from rf2.fl.tier_settings import TierSettings
+from rf2.fl.user_state import UserStateStore
 from rf2.hetero.clock import SimClock, num_to_select
 from rf2.hetero.devices import DeviceProfile, load_profile
 from rf2.hetero.population import Population, assign_tiers, population_summary
 from rf2.hetero.tier_file import tier_csv_text
-from rf2.model import build_model
+from rf2.model import FederatedModel, build_model
 from rf2.model.examples import num_training_examples
 from rf2.model.ttt import check_ttt, ttt_if_enabled
 from rf2.privacy.plan import PrivacyPlan, plan_privacy
@@ -110,6 +111,16 @@ def check_against_data(cfg: RunConfig, dataset: FederatedDataset) -> None:
               f"rounds in [1, num_rounds={cfg.num_rounds}]")
 
 
+def check_model_supports(cfg: RunConfig, model: FederatedModel) -> None:
+    """Tier policies the model cannot follow are one config error, not a client crash."""
+    narrows = any(w < 1 for w in cfg.optimization.width.values())
+    if narrows and cfg.mode != "central" and type(model).at_width is FederatedModel.at_width:
+        check(False, "optimization.width", cfg.optimization.width,
+              f"no width below 1 ({type(model).__name__} has no HeteroFL sub-model: "
+              "FederatedModel.at_width); optimization=none, exclude-low, over-select, "
+              "prune, quantize or fsl")
+
+
 def central_negatives(cfg: RunConfig, num_items: int) -> RunConfig:
     """``mode=central`` where ``model.loss=auto`` picks the sampled softmax: with
     ``central.num_negatives`` negatives (at most the catalogue); config.yaml records it."""
@@ -142,6 +153,7 @@ def prepare(cfg: RunConfig) -> PreparedRun:
     check_against_data(cfg, dataset)
     population = assign_tiers(dataset, profile, cfg.population, cfg.seed)
     model = build_model(cfg.model, dataset, cfg.seed)
+    check_model_supports(cfg, model)
     check_ttt(cfg.model, model)
     strategy = instantiate_strategy(cfg.strategy, cfg.client)
     num_examples = num_training_examples(dataset)
@@ -193,7 +205,8 @@ def execute(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Pat
     """Train and write the run folder. With ``resuming``, continue from its checkpoint."""
     cfg = prep.cfg
     selector = ClientSelector(eligible_users(prep), seed=cfg.seed)
-    model_bytes = float(sum(p.numel() * p.element_size() for p in prep.model.state_dict().values()))
+    # What travels: the federated state (per-user state never does).
+    model_bytes = float(sum(a.nbytes for a in state_to_numpy(prep.model).values()))
     # Per-user sizes come from TierSettings each round; these are the defaults.
     clock = SimClock(prep.population, seed=cfg.seed, model_bytes_down=model_bytes,
                      update_bytes_up=model_bytes, local_epochs=cfg.client.local_epochs)
@@ -222,6 +235,10 @@ def execute(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Pat
             prep.population.tier_names))
         state = ServerState(round=0, arrays=state_to_numpy(prep.model), selector=selector,
                             clock=clock)
+    # Per-user state (rf2.fl.user_state): from the model's initial tables, or restored.
+    user_state = UserStateStore.of_model(prep.model)
+    if user_state is not None and state.user_state:
+        user_state = UserStateStore(state.user_state)
     evaluator = Evaluator.from_config(prep.dataset, cfg.eval, cfg.seed,
                                       prep.population.tier_of_user, prep.population.tier_names)
     shapes = {k: tuple(v.shape) for k, v in state.arrays.items()}
@@ -234,10 +251,11 @@ def execute(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Pat
     setup = ServerSetup(cfg=cfg, num_examples=prep.num_examples, model=prep.model,
                         strategy=prep.strategy, evaluator=evaluator, folder=folder, tiers=tiers,
                         num_slots=num_slots, users_per_message=per_message,
-                        privacy=prep.privacy)
+                        privacy=prep.privacy, user_state=user_state)
     server = FederatedServer(setup, state)
     spec = client_spec_from(cfg.dataset, cfg.model, cfg.seed, cfg.simulation.fast_transport,
                             cfg.simulation.vectorise, cfg.simulation.sparse_updates)
+    spec = dataclasses.replace(spec, user_state=user_state)
     if cfg.simulation.backend == "inprocess":
         worker_state(spec, prep.dataset)  # clients run here: share the loaded dataset
     if state.round < cfg.num_rounds or not folder.read_metrics():
@@ -245,11 +263,14 @@ def execute(prep: PreparedRun, folder: RunFolder, resuming: bool = False) -> Pat
             nodes = launch(server.main, lambda shared: make_client_app(
                                dataclasses.replace(spec, data=shared)),
                            num_slots, cfg.simulation,
-                           on_abandoned=lambda: retire_worker_model(spec), dataset=prep.dataset)
+                           on_abandoned=lambda: retire_worker_model(spec), dataset=prep.dataset,
+                           user_state=user_state)
         write_nodes(folder, nodes)
         if stop_requested() and server.state.round < cfg.num_rounds:
             raise RunInterrupted
     load_numpy_into(prep.model, server.state.arrays)
+    if user_state is not None:
+        user_state.load_into(prep.model)  # model.pt holds every user's own rows
     return finish_run(prep, folder, evaluator)
 
 

@@ -151,13 +151,31 @@ class IndexConfig:
 
 
 @dataclass
+class FCFConfig:
+    """Federated collaborative filtering (model.name = fcf, ``rf2.model.fcf``)."""
+
+    # Before its federated step a client fits its own user vector to the current item
+    # table (the paper's on-device user update): this many full-batch gradient steps on
+    # the vector alone (0 = none: the vector moves only with the joint step).
+    user_steps: int = 10
+    # Learning rate of those user-vector steps.
+    user_lr: float = 1.0
+
+    def validate(self, path: str = "model.fcf") -> None:
+        check(self.user_steps >= 0, f"{path}.user_steps", self.user_steps, "an integer >= 0")
+        check(self.user_lr > 0, f"{path}.user_lr", self.user_lr, "a number > 0")
+
+
+@dataclass
 class ModelConfig:
     # A model from the user's own module: a dotted path to a ``rf2.model.base
     # .FederatedModel`` subclass (built with its ``from_dataset``) or a function
     # (dataset, cfg, seed) -> model. Empty: rf2's model named by ``name``.
     _target_: str = ""
-    # two_tower: the retrieval model alone; hier_index: with a jointly learned index.
-    name: Literal["two_tower", "hier_index"] = "hier_index"
+    # two_tower: the retrieval model alone; hier_index: with a jointly learned index;
+    # fcf: federated collaborative filtering (matrix factorisation, user vectors kept on
+    # the clients as per-user state; docs/extending.md "Stateful models").
+    name: Literal["two_tower", "hier_index", "fcf"] = "hier_index"
     # Embedding width D of users and items.
     dim: int = 64
     # Add the item's genre embedding to the item tower.
@@ -180,6 +198,7 @@ class ModelConfig:
     # Std of the normal initialisation of the embeddings.
     init_scale: float = 0.1
     index: IndexConfig = field(default_factory=IndexConfig)
+    fcf: FCFConfig = field(default_factory=FCFConfig)
 
     def loss_kind(self, num_items: int) -> Literal["full", "sampled"]:
         """The loss actually trained for a catalogue of ``num_items`` (``auto`` resolved)."""

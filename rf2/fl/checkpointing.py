@@ -1,7 +1,8 @@
 """The server's resumable state and its checkpoints in the run folder.
 
 A checkpoint is the global model (``model/<name>`` arrays), the strategy's own state
-(server-optimizer moments, ``strategy/<name>``), and a JSON part: the round, the client
+(server-optimizer moments, ``strategy/<name>``), a stateful model's per-user tables
+(``user_state/<name>``, ``rf2.fl.user_state``), and a JSON part: the round, the client
 selector's and the simulated clock's RNG state, and the wall time spent so far. Restoring
 it and running on gives the same ``metrics.jsonl`` as an uninterrupted run.
 """
@@ -37,6 +38,8 @@ class ServerState:
     # strategy=fedbuff: the schedule (JSON-able) and the model versions still in flight.
     buffered: dict[str, Any] | None = None
     buffered_arrays: dict[str, np.ndarray] | None = None
+    # A model with per-user state: the stored per-user tables (rf2.fl.user_state).
+    user_state: dict[str, np.ndarray] | None = None
 
 
 class Checkpointer:
@@ -71,6 +74,8 @@ class Checkpointer:
                 arrays[f"participation/{k}"] = v
         for k, v in (state.buffered_arrays or {}).items():
             arrays[f"buffered/{k}"] = v
+        for k, v in (state.user_state or {}).items():
+            arrays[f"user_state/{k}"] = v
         self.folder.save_checkpoint(state.round, arrays, json_part)
 
 
@@ -98,4 +103,6 @@ def restore_state(
                        participation=participation, privacy=state.get("privacy"),
                        buffered=state.get("buffered"),
                        buffered_arrays={k[len("buffered/"):]: v for k, v in arrays.items()
-                                        if k.startswith("buffered/")})
+                                        if k.startswith("buffered/")},
+                       user_state={k[len("user_state/"):]: v for k, v in arrays.items()
+                                   if k.startswith("user_state/")} or None)

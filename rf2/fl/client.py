@@ -41,6 +41,7 @@ from rf2.fl.params import (
 from rf2.fl.partial_sum import SumBuilder, finite, reply_bytes, summable
 from rf2.fl.shared_data import SharedDataset
 from rf2.fl.user_batch import pack_results, pack_sum, user_tasks
+from rf2.fl.user_state import MessageRows, UserStateStore
 from rf2.fl.user_task import RoundRecipe, UserTask
 from rf2.hetero.faults import apply_injected_fault
 from rf2.model import FederatedModel, build_model
@@ -81,6 +82,8 @@ class ClientSpec:
     sparse_updates: bool = True
     # On Ray: the driver's dataset in the object store; None = load it from ``dataset``.
     data: SharedDataset | None = None
+    # A model with per-user state: where its users' rows live between rounds.
+    user_state: UserStateStore | None = None
 
     @functools.cached_property
     def key(self) -> str:
@@ -160,12 +163,18 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
     state = worker_state(spec)
     received = record_to_numpy(msg.content["arrays"])  # the global model, decoded once
     recipe, tasks = user_tasks(msg)
+    # Per-user state (rf2.fl.user_state): this message's users' rows, fetched once.
+    own = (MessageRows.fetch(spec.user_state, state.model, [t.user for t in tasks])
+           if spec.user_state is not None else None)
     builder = SumBuilder(received, state.model.row_tables()) if any(
         summable(recipe, t) for t in tasks) else None
     # Per position: trained in a cohort, its cohort's error, or None (not trained yet:
     # the per-user path trains it below, within its deadline).
     trained: list[_Trained | BaseException | None] = [None] * len(tasks)
-    if spec.vectorise:
+    if spec.vectorise and own is not None:
+        _log_fallback_once(f"{type(state.model).__name__} has per-user state "
+                           f"{state.model.user_state_names()} (the cohort does not carry it)")
+    elif spec.vectorise:
         for group in _cohorts(tasks):
             members = [tasks[i] for i in group]
             outs = None
@@ -191,7 +200,8 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
         try:
             records, contribution = call_with_deadline(
                 lambda s=state, t=task, d=done, summed=into_sum is not None: _user_reply(
-                    s, received, recipe, t, d, spec.sparse_updates, into_sum=summed),
+                    s, received, recipe, t, d, spec.sparse_updates, into_sum=summed,
+                    own=own),
                 timeout)
         except DeadlineExceeded as ex:
             results.append(ex)
@@ -203,6 +213,8 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
         if into_sum is not None and contribution is not None:
             contribution(into_sum, i)  # added here: a late, abandoned call never writes it
         results.append(records)
+    if own is not None:
+        own.write_back(spec.user_state)  # before replying: the server evaluates them next
     content = pack_results(results)
     if builder is not None and builder.positions:
         pack_sum(content, builder.arrays(), builder.positions, builder.weight)
@@ -211,13 +223,14 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
 
 def _user_reply(state: _WorkerState, received: dict[str, np.ndarray], recipe: RoundRecipe,
                 task: UserTask, done: _Trained | BaseException | None, sparse: bool,
-                into_sum: bool) -> tuple[dict[str, Any], AddToSum | None]:
+                into_sum: bool, own: MessageRows | None = None
+                ) -> tuple[dict[str, Any], AddToSum | None]:
     """A user's reply records, and (``into_sum``, update finite) the function that adds
     its update to the message's sum, its records then being its metrics alone."""
     if isinstance(done, BaseException):
         raise done
     if done is None:
-        done = _train_one(state, received, recipe, task)
+        done = _train_one(state, received, recipe, task, own)
     if into_sum:
         add = done.sum_contribution()
         if add is not None:
@@ -405,11 +418,16 @@ def _cohort_outcomes(model: FederatedModel, held: dict[str, np.ndarray], tasks: 
 
 
 def _train_one(state: _WorkerState, received: dict[str, np.ndarray], recipe: RoundRecipe,
-               task: UserTask) -> _Trained:
-    """One user's local training from the global model (the per-user reference path)."""
+               task: UserTask, own: MessageRows | None = None) -> _Trained:
+    """One user's local training from the global model (the per-user reference path).
+
+    ``own``: a stateful model's per-user rows; the user's are loaded before training and
+    kept after (they are never part of the reply)."""
     held = _global_at_width(state, received, task.width)
     model = state.model_for_width(task.width)
     load_numpy_into(model, held)
+    if own is not None:
+        own.load_into(model, task.user)
     _set_progress(model, recipe)
     histories, targets = user_examples(state.dataset, task.user)
     result = train_locally(
@@ -421,7 +439,10 @@ def _train_one(state: _WorkerState, received: dict[str, np.ndarray], recipe: Rou
         batch_size=recipe.batch_size,
         proximal_mu=recipe.proximal_mu,
         seed=_user_seed(recipe, task),
+        user=task.user,
     )
+    if own is not None:
+        own.keep(model, task.user)
     return _Trained(task.user, held, result, histories, targets, tuple(model.row_tables()),
                     arrays=state_to_numpy(model))
 

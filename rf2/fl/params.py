@@ -36,9 +36,17 @@ def fast_arrays_enabled() -> bool:
     return _FAST[0]
 
 
+def _user_state(model: torch.nn.Module) -> set[str]:
+    names = getattr(model, "user_state_names", None)
+    return set(names()) if callable(names) else set()
+
+
 def state_to_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    """Trainable global state (state_dict without non-persistent buffers) as numpy."""
-    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+    """The federated state as numpy: state_dict without non-persistent buffers and
+    without per-user state (``FederatedModel.user_state_names``: never sent)."""
+    own = _user_state(model)
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()
+            if k not in own}
 
 
 @lru_cache(maxsize=256)
@@ -132,12 +140,16 @@ def record_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def load_numpy_into(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> None:
-    """Copy ``arrays`` into the model's state in place (names and shapes must match).
+    """Copy ``arrays`` into the model's state in place (names and shapes must match;
+    per-user state may be absent and is then left as it is).
 
     One copy per tensor, straight from the (possibly read-only) buffer: the hot path of
     every client call.
     """
     state = model.state_dict()
+    own = _user_state(model)
+    if own:
+        state = {k: v for k, v in state.items() if k not in own or k in arrays}
     if set(state) != set(arrays):
         missing, extra = sorted(set(state) - set(arrays)), sorted(set(arrays) - set(state))
         raise KeyError(f"state mismatch: missing {missing}, unexpected {extra}")

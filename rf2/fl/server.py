@@ -39,6 +39,7 @@ from rf2.fl.progress import ProgressPrinter
 from rf2.fl.screening import ReplyScreen, Screened
 from rf2.fl.tier_settings import TierSettings
 from rf2.fl.traffic import TrafficMeter
+from rf2.fl.user_state import UserStateStore
 from rf2.hetero.clock import RoundPlan, num_to_select, tier_counts
 from rf2.privacy.plan import PrivacyPlan
 from rf2.runs.run_folder import RunFolder
@@ -59,6 +60,8 @@ class ServerSetup:
     num_slots: int  # client slots (SuperNodes) the launcher provides
     users_per_message: int = 1  # users batched in one message
     privacy: PrivacyPlan | None = None  # privacy=dp: resolved settings
+    # A model with per-user state: the store its clients keep their rows in.
+    user_state: UserStateStore | None = None
 
 
 class FederatedServer:
@@ -143,6 +146,8 @@ class FederatedServer:
                     self.state.privacy = self.private.state_dict()
                 if self.buffered is not None:
                     self.state.buffered, self.state.buffered_arrays = self.buffered.state()
+                if self.setup.user_state is not None:
+                    self.state.user_state = self.setup.user_state.tables()
                 self.checkpointer.save(self.state)
             if stopping:
                 return
@@ -294,6 +299,8 @@ class FederatedServer:
         (``eval.final_max_users``)."""
         started = time.perf_counter()
         load_numpy_into(self.setup.model, self.state.arrays)
+        if self.setup.user_state is not None:
+            self.setup.user_state.load_into(self.setup.model)  # each user's own rows
         evaluator = self.setup.evaluator.final() if final else self.setup.evaluator
         row = evaluator.evaluate_model(self.setup.model)
         if popularity:

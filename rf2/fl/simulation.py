@@ -46,6 +46,7 @@ from rf2.fl.shared_data import SharedDataset, share
 
 if TYPE_CHECKING:
     from rf2.data.base import FederatedDataset
+    from rf2.fl.user_state import UserStateStore
 
 ServerMain = Callable[[Grid, Context], None]
 # The ClientApp for a dataset shared in Ray's object store (None: in-process, or nothing
@@ -215,13 +216,16 @@ def launch(
     sim: SimulationConfig,
     on_abandoned: Callable[[], None] | None = None,
     dataset: FederatedDataset | None = None,
+    user_state: UserStateStore | None = None,
 ) -> list[NodeRecord]:
     """Run ``server_main`` against ``num_supernodes`` client slots on the chosen backend.
 
     ``dataset``: the one the driver built; on Ray it goes into the object store once and
-    the ClientApp gets a reference to it (``client_app_for(shared)``). ``on_abandoned``:
-    called in-process when a ClientApp call misses the round deadline (retire the model
-    it may still be writing; ``rf2.fl.deadline``). Returns the Ray nodes the clients ran
+    the ClientApp gets a reference to it (``client_app_for(shared)``). ``user_state``: a
+    stateful model's per-user store, moved into a Ray actor for the run
+    (``rf2.fl.user_state``). ``on_abandoned``: called in-process when a ClientApp call
+    misses the round deadline (retire the model it may still be writing;
+    ``rf2.fl.deadline``). Returns the Ray nodes the clients ran
     on (empty in-process).
     """
     fast_transport.prepare(sim)
@@ -230,7 +234,7 @@ def launch(
         server_main(grid, Context(run_id=grid.run.run_id, node_id=0, node_config={},
                                   state=RecordDict(), run_config={}))
         return []
-    return _launch_ray(server_main, client_app_for, num_supernodes, sim, dataset)
+    return _launch_ray(server_main, client_app_for, num_supernodes, sim, dataset, user_state)
 
 
 def _init_ray(ray: object, sim: SimulationConfig) -> LeanHead | None:
@@ -285,6 +289,7 @@ def _rf2_owns_sigterm(record: logging.LogRecord) -> bool:
 def _launch_ray(
     server_main: ServerMain, client_app_for: ClientAppFor, num_supernodes: int,
     sim: SimulationConfig, dataset: FederatedDataset | None,
+    user_state: UserStateStore | None = None,
 ) -> list[NodeRecord]:
     import ray
     from flwr.simulation import run_simulation
@@ -296,7 +301,11 @@ def _launch_ray(
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        server_main(grid if pushed is None else PromptGrid(grid, pushed), context)
+        try:
+            server_main(grid if pushed is None else PromptGrid(grid, pushed), context)
+        finally:
+            if user_state is not None:  # the tables back here while Ray still runs
+                user_state.from_ray()
         print("[rf2] stopping Ray", flush=True)  # Flower shuts it down after this returns
 
     # Ray's start and shutdown take seconds to tens of seconds and print nothing: say so.
@@ -332,6 +341,8 @@ def _launch_ray(
             return []  # stopped while Ray started: no round ran, shut Ray down again
         # Held until the simulation is over: this reference keeps the data in the store.
         shared = None if dataset is None else share(dataset)
+        if user_state is not None:
+            user_state.to_ray()  # per-user rows: in one actor, not sent with the rounds
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         with contextlib.ExitStack() as hooks:
             hooks.enter_context(node_aware_pool(tally, sim.ray_max_workers))

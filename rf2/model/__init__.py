@@ -1,4 +1,5 @@
-"""Global models (no per-user parameters) and the examples a client trains them on.
+"""rf2's models (the two-tower, its learned index, FCF with per-user state), the model
+contract, and the examples a client trains them on.
 
 May import: rf2.core, rf2.data and torch (never Flower or Ray).
 """
@@ -10,6 +11,7 @@ from rf2.core.errors import ConfigError
 from rf2.data.base import FederatedDataset
 from rf2.model.base import CANDIDATE, HISTORY, FederatedModel, resolve_target
 from rf2.model.examples import PAD, eval_histories, user_examples
+from rf2.model.fcf import FCF
 from rf2.model.hier_index import HierIndexModel
 from rf2.model.retrieval import (
     BeamSearchRetriever,
@@ -20,6 +22,8 @@ from rf2.model.retrieval import (
 )
 from rf2.model.two_tower import TwoTower
 
+_BUILT_IN: dict[str, type[FederatedModel]] = {"two_tower": TwoTower, "hier_index": HierIndexModel,
+                                            "fcf": FCF}
 _ALLOWED = ("a dotted path to a rf2.model.base.FederatedModel subclass, or to a function "
             "(dataset, cfg, seed) returning one, importable in this Python "
             "(e.g. mylab.models.TiedTwoTower)")
@@ -33,8 +37,7 @@ def build_model(cfg: ModelConfig, dataset: FederatedDataset, seed: int) -> Feder
     give a :class:`FederatedModel`.
     """
     if not cfg._target_:
-        cls = HierIndexModel if cfg.name == "hier_index" else TwoTower
-        return cls.from_dataset(dataset, cfg, seed)
+        return _BUILT_IN[cfg.name].from_dataset(dataset, cfg, seed)
     try:
         target = resolve_target(cfg._target_)
     except Exception as ex:  # noqa: BLE001 - ImportError, AttributeError, ValueError...
@@ -49,10 +52,6 @@ def build_model(cfg: ModelConfig, dataset: FederatedDataset, seed: int) -> Feder
     if not isinstance(model, FederatedModel):
         raise ConfigError("model._target_", cfg._target_,
                           f"{_ALLOWED}; it returned a {type(model).__name__}")
-    if model.user_state_names():
-        raise ConfigError("model._target_", cfg._target_,
-                          "a model without per-user state (user_state_names() is "
-                          f"{model.user_state_names()}; rf2 has no per-user state store yet)")
     return model
 
 
@@ -60,6 +59,7 @@ __all__ = [
     "CANDIDATE",
     "HISTORY",
     "PAD",
+    "FCF",
     "FederatedModel",
     "BeamSearchRetriever",
     "BruteForceRetriever",

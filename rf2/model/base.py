@@ -16,8 +16,9 @@ says
 * its **HeteroFL width rules** (:meth:`width_rules`, :meth:`at_width`);
 * whether rf2's **vectorised cohort** may train it (:meth:`cohort_unsupported_reason`);
   a model that does not declare it is trained user by user, and rf2 logs why once;
-* optional **per-user state** (:meth:`user_state_names`): parameters that belong to one
-  user and never leave its device (the hook; no shipped model has any yet).
+* optional **per-user state** (:meth:`user_state_names`): tables with one row per user
+  that never leave the user's device (FCF's user vectors, ``rf2.model.fcf``); rf2 keeps
+  each user's rows between rounds in its per-user state store (``rf2.fl.user_state``).
 
 ``model._target_`` (``rf2.core.config.ModelConfig``) names a subclass (or a function
 returning an instance) in the user's own module; :func:`rf2.model.build_model` builds it
@@ -71,7 +72,10 @@ class FederatedModel(nn.Module, ABC):
     def loss(self, history: torch.Tensor, target: torch.Tensor, sample: Any = None
              ) -> torch.Tensor:
         """Mean training loss of (B, H) histories predicting (B,) targets. ``sample``:
-        what :meth:`draw_sample` drew for this client (None: draw fresh, central mode)."""
+        what :meth:`draw_sample` drew for this client (None: draw fresh, central mode).
+
+        A model with per-user state also takes ``users=``: the (B,) user id of each
+        example (rf2 passes it to such models only)."""
 
     def draw_sample(self, generator: torch.Generator) -> Any:  # noqa: ANN401 - model's own
         """The random items one client's loss uses, drawn once per client and round from
@@ -112,10 +116,24 @@ class FederatedModel(nn.Module, ABC):
         return out
 
     def user_state_names(self) -> tuple[str, ...]:
-        """Parameters that belong to one user (never sent, never aggregated). Hook for
-        stateful models (issue 21 item 2); rf2 refuses to run a model that declares
-        some until the per-user state store exists."""
+        """Per-user tables: parameters whose axis 0 has one row per user (length
+        ``dataset.num_users``), row u belonging to user u alone.
+
+        rf2 never sends them to the server and never aggregates them: they are left out
+        of the federated state (``rf2.fl.params.state_to_numpy``); a per-user state store
+        (``rf2.fl.user_state``) holds them across rounds, starting from this model's
+        initial values (so: deterministic from the run seed). Before a client trains,
+        its user's rows are written into the model, and read back into the store after;
+        :meth:`loss` then gets ``users=``. Evaluation, checkpoints and ``model.pt`` use
+        the whole stored table, central mode trains it as any parameter."""
         return ()
+
+    def fit_user_state(self, history: torch.Tensor, target: torch.Tensor, sample: Any,  # noqa: ANN401
+                       users: torch.Tensor) -> None:
+        """On-device update of a stateful model's per-user rows before the client's
+        federated step (FCF fits the user's vector to the current item table), with the
+        client's (B, H) histories, (B,) targets, loss sample and (B,) users. Local training
+        calls it for models with per-user state only. Default: nothing."""
 
     def dense_parameters(self) -> list[str]:
         """Federated parameters that travel whole: neither row tables nor user state."""

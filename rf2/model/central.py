@@ -33,6 +33,12 @@ def pooled_examples(dataset: FederatedDataset) -> tuple[np.ndarray, np.ndarray]:
     return hist, dataset.train_items.astype(np.int64)
 
 
+def pooled_users(dataset: FederatedDataset) -> np.ndarray:
+    """(N,) the user of each row of :func:`pooled_examples` (a stateful model's loss
+    reads it: e.g. FCF trains every user's vector centrally, as plain MF)."""
+    return np.repeat(np.arange(dataset.num_users, dtype=np.int64), dataset.train_counts)
+
+
 def make_optimizer(params: list[torch.nn.Parameter], cfg: CentralConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -45,10 +51,14 @@ class CentralTrainer:
     """Mini-batch training over pooled examples, advanced to given step counts."""
 
     def __init__(self, model: torch.nn.Module, histories: np.ndarray, targets: np.ndarray,
-                 cfg: CentralConfig, seed: int) -> None:
+                 cfg: CentralConfig, seed: int, users: np.ndarray | None = None) -> None:
+        """``users``: (N,) the user of each example, for a model with per-user state."""
         self.model, self.cfg, self.seed = model, cfg, seed
         self.hist = torch.from_numpy(np.ascontiguousarray(histories, dtype=np.int64))  # (N, H)
         self.tgt = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.int64))  # (N,)
+        names = getattr(model, "user_state_names", None)
+        self.users = (torch.from_numpy(np.ascontiguousarray(users, dtype=np.int64))
+                      if callable(names) and names() and users is not None else None)  # (N,)
         self.n = int(self.tgt.numel())
         self.batch_size = min(cfg.batch_size, max(self.n, 1))
         self.steps_per_epoch = max(1, -(-self.n // self.batch_size))
@@ -90,9 +100,13 @@ class CentralTrainer:
                 set_progress(self.step, self.total_steps)
             if callable(seed_sampler):
                 seed_sampler(self.seed * 1_000_003 + self.step)
-            loss = self.model.loss(self.hist[idx], self.tgt[idx])
+            extra = {} if self.users is None else {"users": self.users[idx]}
+            loss = self.model.loss(self.hist[idx], self.tgt[idx], **extra)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            for p in self.params:  # a model may give sparse gradients (FCF's tables);
+                if p.grad is not None and p.grad.is_sparse:  # these optimizers take dense
+                    p.grad = p.grad.to_dense()
             self.optimizer.step()
             total += float(loss.detach()) * len(idx)
             examples += len(idx)

@@ -38,18 +38,36 @@ def train_locally(
     batch_size: int,
     proximal_mu: float = 0.0,
     seed: int = 0,
+    user: int | None = None,
 ) -> LocalTrainingResult:
-    """Train ``model`` in place on one client's examples with plain SGD."""
+    """Train ``model`` in place on one client's examples with plain SGD.
+
+    ``user``: the client's user id, passed to the loss of a model with per-user state
+    (``FederatedModel.user_state_names``) as ``users=``; other models never see it.
+    """
     n = int(len(targets))
     hist_t = torch.from_numpy(np.asarray(histories, dtype=np.int64))
     tgt_t = torch.from_numpy(np.asarray(targets, dtype=np.int64))
+    names = getattr(model, "user_state_names", None)
+    stateful = callable(names) and bool(names())
+    if stateful and user is None:
+        raise ValueError(f"{type(model).__name__} has per-user state: train_locally needs user=")
+    users_t = torch.full((n,), int(user or 0), dtype=torch.int64)
+
+    def users_of(idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if not stateful:
+            return {}
+        return {"users": users_t if idx is None else users_t[idx]}
+
     # The client's negatives (and the index's balance sample) are drawn once, from its
     # own seed: they depend on (seed, user, round) only, not on which clients this worker
     # ran before (Ray runs repeat), and the rows it touches are known before training.
     sample = client_sample(model, seed)
     extra = () if sample is None else (sample,)
+    if stateful and n:
+        model.fit_user_state(hist_t, tgt_t, sample, users_t)  # the device's own rows first
     with torch.no_grad():
-        loss_before = float(model.loss(hist_t, tgt_t, *extra)) if n else 0.0
+        loss_before = float(model.loss(hist_t, tgt_t, *extra, **users_of())) if n else 0.0
     if n == 0:
         return LocalTrainingResult(0, 0.0, 0.0)
     global_params = (
@@ -68,7 +86,7 @@ def train_locally(
             idx = order[start : start + bs]
             for p in params:
                 p.grad = None
-            loss = model.loss(hist_t[idx], tgt_t[idx], *extra)
+            loss = model.loss(hist_t[idx], tgt_t[idx], *extra, **users_of(idx))
             objective = loss
             if global_params is not None:
                 prox = sum(

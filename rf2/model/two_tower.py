@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -225,21 +225,28 @@ class TwoTower(FederatedModel):
     def _sampled_softmax(
         self, user: torch.Tensor, target: torch.Tensor, neg: torch.Tensor
     ) -> torch.Tensor:
-        """K uniform negatives shared by the batch, logQ-corrected, accidental hits masked.
+        return sampled_softmax(user, target, neg, self.item_rows, self.num_items)
 
-        Each logit is shifted by -log(expected count) = -log(K / I) (Bengio & Senecal;
-        TF's sampled_softmax_loss), so sum_k exp(logit_k) is an unbiased estimate of the
-        full-softmax partition function: the loss estimates the full-softmax loss rather
-        than one that under-weights negatives by I / K.
-        """
-        k = neg.shape[0]
-        log_q = math.log(k / self.num_items)
-        tgt_emb, tgt_bias = self.item_rows(target)  # (B, D), (B,)
-        neg_emb, neg_bias = self.item_rows(neg)  # (K, D), (K,)
-        pos = (user * tgt_emb).sum(-1) + tgt_bias  # (B,) exact, not an estimate
-        negs = user @ neg_emb.T + neg_bias - log_q  # (B, K)
-        # A negative equal to the target would count the positive twice.
-        negs = negs.masked_fill(neg.unsqueeze(0) == target.unsqueeze(1), float("-inf"))
-        logits = torch.cat([pos.unsqueeze(1), negs], dim=1)  # (B, 1 + K)
-        return F.cross_entropy(logits, torch.zeros_like(target))
 
+def sampled_softmax(
+    user: torch.Tensor, target: torch.Tensor, neg: torch.Tensor,
+    item_rows: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], num_items: int,
+) -> torch.Tensor:
+    """K uniform negatives shared by the batch, logQ-corrected, accidental hits masked.
+
+    (B, D) users, (B,) targets, (K,) negatives; ``item_rows(ids)`` gives (N, D) item
+    vectors and (N,) biases. Each logit is shifted by -log(expected count) = -log(K / I)
+    (Bengio & Senecal; TF's sampled_softmax_loss), so sum_k exp(logit_k) is an unbiased
+    estimate of the full-softmax partition function: the loss estimates the full-softmax
+    loss rather than one that under-weights negatives by I / K.
+    """
+    k = neg.shape[0]
+    log_q = math.log(k / num_items)
+    tgt_emb, tgt_bias = item_rows(target)  # (B, D), (B,)
+    neg_emb, neg_bias = item_rows(neg)  # (K, D), (K,)
+    pos = (user * tgt_emb).sum(-1) + tgt_bias  # (B,) exact, not an estimate
+    negs = user @ neg_emb.T + neg_bias - log_q  # (B, K)
+    # A negative equal to the target would count the positive twice.
+    negs = negs.masked_fill(neg.unsqueeze(0) == target.unsqueeze(1), float("-inf"))
+    logits = torch.cat([pos.unsqueeze(1), negs], dim=1)  # (B, 1 + K)
+    return F.cross_entropy(logits, torch.zeros_like(target))
