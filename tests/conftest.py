@@ -103,27 +103,29 @@ def small_run(**overrides: Any) -> dict[str, Any]:
     return cfg
 
 
-def send_signal(pid: int, sig: signal.Signals) -> None:
-    """SIGINT as a terminal's Ctrl-C (the whole process group), SIGTERM as ``kill``,
-    ``timeout`` or a scheduler sends it (the process only)."""
-    if sig == signal.SIGINT:
+def send_signal(pid: int, sig: signal.Signals, group: bool = False) -> None:
+    """SIGINT as a terminal's Ctrl-C (the whole process group), SIGTERM as ``kill`` or
+    ``timeout`` send it (the process only) or, with ``group``, as SLURM's scancel,
+    systemd or ``kill -TERM -- -PGID`` do (the whole process group)."""
+    if sig == signal.SIGINT or group:
         os.killpg(pid, sig)
     else:
         os.kill(pid, sig)
 
 
 def signal_sweep(proc: subprocess.Popen[str], sweep: Path, running: int, sig: signal.Signals,
-                 timeout_s: float = 60) -> tuple[int, str]:
-    """``sig`` to an rf2 sweep (started in its own session) once ``running`` of its jobs
-    have logged 3 rows each; its exit code and stderr."""
+                 timeout_s: float = 60, group: bool = False, done: int = 0) -> tuple[int, str]:
+    """``sig`` to an rf2 sweep (started in its own session; ``group``: to its whole
+    process group, see :func:`send_signal`) once ``running`` of its jobs have logged 3
+    rows each and ``done`` have finished; its exit code and stderr."""
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline and proc.poll() is None:
         started = [m for m in sweep.glob("*/metrics.jsonl") if m.read_text().count("\n") >= 3]
-        if len(started) >= running:
+        if len(started) >= running + done and len(list(sweep.glob("*/DONE"))) >= done:
             break
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()
-    send_signal(proc.pid, sig)
+    send_signal(proc.pid, sig, group)
     try:
         _, err = proc.communicate(timeout=timeout_s)
     finally:

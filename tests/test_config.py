@@ -140,6 +140,8 @@ _SLOW_CLI = pytest.mark.slow
     ("args", "needle"),
     [
         (["strategy=fedsgd"], "strategy='fedsgd'"),
+        # a group only experiments load: how to add it, and its choices
+        (["arm=dp8"], "add it with +arm=X (allowed: dp1, dp8, fedbuff, sync)"),
         (["client.lr=-1"], "client.lr=-1.0"),
         pytest.param(["dataset=movielens100k", "dataset.path=/nonexistent/ml"], "/nonexistent/ml",
                      marks=_SLOW_CLI),

@@ -80,6 +80,13 @@ def test_job_line_and_sweep_table_point_at_rf2_figures(tmp_path: Path,
     _write_run(tmp_path / sweep / "0", ["all"])
     _write_run(tmp_path / sweep / "1", ["all"])
     assert job_line(RunFolder(sweep / "0")).endswith("recall@20 0.2500 (popularity 0.2215)")
+    # without the popularity baseline evaluated (eval.metrics), no "(popularity n/a)"
+    metrics = tmp_path / sweep / "1" / "metrics.jsonl"
+    metrics.write_text("".join(
+        json.dumps({k: v for k, v in json.loads(line).items()
+                    if not k.startswith("popularity/")}) + "\n"
+        for line in metrics.read_text().splitlines()))
+    assert job_line(RunFolder(sweep / "1")).endswith("recall@20 0.2500")
     lines = sweep_summary([JobOutcome("1", sweep / "1", "interrupted", ("seed=2", "a=1")),
                            JobOutcome("0", sweep / "0", "done", ("seed=1", "a=1")),
                            JobOutcome("2", None, "not started", ("seed=3", "a=1"))])

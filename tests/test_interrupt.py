@@ -114,14 +114,18 @@ def test_ctrl_c_on_ray_stops_within_5_s(tmp_path: Path) -> None:
 
 
 def _interrupt_sweep(tmp_path: Path, launcher: list[str], running: int,
-                     sig: signal.Signals) -> tuple[int, str]:
-    """A 3-job sweep; ``sig`` once ``running`` jobs have logged 3 rows each."""
+                     sig: signal.Signals, group: bool = False,
+                     jobs: tuple[str, ...] = ("seed=1,2,3",), done: int = 0) -> tuple[int, str]:
+    """A sweep of ``jobs`` (3 by default); ``sig`` once ``running`` jobs have logged 3
+    rows each and ``done`` have finished."""
+    swept = {j.split("=")[0] for j in jobs}
+    args = [a for a in ARGS if a.split("=")[0] not in swept]
     proc = subprocess.Popen([sys.executable, "-m", "rf2", "-m", "simulation=inprocess",
-                             *ARGS, "seed=1,2,3", *launcher,
+                             *args, *jobs, *launcher,
                              f"hydra.sweep.dir={tmp_path / 'sweep'}"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-    return signal_sweep(proc, tmp_path / "sweep", running, sig)
+    return signal_sweep(proc, tmp_path / "sweep", running, sig, group=group, done=done)
 
 
 def _resume_continues(tmp_path: Path, n: int) -> None:
@@ -184,15 +188,35 @@ JOBLIB = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("launcher", "running", "sig"), [
-    ([], 1, signal.SIGTERM), (JOBLIB, 2, signal.SIGINT),
+@pytest.mark.parametrize(("launcher", "running", "sig", "group"), [
+    ([], 1, signal.SIGTERM, False), (JOBLIB, 2, signal.SIGINT, True),
     # SIGTERM reaches the launcher only; its workers' jobs learn of it from the sweep
-    (JOBLIB, 2, signal.SIGTERM)])
+    (JOBLIB, 2, signal.SIGTERM, False)])
 def test_ctrl_c_or_sigterm_in_a_sweep_stops_its_jobs_checkpointed_and_starts_no_more(
-        tmp_path: Path, launcher: list[str], running: int, sig: signal.Signals) -> None:
-    code, err = _interrupt_sweep(tmp_path, launcher, running, sig)
+        tmp_path: Path, launcher: list[str], running: int, sig: signal.Signals,
+        group: bool) -> None:
+    code, err = _interrupt_sweep(tmp_path, launcher, running, sig, group)
     assert code == 128 + sig, err
     assert_sweep_stopped_at_checkpoints(tmp_path / "sweep", err, running)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_of_a_joblib_sweep_is_its_ctrl_c(tmp_path: Path) -> None:
+    """SLURM's scancel, systemd, ``kill -TERM -- -PGID``: SIGTERM to every process of the
+    group, the loky workers included, one of them idle (its job, 3 rounds, done). Before:
+    the idle worker died of it, joblib's broken pool killed the running job before its
+    checkpoint (or Hydra failed a job), a traceback. Now what a Ctrl-C gives."""
+    code, err = _interrupt_sweep(tmp_path, JOBLIB, 1, signal.SIGTERM, group=True,
+                                 jobs=("num_rounds=400,3",), done=1)
+    assert code == 143, err
+    assert "Traceback" not in err and "Error executing job" not in err, err
+    long, short = tmp_path / "sweep" / "0", tmp_path / "sweep" / "1"
+    assert (short / "DONE").exists() and not (long / "DONE").exists()
+    n = read_rows(long)[-1]["round"]
+    assert int(sorted((long / "checkpoints").glob("round_*"))[-1].name.split("_")[1]) == n
+    lines = err.strip().splitlines()
+    assert lines[-2:] == ["rf2: sweep interrupted; 1 job(s) to resume", f"  rf2 resume={long}"]
+    assert not (long / ".lock").exists()
 
 
 def test_deadline_returns_or_raises() -> None:

@@ -48,8 +48,10 @@ def _sweep_interrupts() -> Path | None:
     return Path(value) if value else None
 
 
-_job_here = threading.Event()  # this process is running a sweep job (basic launcher)
+_in_run = threading.Event()  # rf2 catches a KeyboardInterrupt here: inside _run's run_job
 _received: int | None = None  # the stop signal this process got outside a run's own handler
+_sweep_main = False  # this process is a sweep's launcher (not a parallel launcher's worker)
+_sweep_signals = 0  # stop signals this sweep launcher received
 
 
 def _on_signal(signum: int, frame: object) -> None:  # noqa: ARG001 - signal signature
@@ -60,16 +62,35 @@ def _on_signal(signum: int, frame: object) -> None:  # noqa: ARG001 - signal sig
 
 
 def _on_sweep_signal(signum: int, frame: object) -> None:  # noqa: ARG001 - signal signature
-    """Ctrl-C or SIGTERM while a sweep's jobs run elsewhere (a parallel launcher's
-    workers: a terminal's Ctrl-C reaches them too, a SIGTERM sent to this process only
-    reaches them through the note below, which their jobs watch) or between two jobs
-    here: note it, so the jobs not yet started skip, and keep waiting for the running
-    ones to write their last checkpoint. Inside a job here, and on a second signal, it
-    is a KeyboardInterrupt."""
+    """Ctrl-C or SIGTERM to a sweep's launcher while its jobs run elsewhere (a parallel
+    launcher's workers: a signal to the whole process group reaches them too, one sent
+    to this process only reaches them through the note below, which their jobs watch)
+    or between two jobs here: note it, so the jobs not yet started skip, and keep
+    waiting for the running ones to write their last checkpoint. Inside a job's run here
+    (basic launcher), and on this process's second signal, it is a KeyboardInterrupt.
+    Counted here, not read from the note: with a signal to the whole group a worker's
+    job may note the interrupt before this handler runs."""
+    global _received, _sweep_signals
+    _received = _received or signum
+    _sweep_signals += 1
+    if _in_run.is_set() or _sweep_signals > 1:
+        raise KeyboardInterrupt
+    _note_interrupted_job(None)
+
+
+def _on_worker_signal(signum: int, frame: object) -> None:  # noqa: ARG001 - signal signature
+    """Ctrl-C or SIGTERM in a parallel launcher's worker (a signal to the whole process
+    group, as a terminal, SLURM's scancel or systemd send it) outside a run's own
+    handler (``rf2.fl.interrupt``, which stops at a round boundary): inside the job's
+    run (loading, setting up) a KeyboardInterrupt that ``_run`` turns into "interrupted";
+    anywhere else (an idle worker, Hydra's set-up of a job) only a note. An exception
+    there would fail the job in Hydra's hands or break joblib's worker pool, whose
+    launcher then kills the other workers' jobs before their last checkpoint."""
     global _received
     _received = _received or signum
-    if _job_here.is_set() or _sweep_interrupted():
+    if _in_run.is_set():
         raise KeyboardInterrupt
+    STOP.note(signum)
     _note_interrupted_job(None)
 
 
@@ -85,9 +106,11 @@ def _watch_sweep(in_sweep: bool) -> Iterator[None]:
     if not in_sweep:
         yield
         return
-    if (threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
-        signal.signal(signal.SIGTERM, _on_signal)  # a worker's SIGTERM outside the run
+    if not _sweep_main and threading.current_thread() is threading.main_thread():
+        # A parallel launcher's worker: left in place after the job, as the worker idles
+        # between jobs (a run's own handler replaces it while the run goes).
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _on_worker_signal)
     done = threading.Event()
 
     def watch() -> None:
@@ -126,7 +149,6 @@ def run_from_hydra(cfg: DictConfig) -> Path | None:
         remove_unused_run_dir(run_dir)  # the sweep was interrupted: start nothing new
         _note_job(job, None, "not started")
         return None
-    _job_here.set()
     written: Path | None = None
     status = "failed"  # unless _run returns: it exits on bad input or a full disk
     try:
@@ -135,7 +157,6 @@ def run_from_hydra(cfg: DictConfig) -> Path | None:
         status = "done" if written else "interrupted"
         return written
     finally:
-        _job_here.clear()
         if job:
             _note_job(job, written or _folder_of(run_dir, cfg), status)
 
@@ -177,7 +198,11 @@ def _run(run_dir: Path, data: dict[str, Any], in_sweep: bool) -> Path | None:
     with console_copied_to(target):
         try:
             overrides = list(HydraConfig.get().overrides.task)
-            written = run_job(data, run_dir, overrides)
+            _in_run.set()
+            try:
+                written = run_job(data, run_dir, overrides)
+            finally:
+                _in_run.clear()
             # In a sweep one line per job; the sweep's table follows at the end.
             for line in [job_line(RunFolder(written))] if in_sweep else run_summary(
                     RunFolder(written)):
@@ -237,7 +262,9 @@ def _fail(ex: UserInputError, debug: bool) -> None:
 
 
 def main() -> None:
+    global _sweep_main
     multirun = any(a in ("-m", "--multirun") for a in sys.argv[1:])
+    _sweep_main = multirun
     interrupts = jobs = None
     if multirun:
         fd, name = tempfile.mkstemp(prefix="rf2-sweep-", suffix=".txt")

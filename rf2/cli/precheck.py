@@ -11,6 +11,8 @@ another run, all before Hydra starts. A rejected input leaves no folder behind.
 
 from __future__ import annotations
 
+import importlib.resources
+import re
 from pathlib import Path
 from typing import Any, cast
 
@@ -151,5 +153,20 @@ def check_command(argv: list[str]) -> None:
         if isinstance(ex, OverrideParseException):
             raise OverrideError(str(ex).strip().splitlines()[0]) from None
         message = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
+        hint = _add_hint(message)
+        message = f"{message.rstrip('.')}; {hint}" if hint else message
         raise OverrideError(f"cannot compose the config: {message}") from None
     check_output_dirs(argv, configs, multirun)
+
+
+def _add_hint(message: str) -> str:
+    """For ``GROUP=X`` of a group no default loads (``arm``, outside its experiments):
+    how to add it and the allowed choices."""
+    found = re.match(r"Could not override '([\w/]+)'\. No match in the defaults list", message)
+    conf = Path(str(importlib.resources.files("rf2.conf")))
+    if found is None or not (conf / found[1]).is_dir():
+        return ""
+    group = found[1]
+    choices = sorted(f.stem for f in (conf / group).glob("*.yaml"))
+    return f"{group} is not part of the default config: add it with +{group}=X (allowed: " \
+           f"{', '.join(choices)})"

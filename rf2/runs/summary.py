@@ -159,14 +159,16 @@ def node_lines(path: Path) -> list[str]:
 
 
 def job_line(folder: RunFolder) -> str:
-    """One line for a finished sweep job: folder, final headline metric and its
-    popularity baseline (the sweep's table follows at the end)."""
+    """One line for a finished sweep job: folder, final headline metric and, when it
+    was evaluated, its popularity baseline (the sweep's table follows at the end)."""
     rows = folder.read_metrics()
     metric = SUMMARY_METRICS[0]
     series = _series(rows, metric)
     final = _fmt(series[-1][0]) if series else "n/a"
-    baseline = _fmt(rows[0].get("popularity/" + metric)) if rows else "n/a"
-    return f"rf2: job finished: {_shown(folder.path)}  {metric} {final} (popularity {baseline})"
+    baseline = rows[0].get("popularity/" + metric) if rows else None
+    # Only when evaluated (eval.metrics lists popularity): "n/a" on every job is noise.
+    known = f" (popularity {_fmt(baseline)})" if isinstance(baseline, (int, float)) else ""
+    return f"rf2: job finished: {_shown(folder.path)}  {metric} {final}{known}"
 
 
 @dataclass(frozen=True)
