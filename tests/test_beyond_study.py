@@ -126,6 +126,13 @@ def study(tmp_path: Path) -> Path:
             for i, rnd in enumerate(ROUNDS):
                 row: dict[str, Any] = {"round": rnd, "recall@20": values[i], "ndcg@20": values[i] / 2,
                                        "sim_time_s": times[i]}
+                if rnd > 0:
+                    row.update({f"tier/{t}/completed": n for t, n in zip(TIERS, (1, 2, 3),
+                                                                          strict=True)})
+                if rnd > 0 and arm == "fedbuff":  # low: 1 arrival 2 steps stale, then 3 fresh
+                    row.update({f"tier/{t}/arrivals": (1 if rnd == 10 else 3) for t in TIERS})
+                    row.update({f"tier/{t}/staleness_mean": (2.0 if rnd == 10 else 0.0)
+                                for t in TIERS})
                 if rnd == ROUNDS[-1]:
                     row.update({f"tier/{t}/recall@20": v for t, v in zip(TIERS, tiers, strict=True)})
                     row.update(distribution_row(users, groups, TIERS))
@@ -152,6 +159,9 @@ def test_reference_against_itself_is_zero_and_other_arms_by_hand(study: Path) ->
         assert [dp[f"d/{x}"] for x in TIERS] == pytest.approx([-0.5, -0.5, -0.5])
         assert dp["mdac"] == pytest.approx(0.0) and dp["dp/epsilon"] == 7.9
         assert math.isnan(buff["dp/epsilon"])
+        assert [buff[f"share/{x}"] for x in TIERS] == pytest.approx([1 / 6, 2 / 6, 3 / 6])
+        assert [buff[f"staleness/{x}"] for x in TIERS] == pytest.approx([0.5] * 3)
+        assert math.isnan(ref["staleness/low"])  # a synchronous update is never stale
     s = t.summary.set_index("arm")
     assert list(s.index) == ["sync", "fedbuff", "dp ε=8"]
     assert (s["n_seeds"] == 2).all()
@@ -245,7 +255,7 @@ def test_quick_study_and_its_table(tmp_path: Path) -> None:
     rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
     for arm in ("sync", "fedbuff", "dp ε=8", "dp ε=1"):
         for pop in POPULATIONS:
-            assert sum(r.startswith(f"| {arm} | {pop} |") for r in rows) == 2, (arm, pop)
+            assert sum(r.startswith(f"| {arm} | {pop} |") for r in rows) == 3, (arm, pop)  # 3 tables
     t = beyond_tables(tmp_path / "multirun" / "beyond_rf2_quick")
     runs = t.per_run.set_index("arm")
     assert (runs.loc["sync", "mdac"] == 0).all()

@@ -14,6 +14,8 @@ Per run, at its last row (the study evaluates it on all test users):
 - the per-user distribution over all evaluated users (``dist/<metric>/...``: std,
   bottom-10% and top-10% means, Gini, share of users with no hit) and participation
   fairness (Gini of per-user completed trainings and selections);
+- who the model learned from: each tier's share of the completed trainings over the run
+  and, for FedBuff, the arrival-weighted mean staleness of the tier's updates;
 - the simulated time to a target: the ``sim_time_s`` of the first evaluated row whose
   metric reaches ``target`` (default ``target_fraction`` x the ``sync`` run's last value,
   same population and seed). Synchronous rounds and FedBuff steps advance the same
@@ -96,10 +98,12 @@ def with_arm(frame: pd.DataFrame) -> pd.DataFrame:
     if "strategy" not in frame:
         raise ResultsError("expected a frame of rf2.analysis.results.load() (no 'strategy' column)")
     cols = ["strategy", *ARM_COLUMNS]
-    values = [frame[c] if c in frame else pd.Series(None, index=frame.index) for c in cols]
-    label = [arm_label(*[None if pd.isna(v) else v for v in row])
-             for row in zip(*values, strict=True)]
-    return frame.assign(arm=label)
+    keys = pd.DataFrame({c: frame[c] if c in frame else None for c in cols},
+                        index=frame.index).astype(object)
+    # One label per distinct config (a long frame repeats it on every metric row).
+    codes, uniques = pd.factorize(pd.MultiIndex.from_frame(keys.where(keys.notna(), "∅")))
+    labels = [arm_label(*[None if v == "∅" else v for v in u]) for u in uniques]
+    return frame.assign(arm=np.asarray(labels, dtype=object)[codes])
 
 
 def time_to_target(sim_time_s: Sequence[float], values: Sequence[float], target: float
@@ -124,7 +128,8 @@ class BeyondTables:
     - ``per_run``: one row per run: ``arm``, ``population``, ``seed``, ``run``, ``round``
       (its last), the metric, ``ndcg@20``, ``mdac``, ``d/<tier>`` (D_t),
       ``dist/<stat>`` (DIST_STATS of the metric over all evaluated users),
-      ``participation/<what>`` (Gini), ``sim_time_s`` (at the end), ``target``,
+      ``participation/<what>`` (Gini), ``share/<tier>`` and ``staleness/<tier>``
+      (:func:`_tier_participation`), ``sim_time_s`` (at the end), ``target``,
       ``time_to_target_s``, ``round_to_target``, ``dp/epsilon`` (NaN without DP).
     - ``per_tier``: D_t per (run, tier), with the reference's values (fairness_gap_table).
     - ``summary``: per (arm, population): the mean over seeds of every numeric column of
@@ -200,6 +205,7 @@ def beyond_tables(df: pd.DataFrame | str | object, metric: str = "recall@20",
         per_tier = gap.per_tier.rename(columns={"optimization": "arm"})
     else:
         per_tier = pd.DataFrame(columns=["arm", "population", "seed", "tier", "run", "d"])
+    per_run = per_run.merge(_tier_participation(frame, tiers), on="run", how="left")
     is_ref = per_run["arm"] == reference
     # The reference against itself: D_t = 0 and MDAC = 0 by definition.
     for col in [*(f"d/{t}" for t in tiers), "mdac"]:
@@ -237,6 +243,31 @@ def beyond_tables(df: pd.DataFrame | str | object, metric: str = "recall@20",
                         per_run, per_tier.reset_index(drop=True), summary,
                         curves[["run", "arm", "population", "seed", "round", "sim_time_s",
                                 "value"]].reset_index(drop=True))
+
+
+def _tier_participation(frame: pd.DataFrame, tiers: Sequence[str]) -> pd.DataFrame:
+    """Per run and tier, over all rounds: ``share/<tier>``, the tier's share of the completed
+    trainings (``tier/<t>/completed``), and ``staleness/<tier>``, the arrival-weighted mean
+    staleness of its updates (FedBuff's ``tier/<t>/staleness_mean``; NaN for a synchronous
+    run, whose updates are never stale)."""
+    out = pd.DataFrame({"run": frame["run"].unique()})
+    if not tiers:
+        return out
+    keys = [f"tier/{t}/{k}" for t in tiers for k in ("completed", "arrivals", "staleness_mean")]
+    w = _wide(frame, keys).set_index(["run", "round"])
+    for k in keys:
+        if k not in w:
+            w[k] = math.nan
+    done = w[[f"tier/{t}/completed" for t in tiers]].groupby("run").sum()
+    total = done.sum(axis=1).replace(0, math.nan)
+    cols: dict[str, pd.Series] = {}
+    for t in tiers:
+        cols[f"share/{t}"] = done[f"tier/{t}/completed"] / total
+        arrivals = w[f"tier/{t}/arrivals"]
+        weighted = (w[f"tier/{t}/staleness_mean"] * arrivals).groupby("run").sum(min_count=1)
+        cols[f"staleness/{t}"] = weighted / arrivals.groupby("run").sum(min_count=1).replace(
+            0, math.nan)
+    return out.merge(pd.DataFrame(cols).reset_index(), on="run", how="left")
 
 
 def _summary(per_run: pd.DataFrame, group: list[str], metric: str) -> pd.DataFrame:
@@ -309,4 +340,19 @@ def beyond_markdown(tables: BeyondTables) -> str:
             f"{_fmt(r['dist/bottom10'])} | {_fmt(r['dist/top10'])} | {_fmt(r['dist/gini'], 3)} | "
             f"{_fmt(r['dist/no_hit'], 3)} | {_fmt(r['participation/trainings'], 3)} "
             f"({_fmt(r['participation/selections'], 3)}) |")
+    if tiers:
+        lines += [
+            "",
+            "Who the model learned from: each tier's share of the completed trainings over "
+            "the run, and (FedBuff) the mean staleness of its updates in server steps.",
+            "",
+            "| arm | population | " + " | ".join(f"share {t}" for t in tiers) + " | "
+            + " | ".join(f"staleness {t}" for t in tiers) + " |",
+            "|---|---|" + "---|" * (2 * len(tiers)),
+        ]
+        for _, r in s.iterrows():
+            lines.append(
+                f"| {r['arm']} | {r['population']} | "
+                + " | ".join(_fmt(r.get(f"share/{t}", math.nan), 3) for t in tiers) + " | "
+                + " | ".join(_fmt(r.get(f"staleness/{t}", math.nan), 2) for t in tiers) + " |")
     return "\n".join(lines) + "\n"

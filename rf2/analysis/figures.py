@@ -16,10 +16,12 @@ import sys
 import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 import numpy as np
 import pandas as pd
+from matplotlib.artist import Artist
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -40,10 +42,13 @@ from rf2.analysis.results import (
 )
 from rf2.core.errors import UserInputError
 
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
+
 __all__ = ["main", "plot_fairness_gap", "plot_participation", "plot_pass_study",
            "plot_tier_curves", "plot_user_cdf"]
 
-STYLE = {
+STYLE: dict[RcKeyType, Any] = {
     "font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10,
     "xtick.labelsize": 10, "ytick.labelsize": 10, "figure.titlesize": 13, "axes.grid": True,
     "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
@@ -54,11 +59,11 @@ _TIER_COLORS = {"low": "#d62728", "mid": "#ff7f0e", "high": "#2ca02c"}
 
 def _colors(tiers: Sequence[str]) -> dict[str, str]:
     """Stable colours: low/mid/high always red/orange/green, others from tab10."""
-    spare = iter(c for c in matplotlib.colormaps["tab10"].colors if c not in _TIER_COLORS)
+    spare = iter(c for c in matplotlib.color_sequences["tab10"] if c not in _TIER_COLORS)
     return {t: _TIER_COLORS.get(t) or matplotlib.colors.to_hex(next(spare)) for t in tiers}
 
 
-def _ordered(values: Sequence[object], first: Sequence[str]) -> list[str]:
+def _ordered(values: Iterable[object], first: Sequence[str]) -> list[str]:
     present = {str(v) for v in values}
     return [v for v in first if v in present] + sorted(present - set(first))
 
@@ -97,7 +102,7 @@ def _over_seeds(n: int) -> str:
     return "one seed" if n == 1 else f"mean ± std over {n} seeds"
 
 
-def _finish(fig: Figure, title: str, handles: Sequence[object], labels: Sequence[str],
+def _finish(fig: Figure, title: str, handles: Sequence[Artist], labels: Sequence[str],
             legend_title: str) -> None:
     """The legend below the panels (outside the data) and a title wrapped to the width."""
     if handles:
@@ -112,9 +117,9 @@ def _finish(fig: Figure, title: str, handles: Sequence[object], labels: Sequence
     fig.suptitle(textwrap.fill(title, chars))
 
 
-def _legend_entries(axes: Iterable[Axes]) -> tuple[list[object], list[str]]:
+def _legend_entries(axes: Iterable[Axes]) -> tuple[list[Artist], list[str]]:
     """Each label once, in first-seen order, across all panels (a panel may lack a tier)."""
-    handles: list[object] = []
+    handles: list[Artist] = []
     labels: list[str] = []
     for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
@@ -176,8 +181,8 @@ def plot_tier_curves(df: pd.DataFrame, metric: str = "recall@20") -> Figure:
                         ax.fill_between(s.index, s["mean"] - s["std"].fillna(0),
                                         s["mean"] + s["std"].fillna(0), color=colors[tier],
                                         alpha=0.2)
-                o = overall[(overall["variant"] == variant) & (overall["population"] == pop)]
-                o = o.groupby("round")["value"].mean()
+                sel = overall[(overall["variant"] == variant) & (overall["population"] == pop)]
+                o = sel.groupby("round")["value"].mean()
                 if not o.empty:
                     ax.plot(o.index, o.to_numpy(), "k--" if tiers else "k-", lw=1.2 if tiers else 2,
                             label="all users")
@@ -388,7 +393,7 @@ def plot_pass_study(tables: PassStudyTables, metric: str = "rated_auc") -> Figur
     tierings = _ordered(m["tiering"].unique(), ("rf2-random",))
     passes = sorted(m["pass"].unique())
     reals = _ordered(ratio["realistic"].unique(), ())
-    spare = iter(matplotlib.colormaps["tab10"].colors)
+    spare = iter(matplotlib.color_sequences["tab10"])
     color = {t: matplotlib.colors.to_hex(next(spare)) for t in dict.fromkeys([*tierings, *reals])}
     ratio = ratio[ratio["n_seeds"] >= MIN_SEEDS_FOR_RATIO]
     seeds = int(m["seed"].nunique()) if "seed" in m else 1

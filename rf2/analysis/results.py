@@ -212,6 +212,13 @@ def load_wide(path: PathLike, config_columns: ConfigColumns = None) -> pd.DataFr
     return pd.concat(frames, ignore_index=True).astype({"round": "int64"})
 
 
+def _position(df: pd.DataFrame, column: str) -> int:
+    """Index of ``column`` among ``df``'s (unique) columns."""
+    at = df.columns.get_loc(column)
+    assert isinstance(at, int)  # a slice or mask only for a repeated name
+    return at
+
+
 def _population_table(data: Any, where: Path) -> pd.DataFrame:
     """population.json as rows. rf2 writes ``{"tiers": {name: {users, share, ...}},
     "num_users": ..., "jaccard_top50": {"low|mid": ...}, ...}``: one row per tier (column
@@ -233,7 +240,8 @@ def _population_table(data: Any, where: Path) -> pd.DataFrame:
         name = key[:-1] if key.endswith("s") else key
         rows = [{name: n, **r} for n, r in rows.items()]
     table = pd.json_normalize(rows)
-    return table.assign(**{k: v for k, v in extra.items() if k not in table})
+    # str(): pandas types the keys as Hashable; from a JSON object they are strings already.
+    return table.assign(**{str(k): v for k, v in extra.items() if k not in table})
 
 
 def load_population(path: PathLike, config_columns: ConfigColumns = None) -> pd.DataFrame:
@@ -272,7 +280,7 @@ def tier_metric(df: pd.DataFrame, metric: str = "recall@20") -> pd.DataFrame:
     parts = df["metric"].str.extract(_TIER_KEY)
     mask = (parts[1] == metric).to_numpy()
     rows = df[mask].drop(columns="metric")
-    rows.insert(int(rows.columns.get_loc("round")) + 1, "tier", parts[0].to_numpy()[mask])
+    rows.insert(_position(rows, "round") + 1, "tier", parts[0].to_numpy()[mask])
     return rows.reset_index(drop=True)
 
 
@@ -482,7 +490,7 @@ def pass_study_tables(df: pd.DataFrame | PathLike, metric: str = "rated_auc",
             sk = tables.mdac_summary["population"].isin(
                 [real] + ([independent] if real == others[0] else []))
             summaries.append(tables.mdac_summary[sk].assign(**{"pass": k}))
-            ratios.append(tables.ratio.assign(**{"pass": k, "realistic": real}))
+            ratios.append(tables.ratio.assign(**{"pass": k}).assign(realistic=real))
 
     def tidy(parts: list[pd.DataFrame]) -> pd.DataFrame:
         out = pd.concat(parts, ignore_index=True).rename(columns={"population": "tiering"})
@@ -523,7 +531,7 @@ def distributions(df: pd.DataFrame | PathLike, metric: str | None = None,
     name = np.where(is_tier, tiered[1], flat[0])
     which = np.where(is_tier, tiered[2], flat[1])
     out = rows.drop(columns="metric").copy()
-    at = int(out.columns.get_loc("round")) + 1
+    at = _position(out, "round") + 1
     for i, (col, values) in enumerate((("tier", tier), ("metric", name), ("stat", which))):
         out.insert(at + i, col, values)
     if metric is not None:

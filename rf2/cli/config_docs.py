@@ -120,12 +120,13 @@ def _read_class(cls: type, source: str, comments: dict[int, str]) -> _ClassSourc
     previous_end = node.lineno
     for stmt in node.body:
         if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
-            above = []
+            above: list[str] = []
             line = stmt.lineno - 1
             while line > previous_end and line in comments:
                 above.insert(0, comments[line])
                 line -= 1
-            beside = [comments[n] for n in range(stmt.lineno, stmt.end_lineno + 1)
+            end = stmt.end_lineno or stmt.lineno  # always set by ast.parse
+            beside = [comments[n] for n in range(stmt.lineno, end + 1)
                       if n in comments]
             text = " ".join([*above, *beside]).strip()
             if text:
@@ -365,8 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         stale = [str(p) for p, text in wanted.items()
                  if not p.exists() or p.read_text(encoding="utf-8") != text]
-        for path in stale:
-            print(f"{path} is out of date: run python -m rf2.cli.config_docs --write",
+        for stale_path in stale:
+            print(f"{stale_path} is out of date: run python -m rf2.cli.config_docs --write",
                   file=sys.stderr)
         return 1 if stale else 0
     lines = narrowed_help(args.prefix) if args.prefix else render_markdown().splitlines()

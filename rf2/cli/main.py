@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -158,7 +158,7 @@ def _note_job(job: str, folder: Path | None, status: str) -> None:
 def _data_of(cfg: DictConfig) -> dict[str, Any]:
     data = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(data, dict)
-    return data
+    return cast(dict[str, Any], data)  # a composed config's keys are strings
 
 
 def _run(run_dir: Path, data: dict[str, Any], in_sweep: bool) -> Path | None:
@@ -170,13 +170,14 @@ def _run(run_dir: Path, data: dict[str, Any], in_sweep: bool) -> Path | None:
     resume = data.get("resume")
     # The console goes to the run's rf2.log: the resumed folder's when resuming (but not
     # a finished one's: resuming it changes nothing there, its log included).
-    resumable = resume and (Path(resume) / "config.yaml").is_file()
-    folder = Path(resume) if resumable else run_dir  # the run this command writes
+    folder = run_dir  # the run this command writes
+    if resume and (Path(resume) / "config.yaml").is_file():
+        folder = Path(resume)
     target = run_dir if (folder / "DONE").exists() else folder
     with console_copied_to(target):
         try:
             overrides = list(HydraConfig.get().overrides.task)
-            written = run_job(data, run_dir, overrides)  # type: ignore[arg-type]
+            written = run_job(data, run_dir, overrides)
             # In a sweep one line per job; the sweep's table follows at the end.
             for line in [job_line(RunFolder(written))] if in_sweep else run_summary(
                     RunFolder(written)):

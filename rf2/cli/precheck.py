@@ -12,7 +12,7 @@ another run, all before Hydra starts. A rejected input leaves no folder behind.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hydra import compose, initialize_config_module
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -68,7 +68,7 @@ def job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
     node = base.hydra.sweeper.get("params")
     params = OmegaConf.to_container(node, resolve=False) if node is not None else {}
     assert isinstance(params, dict)
-    sweep = [f"{k}={v}" for k, v in params.items()] + task
+    sweep = [f"{k}={v}" for k, v in cast(dict[str, Any], params).items()] + task  # str keys
     return [list(job) for job in BasicSweeper.split_arguments(parser.parse_overrides(sweep),
                                                               None)[0]]
 

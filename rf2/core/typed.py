@@ -10,11 +10,14 @@ import dataclasses
 import math
 import types
 import typing
-from typing import Any, TypeVar, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, TypeVar, Union, get_args, get_origin
 
 from rf2.core.errors import ConfigError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def _type_name(tp: Any) -> str:
@@ -71,7 +74,7 @@ def _convert(value: Any, tp: Any, path: str, error: type[ConfigError]) -> Any:
             _convert(k, k_tp, path, error): _convert(v, v_tp, f"{path}.{k}", error)
             for k, v in value.items()
         }
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a hint is a class, never an instance
         return from_dict(tp, value, path, error)
     if tp is bool:
         if isinstance(value, bool):

@@ -7,6 +7,7 @@ workers and one user's slice is O(1).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,7 +95,7 @@ class FederatedDataset:
     # per-user order, for data without timestamps) or "given" (a published split).
     split: str = "chronological"
     # Loader's account of reading and filtering (rows read, users dropped, ...).
-    report: dict[str, object] | None = None
+    report: Mapping[str, object] | None = None
     rated: RatedSplit | None = None  # dataset.protocol=rf2 only
     # (num_users,) raw dataset ids (int64, or str tokens); None = the index is the id
     user_ids: np.ndarray | None = None

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,7 +201,7 @@ def _has_tabs(path: Path, n: int) -> np.ndarray:
     return np.asarray(counts, dtype=np.int64) >= n
 
 
-def _lines(path: Path):  # type: ignore[no-untyped-def]
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, line) of every data line, skipping blank lines as pandas does."""
     with open(path, encoding="utf-8") as f:  # valid UTF-8: checked before this runs
         for lineno, raw in enumerate(f, start=1):
@@ -468,7 +469,8 @@ def load_recbole(path: str | None, name_in_dir: str | None, threshold: float, se
             ts = np.unique(times, return_inverse=True)[1]
     else:
         ts = np.random.default_rng(seed).permutation(user.size)  # (C,) random per-user order
-    genres, genre_names = None, ()
+    genres: np.ndarray | None = None
+    genre_names: tuple[str, ...] = ()
     if genre_field and item_atomic is not None:
         genres, genre_names = _item_genres(item_atomic, genre_field, item_codes[:n_listed],
                                            item_vocab.size)

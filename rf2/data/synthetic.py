@@ -183,7 +183,7 @@ def _finish(rng: np.random.Generator, taste: _Taste, users: np.ndarray, n_clicks
         cols = _concat((owner, item, seq), taste.draw(rng, users, 2 * (n_clicks - have)[users] + 4,
                                                       rnd))
         order = stable_argsort(cols[0])  # by user; earlier rows first
-        owner, item, seq = _dedupe(*(a[order] for a in cols), n_items)
+        owner, item, seq = _dedupe(*_reorder(cols, order), n_items)
     have = np.bincount(owner, minlength=taste.group.size)
     users = np.flatnonzero(short & (have < n_clicks))
     if users.size:
@@ -229,8 +229,17 @@ def _genres(rng: np.random.Generator, item_cluster: np.ndarray, k: int, g: int) 
     return out
 
 
-def _concat(*parts: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
-    return tuple(np.concatenate(cols) for cols in zip(*parts, strict=True))
+_Rows = tuple[np.ndarray, np.ndarray, np.ndarray]  # (owner, item, seq), one entry per click
+
+
+def _concat(*parts: _Rows) -> _Rows:
+    owner, item, seq = (np.concatenate(cols) for cols in zip(*parts, strict=True))
+    return owner, item, seq
+
+
+def _reorder(cols: _Rows, order: np.ndarray) -> _Rows:
+    owner, item, seq = cols
+    return owner[order], item[order], seq[order]
 
 
 def generate_synthetic(cfg: DatasetConfig, seed: int) -> SyntheticWorld:
@@ -251,7 +260,7 @@ def generate_synthetic(cfg: DatasetConfig, seed: int) -> SyntheticWorld:
     users = np.flatnonzero(have < n_clicks)
     cols = _concat((owner, item, seq), taste.draw(rng, users, 2 * (n_clicks - have)[users] + 4, 1))
     order = stable_argsort(cols[0])  # by user; earlier rows first
-    owner, item, seq = _dedupe(*(a[order] for a in cols), n_items)
+    owner, item, seq = _dedupe(*_reorder(cols, order), n_items)
     have = np.bincount(owner, minlength=n_users)
     users = np.flatnonzero(have < n_clicks)
     if users.size:

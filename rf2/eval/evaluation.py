@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, cast
 
 import numpy as np
 import torch
@@ -282,6 +282,14 @@ def _has_index(model: torch.nn.Module) -> bool:
     return callable(getattr(model, "build_retriever", None))
 
 
+class _IndexedModel(Protocol):
+    """What the index family reads of a model with a learned index (``HierIndexModel``)."""
+
+    def user_embedding(self, history: torch.Tensor) -> torch.Tensor: ...
+
+    def query_vectors(self, user_emb: torch.Tensor) -> torch.Tensor: ...
+
+
 def _index_metrics(sb: ScoredBlock, ctx: EvalContext) -> dict[str, np.ndarray]:
     """Per-user metrics of the index's top K against the targets and brute force.
 
@@ -295,8 +303,9 @@ def _index_metrics(sb: ScoredBlock, ctx: EvalContext) -> dict[str, np.ndarray]:
     assert ctx.retriever is not None and sb.ranking is not None and sb.ranking.top_ids is not None
     b = sb.block
     k_max = min(max(ctx.ks), ctx.num_items)
-    user = sb.user_emb if sb.user_emb is not None else ctx.model.user_embedding(b.histories)
-    queries = ctx.model.query_vectors(user)  # (B, Dq)
+    model = cast(_IndexedModel, ctx.model)  # the family applies only to such models (_has_index)
+    user = sb.user_emb if sb.user_emb is not None else model.user_embedding(b.histories)
+    queries = model.query_vectors(user)  # (B, Dq)
     retriever = ctx.retriever
     if isinstance(retriever, BeamSearchRetriever) and retriever.scan == "torch":
         leaves, _ = retriever.leaves(queries)  # (B, beam), -1 = unused slot

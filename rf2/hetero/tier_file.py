@@ -60,7 +60,7 @@ def _rows(path: Path) -> list[tuple[int | None, str, str]]:
         raise DataError(str(path), f"cannot read file: {exc.strerror or exc}") from None
     if not lines or [c.strip().lstrip("\ufeff") for c in lines[0]] != list(HEADER):
         raise DataError(str(path), f"the first line must be the header {','.join(HEADER)}", 1)
-    out = []
+    out: list[tuple[int | None, str, str]] = []
     for lineno, row in enumerate(lines[1:], start=2):
         if not row or not "".join(row).strip():
             continue

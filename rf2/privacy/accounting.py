@@ -17,7 +17,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import dp_accounting
 import numpy as np
@@ -146,6 +146,6 @@ class PrivacyLedger:
         return {"delta": self.delta, "kind": self.kind, "steps": [list(s) for s in self.steps]}
 
     @classmethod
-    def from_state(cls, state: dict[str, object]) -> PrivacyLedger:
-        steps = [(float(q), float(z), int(c)) for q, z, c in state["steps"]]  # type: ignore[union-attr]
-        return cls(float(state["delta"]), state["kind"], steps)  # type: ignore[arg-type]
+    def from_state(cls, state: dict[str, Any]) -> PrivacyLedger:  # state_dict() after a JSON trip
+        steps = [(float(q), float(z), int(c)) for q, z, c in state["steps"]]
+        return cls(float(state["delta"]), state["kind"], steps)

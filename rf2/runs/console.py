@@ -47,7 +47,7 @@ def console_copied_to(folder: Path) -> Iterator[None]:
         yield  # no log file is no reason to refuse the run; the run's own writes report
         return
     out, err = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)  # type: ignore[assignment]
+    sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
     try:
         yield
     finally:

@@ -184,7 +184,9 @@ class RunFolder:
             _cleanup(tmp)
             tmp.mkdir()
             with open(tmp / "arrays.npz", "wb") as fh:
-                np.savez(fh, **arrays)
+                # allow_pickle (the default) named: an array of that name is then an error,
+                # never silently taken for the option.
+                np.savez(fh, allow_pickle=True, **arrays)
                 fh.flush()
                 os.fsync(fh.fileno())
             with open(tmp / "state.json", "w", encoding="utf-8") as fh:
@@ -217,7 +219,7 @@ class RunFolder:
         """
         root = self.path / "checkpoints"
         candidates = sorted(root.glob("round_*")) if root.exists() else []
-        damaged = []
+        damaged: list[str] = []
         for ckpt in reversed(candidates):
             problem = verify_checkpoint(ckpt)
             if problem is None:
