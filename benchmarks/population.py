@@ -18,6 +18,7 @@ plus each figure's ratio against the 43k row of the same backend.
     python benchmarks/population.py                  # 43k / 200k / 500k x in-process / Ray
     python benchmarks/population.py --quick          # 2k / 4k / 8k users, 4 rounds (a smoke test)
     python benchmarks/population.py --backends inprocess --sizes 43000,500000
+    python benchmarks/population.py --sizes 300,600 --items 200 --rounds 3   # the test suite's size
 """
 
 from __future__ import annotations
@@ -165,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2k/4k/8k users, 2k items, 4 rounds")
     parser.add_argument("--sizes", default=None, help="comma-separated user counts")
     parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--items", type=int, default=None,
+                        help=f"catalogue size, default {ITEMS:,} (quick: {QUICK_ITEMS:,})")
     parser.add_argument("--rounds", type=int, default=None, help="default 5 (quick: 4)")
     parser.add_argument("--out", default="benchmarks/results/population.md")
     args = parser.parse_args(argv)
@@ -174,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sizes = (tuple(int(s) for s in args.sizes.split(",")) if args.sizes
              else QUICK_SIZES if args.quick else SIZES)
-    items = QUICK_ITEMS if args.quick else ITEMS
+    items = args.items or (QUICK_ITEMS if args.quick else ITEMS)
     rounds = args.rounds or (4 if args.quick else 5)
     results = []
     for backend in args.backends.split(","):

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +101,92 @@ def small_run(**overrides: Any) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return cfg
+
+
+def send_signal(pid: int, sig: signal.Signals) -> None:
+    """SIGINT as a terminal's Ctrl-C (the whole process group), SIGTERM as ``kill``,
+    ``timeout`` or a scheduler sends it (the process only)."""
+    if sig == signal.SIGINT:
+        os.killpg(pid, sig)
+    else:
+        os.kill(pid, sig)
+
+
+def signal_sweep(proc: subprocess.Popen[str], sweep: Path, running: int, sig: signal.Signals,
+                 timeout_s: float = 60) -> tuple[int, str]:
+    """``sig`` to an rf2 sweep (started in its own session) once ``running`` of its jobs
+    have logged 3 rows each; its exit code and stderr."""
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and proc.poll() is None:
+        started = [m for m in sweep.glob("*/metrics.jsonl") if m.read_text().count("\n") >= 3]
+        if len(started) >= running:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    send_signal(proc.pid, sig)
+    try:
+        _, err = proc.communicate(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, err
+
+
+def assert_sweep_stopped_at_checkpoints(sweep: Path, err: str, running: int) -> None:
+    """An interrupted sweep: its ``running`` jobs stopped at a round boundary with their
+    checkpoint, no later job started, one summary on stderr lists what to resume."""
+    assert "Traceback" not in err, err
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == [str(i) for i in range(running)], err  # no later job
+    lines = err.strip().splitlines()
+    assert f"rf2: sweep interrupted; {running} job(s) to resume" in lines, err
+    for job in jobs:
+        n = read_rows(job)[-1]["round"]
+        newest = sorted((job / "checkpoints").glob("round_*"))[-1]
+        assert int(newest.name.split("_")[1]) == n
+        assert f"  rf2 resume={job}" in lines
+        assert f"rf2: interrupted after round {n}; resume with: rf2 resume={job}" in lines
+        assert not (job / "DONE").exists() and not (job / ".lock").exists()
+
+
+@pytest.fixture
+def rf2_in_process(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Any:  # noqa: ANN401
+    """``rf2 ARGS`` run by ``rf2.cli.main.main`` in this process, from ``cwd``: its exit
+    status, stdout and stderr, as ``subprocess.run`` gives them. For checks that end before
+    a run starts: the same code path as ``python -m rf2`` without a new interpreter that
+    imports torch and Flower (seconds each); real ``rf2`` processes stay tested for exit
+    codes and signals (tests/test_run_safety.py, tests/test_interrupt.py)."""
+    import logging
+    import logging.config
+
+    from rf2.cli.main import SWEEP_INTERRUPTS, SWEEP_JOBS, main
+
+    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+        monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", ["rf2", *args])
+        for name in (SWEEP_INTERRUPTS, SWEEP_JOBS):  # a sweep sets them: undone at teardown
+            monkeypatch.setenv(name, "")
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        # Hydra's job logging replaces the root logger's handlers (put back below) and
+        # would close every handler there is, pytest's own capturing ones included.
+        monkeypatch.setattr(logging.config, "_clearExistingHandlers", logging._handlers.clear)
+        root = logging.getLogger()
+        root_handlers, root_level = root.handlers[:], root.level
+        capsys.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as ex:
+            code = ex.code if isinstance(ex.code, int) else int(ex.code is not None)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            root.handlers[:] = root_handlers
+            root.setLevel(root_level)
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(["rf2", *args], code, out.out, out.err)
+
+    return run
 
 
 def composed(*overrides: str) -> Any:

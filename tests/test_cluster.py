@@ -1,13 +1,13 @@
 """rf2 on a real 2-node Ray cluster (``ray.cluster_utils.Cluster``, one host): the dataset
 in the object store, node records, a node lost mid-run, sweeps as Ray tasks and Ctrl-C.
 
-Each test here starts Ray (its own temp dir and ports) and stops what it started.
+The module starts one cluster (its own temp dir and ports), shared by its tests, and stops
+it at the end.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -20,21 +20,19 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import read_rows, small_run, without_timing
+from conftest import (
+    assert_sweep_stopped_at_checkpoints,
+    read_rows,
+    signal_sweep,
+    small_run,
+    without_timing,
+)
 
 from rf2.cli.support import run_job
 from rf2.core.config import load_run_config
 from rf2.data.base import FederatedDataset
 from rf2.runs.run_folder import RunFolder
 from rf2.runs.summary import run_summary
-
-
-@pytest.fixture
-def ray_tmp() -> Any:  # noqa: ANN401
-    """A short temp dir for Ray (its socket paths must stay under 107 bytes)."""
-    path = tempfile.mkdtemp(prefix="rf2c")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _write_lightgcn(root: Path, users: int = 120, items: int = 90, seed: int = 3) -> None:
@@ -76,22 +74,52 @@ def _read_only_on_every_node(address: str) -> list[tuple[str, list[int], bool]]:
         ray.shutdown()
 
 
-def _cluster(temp: str, monkeypatch: pytest.MonkeyPatch) -> Any:  # noqa: ANN401
-    """A real 2-node Ray cluster on this host (1 CPU each), in its own temp dir."""
+class TwoNodes:
+    """A real 2-node Ray cluster on this host (1 CPU each), in its own temp dir, shared by
+    this module's tests (a cluster start costs tens of seconds); ``worker`` is the live
+    second node."""
+
+    def __init__(self, temp: str) -> None:
+        from ray.cluster_utils import Cluster
+
+        self.temp = temp
+        self.cluster = Cluster(initialize_head=True,
+                               head_node_args={"num_cpus": 1, "temp_dir": temp,
+                                               "include_dashboard": False})
+        self.worker = self.cluster.add_node(num_cpus=1, temp_dir=temp)
+        self.cluster.wait_for_nodes()
+
+    def with_two_live_nodes(self) -> TwoNodes:
+        """A test that removed the worker node leaves one: the next gets a fresh one."""
+        if self.worker not in self.cluster.worker_nodes:
+            self.worker = self.cluster.add_node(num_cpus=1, temp_dir=self.temp)
+            self.cluster.wait_for_nodes()
+        return self
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster() -> Any:  # noqa: ANN401
     import ray._common.utils as common_utils
     import ray._private.utils as private_utils
-    from ray.cluster_utils import Cluster
 
-    # Cluster records its address in /tmp/ray/ray_current_cluster, where any other
-    # process's ray.init() would find and join it: keep it to this test.
-    monkeypatch.setattr(private_utils, "write_ray_address", lambda *a, **k: None)
-    monkeypatch.setattr(common_utils, "reset_ray_address", lambda *a, **k: None)
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 1, "temp_dir": temp,
-                                      "include_dashboard": False})
-    worker = cluster.add_node(num_cpus=1, temp_dir=temp)
-    cluster.wait_for_nodes()
-    return cluster, worker
+    # A short temp dir: Ray's socket paths must stay under 107 bytes.
+    temp = tempfile.mkdtemp(prefix="rf2c")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        # Cluster records its address in /tmp/ray/ray_current_cluster, where any other
+        # process's ray.init() would find and join it: keep it to this module.
+        monkeypatch.setattr(private_utils, "write_ray_address", lambda *a, **k: None)
+        monkeypatch.setattr(common_utils, "reset_ray_address", lambda *a, **k: None)
+        nodes = TwoNodes(temp)
+        try:
+            yield nodes
+        finally:
+            nodes.cluster.shutdown()
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster(two_node_cluster: TwoNodes) -> TwoNodes:
+    return two_node_cluster.with_two_live_nodes()
 
 
 def _remove_after_round(cluster: Any, node: Any, run_dir: Path, after: int) -> threading.Thread:  # noqa: ANN401
@@ -112,64 +140,61 @@ def _remove_after_round(cluster: Any, node: Any, run_dir: Path, after: int) -> t
 
 @pytest.mark.slow  # starts a 2-node Ray cluster
 def test_two_node_cluster_equals_in_process_and_survives_a_lost_node(
-        tmp_path: Path, ray_tmp: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, cluster: TwoNodes) -> None:
     from rf2.cli.runner import execute, prepare
 
-    cluster, worker = _cluster(ray_tmp, monkeypatch)
-    try:
-        on_cluster = {"backend": "ray", "ray_address": cluster.address,
-                      "users_per_message": 10}
-        data = tmp_path / "data"
-        _write_lightgcn(data)
-        on_files = {"dataset": {"name": "lightgcn", "path": str(data)}}
-        cfg = small_run(num_rounds=3, **on_files)
-        cfg["simulation"] = on_cluster
-        prep = prepare(load_run_config(cfg))
-        # The driver has the dataset; the files are gone before any client worker starts,
-        # so the workers (on both nodes) can only train from Ray's object store.
-        shutil.rmtree(data)
-        execute(prep, RunFolder(tmp_path / "cluster_run"))
-        _write_lightgcn(data)
-        reference = small_run(num_rounds=3, **on_files)
-        reference["simulation"] = {"backend": "inprocess", "users_per_message": 10}
-        run_job(reference, tmp_path / "inprocess_run")
-        rows = read_rows(tmp_path / "cluster_run")
-        assert [r["round"] for r in rows] == [0, 1, 2, 3]
-        assert all(r["num_clients_trained"] == 20 for r in rows[1:])
-        assert without_timing(rows) == without_timing(read_rows(tmp_path / "inprocess_run"))
-        nodes = json.loads((tmp_path / "cluster_run" / "nodes.json").read_text())["nodes"]
-        assert len(nodes) == 2
-        assert all(n["clients_trained"] > 0 and n["cpus"] == 1 for n in nodes)  # both nodes
-        assert sum(n["clients_trained"] for n in nodes) == sum(
-            r["num_clients_trained"] for r in rows)
-        # Each node's workers see the driver's arrays as read-only views of the node's
-        # object store (the other node fetched its copy once), not private copies.
-        reads = _read_only_on_every_node(cluster.address)
-        assert sorted(node for node, _, _ in reads) == sorted(n["node_id"] for n in nodes)
-        assert all(items == [1, 2, 3] and not writeable for _, items, writeable in reads)
-        summary = "\n".join(run_summary(RunFolder(tmp_path / "cluster_run")))
-        assert "ray nodes 2:" in summary
-        assert all(n["node_id"][:12] in summary for n in nodes)
+    worker, cluster = cluster.worker, cluster.cluster
+    on_cluster = {"backend": "ray", "ray_address": cluster.address,
+                  "users_per_message": 10}
+    data = tmp_path / "data"
+    _write_lightgcn(data)
+    on_files = {"dataset": {"name": "lightgcn", "path": str(data)}}
+    cfg = small_run(num_rounds=3, **on_files)
+    cfg["simulation"] = on_cluster
+    prep = prepare(load_run_config(cfg))
+    # The driver has the dataset; the files are gone before any client worker starts,
+    # so the workers (on both nodes) can only train from Ray's object store.
+    shutil.rmtree(data)
+    execute(prep, RunFolder(tmp_path / "cluster_run"))
+    _write_lightgcn(data)
+    reference = small_run(num_rounds=3, **on_files)
+    reference["simulation"] = {"backend": "inprocess", "users_per_message": 10}
+    run_job(reference, tmp_path / "inprocess_run")
+    rows = read_rows(tmp_path / "cluster_run")
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert all(r["num_clients_trained"] == 20 for r in rows[1:])
+    assert without_timing(rows) == without_timing(read_rows(tmp_path / "inprocess_run"))
+    nodes = json.loads((tmp_path / "cluster_run" / "nodes.json").read_text())["nodes"]
+    assert len(nodes) == 2
+    assert all(n["clients_trained"] > 0 and n["cpus"] == 1 for n in nodes)  # both nodes
+    assert sum(n["clients_trained"] for n in nodes) == sum(
+        r["num_clients_trained"] for r in rows)
+    # Each node's workers see the driver's arrays as read-only views of the node's
+    # object store (the other node fetched its copy once), not private copies.
+    reads = _read_only_on_every_node(cluster.address)
+    assert sorted(node for node, _, _ in reads) == sorted(n["node_id"] for n in nodes)
+    assert all(items == [1, 2, 3] and not writeable for _, items, writeable in reads)
+    summary = "\n".join(run_summary(RunFolder(tmp_path / "cluster_run")))
+    assert "ray nodes 2:" in summary
+    assert all(n["node_id"][:12] in summary for n in nodes)
 
-        # The worker node goes while round 2 is in flight (each user sleeps 1 s there; one
-        # message of 10 users per node).
-        lost = small_run(num_rounds=4, fault_injection=[
-            {"kind": "hang", "users": list(range(200)), "rounds": [2], "hang_s": 1.0}])
-        lost["simulation"] = on_cluster
-        remover = _remove_after_round(cluster, worker, tmp_path / "lost_run", after=1)
-        run_job(lost, tmp_path / "lost_run")
-        remover.join(timeout=60)
-        rows = read_rows(tmp_path / "lost_run")
-        assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]  # the run went on
-        r2 = rows[2]
-        # The lost node's message failed; the head's users trained.
-        assert r2["fault/client_error"] > 0 and r2["num_clients_trained"] > 0
-        assert r2["fault/client_error"] + r2["num_clients_trained"] == 20
-        # Later rounds run on the surviving node alone, without failures.
-        assert all(r["fault/client_error"] == 0 and r["num_clients_trained"] == 20
-                   for r in rows[3:])
-    finally:
-        cluster.shutdown()
+    # The worker node goes while round 2 is in flight (each user sleeps 1 s there; one
+    # message of 10 users per node).
+    lost = small_run(num_rounds=4, fault_injection=[
+        {"kind": "hang", "users": list(range(200)), "rounds": [2], "hang_s": 1.0}])
+    lost["simulation"] = on_cluster
+    remover = _remove_after_round(cluster, worker, tmp_path / "lost_run", after=1)
+    run_job(lost, tmp_path / "lost_run")
+    remover.join(timeout=60)
+    rows = read_rows(tmp_path / "lost_run")
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]  # the run went on
+    r2 = rows[2]
+    # The lost node's message failed; the head's users trained.
+    assert r2["fault/client_error"] > 0 and r2["num_clients_trained"] > 0
+    assert r2["fault/client_error"] + r2["num_clients_trained"] == 20
+    # Later rounds run on the surviving node alone, without failures.
+    assert all(r["fault/client_error"] == 0 and r["num_clients_trained"] == 20
+               for r in rows[3:])
 
 
 def _rf2_sweep(tmp_path: Path, name: str, *overrides: str) -> subprocess.Popen[str]:
@@ -183,58 +208,31 @@ def _rf2_sweep(tmp_path: Path, name: str, *overrides: str) -> subprocess.Popen[s
 
 @pytest.mark.slow  # starts a 2-node Ray cluster and rf2 sweeps on it
 def test_sweep_jobs_run_as_ray_tasks_on_the_cluster_and_ctrl_c_checkpoints_them(
-        tmp_path: Path, ray_tmp: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    cluster, _ = _cluster(ray_tmp, monkeypatch)
-    on_cluster = [f"hydra.launcher.address={cluster.address}", "hydra.launcher.max_parallel_jobs=2",
+        tmp_path: Path, cluster: TwoNodes) -> None:
+    address = cluster.cluster.address
+    on_cluster = [f"hydra.launcher.address={address}", "hydra.launcher.max_parallel_jobs=2",
                   "simulation.ray_max_workers=1"]
-    try:
-        # The quick study's first two jobs, two at a time, each with one client worker.
-        proc = _rf2_sweep(tmp_path, "quick", "optimization=none,exclude-low", "seed=1",
-                          *on_cluster)
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err
-        cluster_nodes = {n["NodeID"] for n in cluster.global_state.node_table()}
-        for job in ("0", "1"):
-            folder = tmp_path / "quick" / job
-            assert (folder / "DONE").exists()
-            assert [r["round"] for r in read_rows(folder)] == [0, 1, 2, 3]
-            nodes = json.loads((folder / "nodes.json").read_text())["nodes"]
-            assert {n["node_id"] for n in nodes} <= cluster_nodes  # its clients: the cluster
-            assert f"rf2: run finished: {folder}" in out
+    # The quick study's first two jobs, two at a time, each with one client worker.
+    proc = _rf2_sweep(tmp_path, "quick", "optimization=none,exclude-low", "seed=1", *on_cluster)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    cluster_nodes = {n["NodeID"] for n in cluster.cluster.global_state.node_table()}
+    for job in ("0", "1"):
+        folder = tmp_path / "quick" / job
+        assert (folder / "DONE").exists()
+        assert [r["round"] for r in read_rows(folder)] == [0, 1, 2, 3]
+        nodes = json.loads((folder / "nodes.json").read_text())["nodes"]
+        assert {n["node_id"] for n in nodes} <= cluster_nodes  # its clients: the cluster
+        assert f"rf2: run finished: {folder}" in out
 
-        # Ctrl-C with two of three jobs running: both stop at a round boundary with their
-        # checkpoint, the third never starts, one summary lists what to resume.
-        proc = _rf2_sweep(tmp_path, "stopped", "optimization=none", "seed=1,2,3",
-                          "num_rounds=2000", *on_cluster)
-        sweep = tmp_path / "stopped"
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline and proc.poll() is None:
-            started = [m for m in sweep.glob("*/metrics.jsonl") if m.read_text().count("\n") >= 3]
-            if len(started) >= 2:
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, proc.communicate()
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            _, err = proc.communicate(timeout=120)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        cluster.shutdown()
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err, err
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
-    assert [p.name for p in jobs] == ["0", "1"]  # job 2 never started
-    lines = err.strip().splitlines()
-    assert "rf2: sweep interrupted; 2 job(s) to resume" in lines, err
-    for job in jobs:
-        n = read_rows(job)[-1]["round"]
-        newest = sorted((job / "checkpoints").glob("round_*"))[-1]
-        assert int(newest.name.split("_")[1]) == n
-        assert f"  rf2 resume={job}" in lines
-        assert f"rf2: interrupted after round {n}; resume with: rf2 resume={job}" in lines
-        assert not (job / "DONE").exists() and not (job / ".lock").exists()
+    # Ctrl-C with two of three jobs running: both stop at a round boundary with their
+    # checkpoint, the third never starts, one summary lists what to resume.
+    proc = _rf2_sweep(tmp_path, "stopped", "optimization=none", "seed=1,2,3",
+                      "num_rounds=2000", *on_cluster)
+    sweep = tmp_path / "stopped"
+    code, err = signal_sweep(proc, sweep, running=2, sig=signal.SIGINT, timeout_s=120)
+    assert code == 130, err
+    assert_sweep_stopped_at_checkpoints(sweep, err, running=2)
 
 
 def test_nodes_json_adds_a_resumed_runs_clients_and_the_summary_names_the_nodes(

@@ -7,7 +7,7 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import pytest
 from conftest import composed, small_run
@@ -129,9 +129,10 @@ def _rf2(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=300)
 
 
-# Each case starts a Python process that imports torch and Flower (2-15 s on a busy
-# 2-core machine): the inner loop keeps one per path (pre-check, schema, data-dependent
-# check in prepare); the checks themselves are covered in-process above and below.
+# Each case runs rf2's command in this process (``rf2_in_process``): a new Python process
+# would import torch and Flower first (2-15 s on a busy 2-core machine). The inner loop
+# keeps one per path (pre-check, schema, data-dependent check in prepare); the checks
+# themselves are covered in-process above and below, a real process just below.
 _SLOW_CLI = pytest.mark.slow
 
 
@@ -150,22 +151,28 @@ _SLOW_CLI = pytest.mark.slow
         pytest.param(["devices=rf2-3tier", "optimization.prune_rate.low=2"],
                      "optimization.prune_rate.low", marks=_SLOW_CLI),
         pytest.param(["devices=nokia"], "devices='nokia'", marks=_SLOW_CLI),
-        pytest.param(["optimization.name=hetrofl"], "optimization.name='hetrofl'",
-                     marks=_SLOW_CLI),
-        pytest.param(["strategy._target_=mylab.Mine", "strategy.server_optimizer=yogi"],
-                     "strategy.server_optimizer='yogi'", marks=_SLOW_CLI),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line_and_no_run_folder(
-    tmp_path: Path, args: list[str], needle: str
+    tmp_path: Path, args: list[str], needle: str, rf2_in_process: Any
 ) -> None:
-    proc = _rf2(*args, cwd=tmp_path)
+    _assert_one_line_exit_2_and_no_run_folder(rf2_in_process(*args, cwd=tmp_path), needle,
+                                              tmp_path)
+
+
+def test_cli_bad_input_in_a_real_rf2_process(tmp_path: Path) -> None:
+    _assert_one_line_exit_2_and_no_run_folder(_rf2("strategy=fedsgd", cwd=tmp_path),
+                                              "strategy='fedsgd'", tmp_path)
+
+
+def _assert_one_line_exit_2_and_no_run_folder(proc: subprocess.CompletedProcess[str],
+                                              needle: str, cwd: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("rf2: ") and needle in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.jsonl"))
-    leftovers = list((tmp_path / "outputs").rglob("config.yaml")) if (tmp_path / "outputs").exists() else []
+    assert not (cwd / "outputs").exists() or not any((cwd / "outputs").rglob("*.jsonl"))
+    leftovers = list((cwd / "outputs").rglob("config.yaml")) if (cwd / "outputs").exists() else []
     assert leftovers == []
 
 

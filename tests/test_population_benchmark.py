@@ -22,14 +22,15 @@ def _bench() -> ModuleType:
     return module
 
 
-def test_measure_one_inprocess_reports_every_figure(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["inprocess", pytest.param("ray", marks=pytest.mark.slow)])
+def test_measure_one_reports_every_figure(tmp_path: Path, backend: str) -> None:
     bench = _bench()
     import rf2.cli.runner as runner
 
     before = runner.prepare
-    row = bench.measure_one("inprocess", 300, 200, 3, root=tmp_path)
+    row = bench.measure_one(backend, 300, 200, 3, root=tmp_path)  # Ray: its own temp dir
     assert runner.prepare is before  # the timing wrapper is removed again
-    assert row["users"] == 300 and row["clicks"] > 300
+    assert row["backend"] == backend and row["users"] == 300 and row["clicks"] > 300
     assert 0 < row["build_s"] < row["to_round1_s"] < row["total_s"]
     assert row["round_s"] > 0 and row["full_eval_s"] > 0 and row["peak_rss_gb"] > 0.1
     assert row["eval_users"] == 300  # eval.final_max_users=0: every test user
@@ -45,12 +46,15 @@ def test_table_gives_ratios_against_the_smallest_population() -> None:
     assert lines[3].startswith("| ray | 10 | 100 | 2.0 | 4.0 | 0.50 |")
 
 
-@pytest.mark.slow  # starts Ray (and rf2 subprocesses)
+@pytest.mark.slow  # rf2 subprocesses
 def test_quick_mode_writes_the_table(tmp_path: Path) -> None:
+    """main: one fresh process per setting, the table with ratios, written to --out. One
+    backend here: a Ray row costs a Ray start per process, and measure_one on Ray (above)
+    and table's rows of another backend (the unit test) are checked on their own."""
     out = tmp_path / "population.md"
-    code = _bench().main(["--quick", "--sizes", "1000,2000", "--rounds", "3",
-                          "--out", str(out)])
+    code = _bench().main(["--quick", "--backends", "inprocess", "--sizes", "300,600",
+                          "--items", "200", "--rounds", "3", "--out", str(out)])
     assert code == 0
-    rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| inprocess")
-            or ln.startswith("| ray")]
-    assert len(rows) == 4 and "x)" in rows[1] and "x)" in rows[3]
+    rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| ")][1:]
+    assert len(rows) == 2 and all(r.startswith("| inprocess") for r in rows)
+    assert "| 300 |" in rows[0] and "| 600 |" in rows[1] and "x)" in rows[1] and "x)" not in rows[0]

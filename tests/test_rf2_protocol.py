@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -243,14 +242,14 @@ def test_tier_file_with_token_user_ids(tmp_path: Path) -> None:
         read_tier_file(str(f), ids, ("low", "mid", "high"))
 
 
-@pytest.mark.slow  # an rf2 subprocess; the check itself is tested in-process above
-def test_cli_from_file_bad_tier_exits_2_without_run_folder(tmp_path: Path) -> None:
+def test_cli_from_file_bad_tier_exits_2_without_run_folder(tmp_path: Path,
+                                                           rf2_in_process: Any) -> None:
+    """rf2's command, in this process (the check itself is tested in-process above)."""
     f = tmp_path / "tiers.csv"
     f.write_text("user_id,tier\n0,low\n1,nowhere\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "rf2", "simulation=inprocess", "devices=rf2-3tier",
-         "population=from-file", f"population.path={f}", "dataset.num_users=50",
-         "clients_per_round=5"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = rf2_in_process("simulation=inprocess", "devices=rf2-3tier", "population=from-file",
+                          f"population.path={f}", "dataset.num_users=50", "clients_per_round=5",
+                          cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "tier 'nowhere'" in lines[0], proc.stderr

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import read_rows, small_run, without_timing
@@ -294,9 +295,11 @@ def test_cli_data_error_leaves_no_outputs_date_folder(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow  # an rf2 subprocess or a client hang: seconds each
-def test_cli_second_sweep_into_a_fixed_sweep_dir_is_refused_up_front(tmp_path: Path) -> None:
+def test_cli_second_sweep_into_a_fixed_sweep_dir_is_refused_up_front(
+        tmp_path: Path, rf2_in_process: Any) -> None:
     sweep = tmp_path / "sw"
-    first = _rf2(["-m", *SMALL, "seed=1,2", f"hydra.sweep.dir={sweep}"], tmp_path)
+    # the first sweep in this process; the second, refused, in a real one (exit status 2)
+    first = rf2_in_process("-m", *SMALL, "seed=1,2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     again = _rf2(["-m", *SMALL, "seed=1,2", f"hydra.sweep.dir={sweep}"], tmp_path)
     assert again.returncode == 2 and "already holds a run" in _one_line(again)
@@ -348,11 +351,13 @@ def test_resume_of_a_running_run_or_with_fewer_rounds_or_no_folder_is_refused(
 
 
 @pytest.mark.slow  # two rf2 sweeps as subprocesses
-def test_parallel_sweep_with_joblib_launcher_equals_the_sequential_one(tmp_path: Path) -> None:
+def test_parallel_sweep_with_joblib_launcher_equals_the_sequential_one(
+        tmp_path: Path, rf2_in_process: Any) -> None:
     runs = {}
     for name, extra in (("seq", []), ("par", ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"])):
-        proc = _rf2(["-m", *SMALL, "seed=1,2", *extra, f"hydra.sweep.dir={tmp_path / name}"],
-                    tmp_path)
+        args = ["-m", *SMALL, "seed=1,2", *extra, f"hydra.sweep.dir={tmp_path / name}"]
+        # the sequential sweep in this process, the parallel one as a real rf2 command
+        proc = rf2_in_process(*args, cwd=tmp_path) if name == "seq" else _rf2(args, tmp_path)
         assert proc.returncode == 0, proc.stderr
         runs[name] = [RunFolder(tmp_path / name / str(job)) for job in (0, 1)]
     for seq, par in zip(runs["seq"], runs["par"], strict=True):
@@ -435,10 +440,12 @@ def test_symlink_loop_as_dataset_path_is_one_data_error(tmp_path: Path) -> None:
         check_command(["dataset=movielens100k", f"dataset.path={loop}"])
 
 
-@pytest.mark.slow  # an rf2 subprocess
-def test_cli_symlink_loop_is_one_line_exit_2_and_leaves_nothing(tmp_path: Path) -> None:
+def test_cli_symlink_loop_is_one_line_exit_2_and_leaves_nothing(tmp_path: Path,
+                                                                 rf2_in_process: Any) -> None:
+    # rf2's command in this process: a data error's exit 2 in a real process is
+    # test_cli_data_error_leaves_no_outputs_date_folder
     loop = _symlink_loop(tmp_path)
-    proc = _rf2([*SMALL, "dataset=movielens100k", f"dataset.path={loop}"], tmp_path)
+    proc = rf2_in_process(*SMALL, "dataset=movielens100k", f"dataset.path={loop}", cwd=tmp_path)
     assert proc.returncode == 2
     assert "symlink loop" in _one_line(proc) and str(loop) in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no outputs/ left

@@ -34,7 +34,7 @@ _ARM_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
 def plot_beyond_rf2(tables: BeyondTables) -> Figure:
     """Curves against simulated time (top) and D_t per tier (bottom), per population."""
     s, c, m = tables.summary, tables.curves, tables.metric
-    pops = _ordered(s["population"].unique(), POPULATION_ORDER)
+    pops = _ordered(list(s["population"].unique()), POPULATION_ORDER)
     arms = _arm_order(list(s["arm"]))
     arm_color = {a: _ARM_COLORS[i % len(_ARM_COLORS)] for i, a in enumerate(arms)}
     seeds = int(s["n_seeds"].max()) if len(s) else 1
