@@ -45,13 +45,21 @@ def with_arrays(reply: Message, arrays: Arrays, arrays_key: str = "arrays") -> M
     return Message(RecordDict(records), reply_to=reply)
 
 
+def _number(record: MetricRecord, key: str) -> int | float:
+    """``record[key]``, which must be a number (a MetricRecord may also hold lists)."""
+    value = record[key]
+    if not isinstance(value, (int, float)):
+        raise TypeError(f"metric {key!r} is {value!r}, expected a number")
+    return value
+
+
 def weighted_metrics(records: Sequence[Sequence[MetricRecord]], weighted_by_key: str
                       ) -> MetricRecord:
     """FedAvg's metric averaging (Flower's ``strategy_utils.aggregate_metricrecords``:
     same arithmetic in the same order, so the same floats; tests/test_strategies.py) on
     plain dicts: setting a MetricRecord item validates it, ~0.2 s a round at 100 replies.
     ``records``: each reply's MetricRecords, the first holding ``weighted_by_key``."""
-    weights = [float(r[0][weighted_by_key]) for r in records]
+    weights = [float(_number(r[0], weighted_by_key)) for r in records]
     total = sum(weights)
     factors = [w / total for w in weights]
     out: dict[str, Any] = {}
@@ -84,7 +92,7 @@ def merged_reply(
     contents = [r.content for r in replies]
     records = [list(c.metric_records.values()) for c in contents]
     metrics = weighted_metrics(records, weighted_by_key)
-    metrics[weighted_by_key] = sum(r[0][weighted_by_key] for r in records)
+    metrics[weighted_by_key] = sum(_number(r[0], weighted_by_key) for r in records)
     content = RecordDict({arrays_key: _record(arrays), metrics_key: metrics})
     return Message(content, reply_to=replies[0])
 

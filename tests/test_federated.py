@@ -159,10 +159,11 @@ def test_joins_an_existing_ray_cluster(tmp_path: Path) -> None:
     session) and stops only that, never every Ray process on the host (that would
     include a researcher's running experiment).
     """
-    ray_bin = Path(sys.executable).parent / "ray"
+    # `ray` run by this interpreter: a virtualenv on a shared base has no `ray` script
+    ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]
     temp = tempfile.mkdtemp(prefix="rf2clu")
     env = dict(os.environ, RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0")
-    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--num-cpus=2",
+    head = subprocess.Popen([*ray_cli, "start", "--head", "--block", "--num-cpus=2",
                              "--port=0", "--include-dashboard=false", f"--temp-dir={temp}"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, start_new_session=True)

@@ -4,15 +4,15 @@ end to end through the CLI and ``rf2-figures --passes``."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
 import nbformat
 import pytest
 from conftest import REPO, compose_experiment, text_layout_problems
 from nbclient import NotebookClient
 
+from rf2.analysis.figures import main as figures_main
 from rf2.analysis.figures import plot_pass_study
 from rf2.analysis.results import find_runs, load, pass_study_tables
 from rf2.core.config import load_run_config
@@ -42,11 +42,13 @@ def test_reproduce_experiments_sweep_the_study_and_validate(experiment: str, dat
 
 
 @pytest.mark.slow
-def test_quick_reproduce_study_end_to_end(tmp_path: Path) -> None:
+def test_quick_reproduce_study_end_to_end(tmp_path: Path, rf2_in_process: Any,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # rf2's command and rf2-figures in this process (no interpreter start importing torch
+    # each); real rf2 and rf2-figures processes run the documented study in test_study.py.
     sweep = tmp_path / "study"
-    proc = subprocess.run(
-        [sys.executable, "-m", "rf2", "-m", "+experiment=rf2_reproduce_quick",
-         f"hydra.sweep.dir={sweep}"], cwd=tmp_path, capture_output=True, text=True, timeout=1800)
+    proc = rf2_in_process("-m", "+experiment=rf2_reproduce_quick", f"hydra.sweep.dir={sweep}",
+                          cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(find_runs(sweep)) == 18
     # the notebook draws the same pass study with the same rf2.analysis functions
@@ -86,10 +88,9 @@ def test_quick_reproduce_study_end_to_end(tmp_path: Path) -> None:
     finite = mdac.dropna(subset=["mdac"]).groupby(["pass", "optimization", "tiering"]).size()
     summary = tables.mdac_summary.set_index(["pass", "optimization", "tiering"])["n_seeds"]
     assert (summary.reindex(finite.index) == finite).all() and finite.max() == 2
-    fig = subprocess.run(
-        [sys.executable, "-m", "rf2.analysis.figures", str(sweep), "--passes", "1,2",
-         "--metric", "rated_auc", "--formats", "png"], capture_output=True, text=True,
-        timeout=600)
-    assert fig.returncode == 0, fig.stderr
-    assert "MDAC(realistic) / MDAC(rf2-random)" in fig.stdout
+    capsys.readouterr()
+    code = figures_main([str(sweep), "--passes", "1,2", "--metric", "rated_auc",
+                         "--formats", "png"])
+    assert code == 0
+    assert "MDAC(realistic) / MDAC(rf2-random)" in capsys.readouterr().out
     assert (sweep / "figures" / "pass_study_rated_auc.png").is_file()

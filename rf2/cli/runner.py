@@ -57,7 +57,7 @@ class PreparedRun:
     dataset: FederatedDataset
     profile: DeviceProfile
     population: Population
-    model: torch.nn.Module
+    model: FederatedModel
     strategy: Strategy
     num_examples: np.ndarray  # (num_users,)
     privacy: PrivacyPlan | None = None  # privacy=dp, resolved against the population

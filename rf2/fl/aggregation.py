@@ -20,6 +20,7 @@ import numpy as np
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from rf2.fl.params import record_to_numpy
+from rf2.fl.records import number_in
 from rf2.fl.screening import UsableReply
 from rf2.fl.tier_settings import TierSettings
 from rf2.optim import sparse
@@ -64,7 +65,7 @@ class Aggregator:
     def _route(self, rnd: int, g: dict[str, np.ndarray], usable: list[UsableReply]
                ) -> tuple[Any, Any]:
         replies = [r.message for r in usable]
-        weights = [float(m.content["metrics"]["num-examples"]) for m in replies]
+        weights = [float(number_in(m.content, "metrics", "num-examples")) for m in replies]
         if any(r.partial is not None for r in usable):
             return self._with_sums(rnd, g, usable)
         any_sparse = any(sparse.is_sparse(r.arrays) for r in usable)
@@ -105,7 +106,7 @@ class Aggregator:
         sums = {id(r.partial): r.partial for r in usable if r.partial is not None}
         single = [r for r in usable if r.partial is None]
         updates = [sparse.decode(r.arrays) for r in single]
-        weights = [float(r.message.content["metrics"]["num-examples"]) for r in single]
+        weights = [float(number_in(r.message.content, "metrics", "num-examples")) for r in single]
         replies = [r.message for r in usable]
 
         def padded() -> list[dict[str, np.ndarray]]:

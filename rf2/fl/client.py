@@ -213,7 +213,7 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
         if into_sum is not None and contribution is not None:
             contribution(into_sum, i)  # added here: a late, abandoned call never writes it
         results.append(records)
-    if own is not None:
+    if own is not None and spec.user_state is not None:
         own.write_back(spec.user_state)  # before replying: the server evaluates them next
     content = pack_results(results)
     if builder is not None and builder.positions:

@@ -83,10 +83,12 @@ class DownloadSizes:
         candidate = self.model.candidate_rows(targets, sample)
         counts: dict[str, int] = {}
         for name, roles in self.tables.items():
-            if CANDIDATE in roles and candidate is None:
+            if CANDIDATE not in roles:
+                counts[name] = len(history)  # a history-only table
+            elif candidate is None:
                 counts[name] = self.model.num_items
-            elif HISTORY in roles and CANDIDATE in roles:
+            elif HISTORY in roles:
                 counts[name] = len(np.union1d(history, candidate))
             else:
-                counts[name] = len(history) if HISTORY in roles else len(candidate)
+                counts[name] = len(candidate)
         return counts

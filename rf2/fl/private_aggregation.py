@@ -28,6 +28,7 @@ import numpy as np
 from flwr.serverapp.strategy import Strategy
 
 from rf2.fl.params import record_to_numpy
+from rf2.fl.records import number_in
 from rf2.fl.screening import UsableReply
 from rf2.optim import sparse
 from rf2.privacy.accounting import PrivacyLedger
@@ -79,7 +80,7 @@ class PrivateAggregator:
         clipped = [clip_reply(r.arrays, g, clip_norm) for r in usable]
         replies = [r.message for r in usable]
         weights = ([1.0] * len(usable) if plan.uniform
-                   else [float(m.content["metrics"]["num-examples"]) for m in replies])
+                   else [float(number_in(m.content, "metrics", "num-examples")) for m in replies])
         std = noise_std(plan.update_noise_multiplier, clip_norm, weights)
 
         def noised_mean() -> dict[str, np.ndarray]:

@@ -121,7 +121,8 @@ def run_jobs(jobs: Sequence[JobCommand], max_parallel: int, job_cpus: float,
     """
     import ray
 
-    flag = ray.remote(num_cpus=0)(StopFlag).remote()
+    flag: Any = ray.remote(num_cpus=0)(StopFlag).remote()  # an actor handle (Ray types plain
+    # methods of an undecorated class as the functions themselves, without .remote)
     task = ray.remote(num_cpus=job_cpus, max_retries=0)(run_job_command)
     results: list[JobOutcome | None] = [None] * len(jobs)
     waiting = list(range(len(jobs)))

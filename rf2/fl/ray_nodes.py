@@ -25,7 +25,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 from rf2.core.flower_version import FlowerCompatError
 
@@ -68,11 +68,15 @@ def _users_trained(reply: Any) -> int:  # noqa: ANN401 - a flwr Message
     return sum(1 for key in reply.content.keys() if key.startswith("metrics/"))
 
 
+_POOL_CLASS = "BasicActorPool"  # the class Flower's Ray backend builds its actor pool from
+
+
 def _pool_class(tally: NodeTally, max_workers: int) -> type:
     from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+    from ray.actor import ActorHandle
     from ray.exceptions import RayActorError
 
-    class NodeAwarePool(BasicActorPool):  # type: ignore[misc, valid-type]
+    class NodeAwarePool(BasicActorPool):
         def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401
             super().__init__(*args, **kwargs)
             if max_workers > 0:  # Flower sizes the pool to the whole cluster
@@ -84,10 +88,11 @@ def _pool_class(tally: NodeTally, max_workers: int) -> type:
 
         def add_actors_to_pool(self, num_actors: int) -> None:
             super().add_actors_to_pool(num_actors)
-            for actor in self.pool:
-                key = actor._actor_id.hex()  # noqa: SLF001 - the actor's stable id
+            for actor in self.pool:  # Flower types them as its actor class; they are handles
+                handle = cast(ActorHandle, actor)
+                key = handle._actor_id.hex()  # noqa: SLF001 - the actor's stable id
                 if key not in self._node_query:
-                    self._node_query[key] = actor.__ray_call__.remote(_node_of_actor)
+                    self._node_query[key] = handle.__ray_call__.remote(_node_of_actor)
 
         def submit(self, actor_fn: Any, job: Any) -> Any:  # noqa: ANN401
             # Flower runs one engine thread per actor it created; with an actor lost,
@@ -165,12 +170,13 @@ def node_aware_pool(tally: NodeTally, max_workers: int = 0) -> Iterator[None]:
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
     check_pool_hook()
-    original = raybackend.BasicActorPool
-    raybackend.BasicActorPool = _pool_class(tally, max_workers)
+    # Replaced by name: the backend looks the class up in its module when it builds a pool.
+    original = getattr(raybackend, _POOL_CLASS)
+    setattr(raybackend, _POOL_CLASS, _pool_class(tally, max_workers))
     try:
         yield
     finally:
-        raybackend.BasicActorPool = original
+        setattr(raybackend, _POOL_CLASS, original)
 
 
 def node_records(tally: NodeTally, nodes: list[dict[str, Any]]) -> list[NodeRecord]:

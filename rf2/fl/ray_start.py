@@ -51,13 +51,14 @@ def start_lean(num_cpus: int, temp_dir: str | None) -> LeanHead | None:
     except ImportError:
         return None
 
-    class _Node(Node):  # type: ignore[misc, valid-type]
+    class _Node(Node):
         def start_api_server(self, **kwargs: Any) -> None:  # noqa: ANN401, ARG002
             # No dashboard, job or state API: rf2 reads everything it needs from GCS.
             self._webui_url = None
 
     try:
-        params = RayParams(num_cpus=num_cpus, include_dashboard=False, include_log_monitor=False,
+        params = RayParams(num_cpus=num_cpus, include_dashboard=False,
+                           include_log_monitor=False,  # type: ignore[arg-type]  # Ray: typed str, read as bool
                            no_monitor=True,
                            temp_dir=os.path.abspath(temp_dir) if temp_dir else None)
         # Ray's exit hooks set a SIGTERM handler, which only the main thread may do; rf2

@@ -13,9 +13,10 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message
 
 from rf2.fl.params import record_to_numpy
+from rf2.fl.records import number_in, record_of
 from rf2.fl.tier_settings import TierSettings
 from rf2.fl.user_batch import SUM, SUM_META
 from rf2.hetero.faults import FAULT_REASONS, screen_reply
@@ -93,7 +94,7 @@ class ReplyScreen:
                 usable.append(UsableReply(user, reply, {}, partial))
                 continue
             reference = self.tiers.reference_arrays(user, global_arrays)
-            arrays = record_to_numpy(reply.content["arrays"])
+            arrays = record_to_numpy(record_of(reply.content, "arrays", ArrayRecord))
             screen_fn = sparse.screen if sparse.is_sparse(arrays) else screen_reply
             reason = screen_fn(arrays, reference)
             if reason is not None:
@@ -107,9 +108,9 @@ def _screen_sum(reply: Message, global_arrays: dict[str, np.ndarray]
                 ) -> tuple[PartialSum | None, str | None]:
     """A message's partial sum decoded, or None and the fault of all its users (shapes
     against w_t; NaN/Inf anywhere)."""
-    arrays = record_to_numpy(reply.content[SUM])
+    arrays = record_to_numpy(record_of(reply.content, SUM, ArrayRecord))
     reason = sparse.screen(arrays, global_arrays)
     if reason is not None:
         return None, reason
-    weight = float(reply.content[SUM_META]["weight"])
+    weight = float(number_in(reply.content, SUM_META, "weight"))
     return PartialSum(sparse.decode(arrays), weight), None

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -41,6 +40,7 @@ from rf2.fl.tier_settings import TierSettings
 from rf2.fl.traffic import TrafficMeter
 from rf2.fl.user_state import UserStateStore
 from rf2.hetero.clock import RoundPlan, num_to_select, tier_counts
+from rf2.model.base import FederatedModel
 from rf2.privacy.plan import PrivacyPlan
 from rf2.runs.run_folder import RunFolder
 from rf2.runs.tensorboard_log import TensorBoardLogger
@@ -52,7 +52,7 @@ class ServerSetup:
 
     cfg: RunConfig
     num_examples: np.ndarray  # (num_users,) local training examples per user
-    model: torch.nn.Module  # holds w_t for evaluation
+    model: FederatedModel  # holds w_t for evaluation
     strategy: Strategy
     evaluator: Evaluator
     folder: RunFolder
@@ -126,7 +126,7 @@ class FederatedServer:
             # Round 0 is the evaluation of the initial model: its time is round time,
             # not start-up.
             round_started = time.perf_counter()
-            row = {"round": 0, "num_clients_selected": 0, "num_clients_trained": 0,
+            row: dict[str, Any] = {"round": 0, "num_clients_selected": 0, "num_clients_trained": 0,
                    "num_examples": 0, "skipped": 0, "pass": 0, "pass_end": 0,
                    **self.evaluate(popularity=True)}
             self._finish_row(row, started, round_started, trained=0)

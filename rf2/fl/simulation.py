@@ -20,6 +20,7 @@ and a node lost mid-run fails only the messages it held.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -28,7 +29,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 from uuid import uuid4
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ConfigRecordValues, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid, ServerApp
@@ -67,7 +68,7 @@ class InProcessGrid(Grid):
     """
 
     def __init__(self, client_app: ClientApp, num_nodes: int,
-                 on_abandoned: Callable[[], None] | None = None) -> None:
+                 on_abandoned: Callable[[], object] | None = None) -> None:
         run_id = secrets.randbits(63)
         self._run = Run.create_empty(run_id=run_id)
         self._run.primary_task_id = 1
@@ -120,7 +121,7 @@ class InProcessGrid(Grid):
             context = self._contexts[msg.metadata.dst_node_id]
             remaining = None if self._deadline is None else self._deadline - time.monotonic()
             try:
-                reply = call_with_deadline(lambda m=msg, c=context: self._client_app(m, c),
+                reply = call_with_deadline(functools.partial(self._client_app, msg, context),
                                            remaining)
             except DeadlineExceeded:
                 # No reply: its users count as fault/timeout. The late call may still run
@@ -214,7 +215,7 @@ def launch(
     client_app_for: ClientAppFor,
     num_supernodes: int,
     sim: SimulationConfig,
-    on_abandoned: Callable[[], None] | None = None,
+    on_abandoned: Callable[[], object] | None = None,
     dataset: FederatedDataset | None = None,
     user_state: UserStateStore | None = None,
 ) -> list[NodeRecord]:
@@ -328,7 +329,7 @@ def _launch_ray(
         if sim.ray_max_workers > 0:
             workers = min(workers, sim.ray_max_workers)
         print(f"[rf2] Ray cluster: {workers} workers ({cpus:g} CPUs)", flush=True)
-    backend_config = {
+    backend_config: dict[str, dict[str, ConfigRecordValues]] = {
         "client_resources": {
             "num_cpus": sim.num_cpus_per_client,
             "num_gpus": sim.num_gpus_per_client,

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from rf2.fl.records import number_in
 from rf2.fl.screening import UsableReply
 from rf2.fl.tier_settings import TierSettings
 
@@ -38,7 +39,7 @@ class TrafficMeter:
             out[f"tier/{t}/examples"] += int(self.num_examples[r.user])
             down = bytes_down.get(r.user) if bytes_down is not None else None
             out[f"tier/{t}/bytes_down"] += int(self.tiers.bytes_down[tier] if down is None else down)
-            out[f"tier/{t}/bytes_up"] += int(r.message.content["metrics"]["bytes-up"])
+            out[f"tier/{t}/bytes_up"] += int(number_in(r.message.content, "metrics", "bytes-up"))
         total = sum(out[f"tier/{n}/examples"] for n in names) or 1
         for name in names:
             out[f"tier/{name}/examples_share"] = out[f"tier/{name}/examples"] / total

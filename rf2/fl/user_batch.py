@@ -30,6 +30,7 @@ from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
 from rf2.fl.params import numpy_to_record
+from rf2.fl.records import number_in, record_of
 from rf2.fl.user_task import RoundRecipe, UserTask, read_recipe, read_task, task_record
 
 USER_KEY = "user/{}"
@@ -45,7 +46,7 @@ def batch_instruction(msg: Message, users: Sequence[int], tasks: Mapping[int, Us
     no entry in ``tasks`` gets the default task: no override)."""
     content = msg.content
     records: dict[str, Any] = {k: v for k, v in content.items() if k != "config"}
-    config = ConfigRecord(dict(content["config"]))
+    config = ConfigRecord(dict(record_of(content, "config", ConfigRecord)))
     config[NUM_USERS] = len(users)
     records["config"] = config
     for i, user in enumerate(users):
@@ -60,8 +61,8 @@ def batch_instruction(msg: Message, users: Sequence[int], tasks: Mapping[int, Us
 
 def user_tasks(msg: Message) -> tuple[RoundRecipe, list[UserTask]]:
     """Client side: the message's shared recipe and each user's task, in batch order."""
-    config = msg.content["config"]
-    n = int(config.get(NUM_USERS, 0))
+    config = record_of(msg.content, "config", ConfigRecord)
+    n = int(number_in(msg.content, "config", NUM_USERS)) if NUM_USERS in config else 0
     return read_recipe(config), [read_task(msg.content[USER_KEY.format(i)]) for i in range(n)]
 
 
@@ -97,27 +98,41 @@ def unpack_reply(reply: Message, num_users: int) -> list[Message]:
     the user's own records under their usual names or the user's error.
     """
     if reply.has_error():
-        return [Message(error=reply.error, metadata=copy.copy(reply.metadata))
-                for _ in range(num_users)]
+        return [_reply_like(reply, error=reply.error) for _ in range(num_users)]
     content = reply.content
-    summed = set(content[SUM_USERS]["positions"]) if SUM_USERS in content else set()
+    summed = _summed_positions(content) if SUM_USERS in content else set()
     out = []
     for i in range(num_users):
         error_key = ERROR_KEY.format(i)
         if i in summed and f"metrics/{i}" in content:
             records = {"metrics": content[f"metrics/{i}"], SUM: content[SUM_ARRAYS],
                        SUM_META: content[SUM_USERS]}
-            out.append(Message(content=RecordDict(records), metadata=copy.copy(reply.metadata)))
+            out.append(_reply_like(reply, content=RecordDict(records)))
             continue
         if error_key in content:
             error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
                           reason=str(content[error_key]["reason"]))
-            out.append(Message(error=error, metadata=copy.copy(reply.metadata)))
+            out.append(_reply_like(reply, error=error))
             continue
         records = {key: content[f"{key}/{i}"] for key in REPLY_KEYS if f"{key}/{i}" in content}
         if "arrays" not in records or "metrics" not in records:
             error = Error(code=ErrorCode.UNKNOWN, reason=f"reply has no records for user {i}")
-            out.append(Message(error=error, metadata=copy.copy(reply.metadata)))
+            out.append(_reply_like(reply, error=error))
             continue
-        out.append(Message(content=RecordDict(records), metadata=copy.copy(reply.metadata)))
+        out.append(_reply_like(reply, content=RecordDict(records)))
     return out
+
+
+def _summed_positions(content: RecordDict) -> set[object]:
+    positions = record_of(content, SUM_USERS, ConfigRecord)["positions"]
+    if not isinstance(positions, list):
+        raise TypeError(f"{SUM_USERS}['positions'] is {positions!r}, expected a list")
+    return set(positions)
+
+
+def _reply_like(reply: Message, content: RecordDict | None = None, error: Error | None = None
+                ) -> Message:
+    """A Message with ``content`` or ``error`` and a copy of ``reply``'s metadata."""
+    # Message's implementation takes metadata= (Flower rebuilds its own messages so), but
+    # none of its public overloads declares it.
+    return Message(content=content, error=error, metadata=copy.copy(reply.metadata))  # type: ignore[call-overload]

@@ -88,7 +88,7 @@ class UserStateStore:
         if self._actor is not None:
             import ray
 
-            return ray.get(self._actor.fetch.remote(list(users)))  # type: ignore[no-any-return]
+            return ray.get(self._actor.fetch.remote(list(users)))
         assert self._local is not None
         return self._local.fetch(users)
 

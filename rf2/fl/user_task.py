@@ -18,7 +18,7 @@ naming the key (or, built in Python, the field) and what it must hold.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -183,7 +183,7 @@ def read_task(record: Mapping[str, Any]) -> UserTask:
         prune_rate=prune,
         quant_bits=bits,
         report_touched=_read(record, _TOUCHED, bool, False),
-        fault=fault,  # type: ignore[arg-type]  # checked against FAULT_KINDS on construction
+        fault=fault,  # checked against FAULT_KINDS on construction
         hang_s=_read(record, _HANG, float, UserTask.hang_s),
     )
 
@@ -192,7 +192,7 @@ _REQUIRED = object()
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
-def _read(record: Mapping[str, Any], key: str, kind: Callable[[Any], Any],
+def _read(record: Mapping[str, Any], key: str, kind: type,
           default: Any = _REQUIRED) -> Any:  # noqa: ANN401
     """``record[key]`` as ``kind``; ``default`` when absent (required when not given)."""
     if key not in record:

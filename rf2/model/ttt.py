@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from rf2.core.config import IndexConfig, ModelConfig
 from rf2.core.errors import ConfigError
 from rf2.data.base import FederatedDataset
+from rf2.model.base import FederatedModel
 from rf2.model.examples import user_examples
 from rf2.model.hier_index import HierIndexModel
 from rf2.model.two_tower import TwoTower
@@ -131,7 +132,7 @@ SUMMARY_KEYS = ("recall@20", "ndcg@20", "index/recall@20", "index/ndcg@20", "exa
 def run_ttt(
     model: HierIndexModel,
     dataset: FederatedDataset,
-    evaluate: Callable[[torch.nn.Module], dict[str, float]],
+    evaluate: Callable[[FederatedModel], dict[str, float]],
     cfg: IndexConfig,
     seed: int = 0,
     rate: float | None = None,
@@ -174,7 +175,7 @@ def check_ttt(cfg: ModelConfig, model: torch.nn.Module) -> None:
 def ttt_if_enabled(
     model: torch.nn.Module,
     dataset: FederatedDataset,
-    evaluate: Callable[[torch.nn.Module], dict[str, float]],
+    evaluate: Callable[[FederatedModel], dict[str, float]],
     cfg: ModelConfig,
     seed: int = 0,
 ) -> dict[str, float] | None:
