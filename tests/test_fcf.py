@@ -275,7 +275,10 @@ def test_a_users_own_stateful_model_runs_federated_and_central(plugin: str,
 
 
 @pytest.mark.slow
-def test_ray_store_is_an_actor_and_ray_runs_match_inprocess(tmp_path: Path) -> None:
+def test_ray_store_is_an_actor_and_ray_runs_match_inprocess(
+        tmp_path: Path, plugin: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
     import ray
 
     ray_tmp = tempfile.mkdtemp(prefix="rf2u")
@@ -301,12 +304,21 @@ def test_ray_store_is_an_actor_and_ray_runs_match_inprocess(tmp_path: Path) -> N
         np.testing.assert_array_equal(np.delete(got, [3, 7], 0), np.delete(table, [3, 7], 0))
         cfg = fcf_run(simulation={"backend": "ray", "ray_temp_dir": ray_tmp})
         on_ray = run_job(cfg, tmp_path / "ray")
+        # A user's own stateful model on Ray (its module importable by the workers).
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+            [str(tmp_path / "plugins"), os.environ.get("PYTHONPATH", "")]))
+        personal = run_job(small_run(**{
+            "model._target_": f"{plugin}.PersonalTwoTower", "model.loss": "full",
+            "simulation": {"backend": "ray", "ray_temp_dir": ray_tmp}}), tmp_path / "p")
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     here = run_job(fcf_run(), tmp_path / "here")
     assert without_timing(read_rows(on_ray)) == without_timing(read_rows(here))
     torch.testing.assert_close(torch.load(on_ray / "model.pt")["user_table"],
                                torch.load(here / "model.pt")["user_table"])
+    rows = read_rows(personal)
+    assert rows[-1]["recall@20"] > rows[0]["recall@20"]
+    assert 20 <= int((torch.load(personal / "model.pt")["personal"] != 0).any(1).sum()) <= 60
 
 
 @pytest.mark.slow

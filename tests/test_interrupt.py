@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import (
@@ -249,13 +250,13 @@ def test_summary_names_folder_rounds_final_and_best(tmp_path: Path) -> None:
     assert f"{best:.4f}" in text and "tier all" not in text and "ndcg@20" in text
 
 
-@pytest.mark.slow  # an rf2 subprocess or a client hang: seconds each
-def test_cli_prints_the_summary_and_rf2_log_holds_the_console(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "rf2", "simulation=inprocess",
-                           "dataset.num_users=200", "dataset.num_items=150",
-                           "clients_per_round=10", "num_rounds=2", "model.dim=16",
-                           "hydra.run.dir=run"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+@pytest.mark.slow  # a whole run through rf2's command
+def test_cli_prints_the_summary_and_rf2_log_holds_the_console(tmp_path: Path,
+                                                              rf2_in_process: Any) -> None:
+    # rf2's command in this process; real rf2 processes print it in the signal tests above
+    proc = rf2_in_process("simulation=inprocess", "dataset.num_users=200",
+                          "dataset.num_items=150", "clients_per_round=10", "num_rounds=2",
+                          "model.dim=16", "hydra.run.dir=run", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert f"rf2: run finished: {tmp_path / 'run'}" in proc.stdout
     log = (tmp_path / "run" / "rf2.log").read_text()

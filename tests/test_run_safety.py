@@ -308,15 +308,16 @@ def test_cli_second_sweep_into_a_fixed_sweep_dir_is_refused_up_front(
 # -- environment faults -------------------------------------------------------------------
 
 
-@pytest.mark.slow  # an rf2 subprocess or a client hang: seconds each
-def test_disk_full_writing_model_pt_is_one_line(tmp_path: Path) -> None:
-    code = ("import errno, sys, torch\n"
-            "def full(*a, **k):\n    raise OSError(errno.ENOSPC, 'No space left on device')\n"
-            "torch.save = full\n"
-            "sys.argv = ['rf2'] + sys.argv[1:]\n"
-            "from rf2.cli.main import main\nmain()\n")
-    proc = subprocess.run([sys.executable, "-c", code, *SMALL, "hydra.run.dir=run"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+@pytest.mark.slow  # a whole run through rf2's command
+def test_disk_full_writing_model_pt_is_one_line(tmp_path: Path, rf2_in_process: Any,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    def full(*a: object, **k: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    proc = rf2_in_process(*SMALL, "hydra.run.dir=run", cwd=tmp_path)  # rf2's command, here
     assert proc.returncode == 1
     line = _one_line(proc)
     assert "model.pt" in line and "No space left" in line
