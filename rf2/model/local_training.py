@@ -66,8 +66,9 @@ def train_locally(
     # ran before (Ray runs repeat), and the rows it touches are known before training.
     sample = client_sample(model, seed)
     extra = () if sample is None else (sample,)
-    if stateful and n:
-        model.fit_user_state(hist_t, tgt_t, sample, users_t)  # the device's own rows first
+    fit_user_state = getattr(model, "fit_user_state", None)
+    if stateful and n and callable(fit_user_state):
+        fit_user_state(hist_t, tgt_t, sample, users_t)  # the device's own rows first
     with torch.no_grad():
         loss_before = float(model.loss(hist_t, tgt_t, *extra, **users_of())) if n else 0.0
     if n == 0:
