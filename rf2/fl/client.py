@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from rf2.core.config import DatasetConfig, ModelConfig
@@ -39,6 +39,7 @@ from rf2.fl.params import (
     use_fast_arrays,
 )
 from rf2.fl.partial_sum import SumBuilder, finite, reply_bytes, summable
+from rf2.fl.records import record_of
 from rf2.fl.shared_data import SharedDataset
 from rf2.fl.user_batch import pack_results, pack_sum, user_tasks
 from rf2.fl.user_state import MessageRows, UserStateStore
@@ -161,11 +162,12 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
     """
     use_fast_arrays(spec.fast_transport)  # this worker's codec (Ray workers are processes)
     state = worker_state(spec)
-    received = record_to_numpy(msg.content["arrays"])  # the global model, decoded once
+    received = record_to_numpy(record_of(msg.content, "arrays", ArrayRecord))  # decoded once
     recipe, tasks = user_tasks(msg)
     # Per-user state (rf2.fl.user_state): this message's users' rows, fetched once.
-    own = (MessageRows.fetch(spec.user_state, state.model, [t.user for t in tasks])
-           if spec.user_state is not None else None)
+    store = spec.user_state
+    own = (MessageRows.fetch(store, state.model, [t.user for t in tasks])
+           if store is not None else None)
     builder = SumBuilder(received, state.model.row_tables()) if any(
         summable(recipe, t) for t in tasks) else None
     # Per position: trained in a cohort, its cohort's error, or None (not trained yet:
@@ -199,9 +201,8 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
         into_sum = builder if summable(recipe, task) else None
         try:
             records, contribution = call_with_deadline(
-                lambda s=state, t=task, d=done, summed=into_sum is not None: _user_reply(
-                    s, received, recipe, t, d, spec.sparse_updates, into_sum=summed,
-                    own=own),
+                functools.partial(_user_reply, state, received, recipe, task, done,
+                                  spec.sparse_updates, into_sum=into_sum is not None, own=own),
                 timeout)
         except DeadlineExceeded as ex:
             results.append(ex)
@@ -213,8 +214,8 @@ def handle_train(msg: Message, spec: ClientSpec) -> Message:
         if into_sum is not None and contribution is not None:
             contribution(into_sum, i)  # added here: a late, abandoned call never writes it
         results.append(records)
-    if own is not None and spec.user_state is not None:
-        own.write_back(spec.user_state)  # before replying: the server evaluates them next
+    if own is not None and store is not None:  # own exists only with a store
+        own.write_back(store)  # before replying: the server evaluates them next
     content = pack_results(results)
     if builder is not None and builder.positions:
         pack_sum(content, builder.arrays(), builder.positions, builder.weight)

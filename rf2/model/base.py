@@ -57,7 +57,7 @@ class FederatedModel(nn.Module, ABC):
                      ) -> FederatedModel:
         """The model for ``dataset``, initialised deterministically from ``seed`` (every
         client and the server build it this way, so all start from the same weights)."""
-        return cls(dataset.num_items, cfg, dataset.item_genres, dataset.history_len,  # type: ignore[call-arg]
+        return cls(dataset.num_items, cfg, dataset.item_genres, dataset.history_len,
                    seed=seed)
 
     # -- scoring and training ------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 from rf2.core.config import CentralConfig
 from rf2.data.base import FederatedDataset
 from rf2.data.split import sliding_histories
+from rf2.model.base import FederatedModel
 from rf2.model.examples import PAD
 
 
@@ -50,7 +51,7 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: CentralConfig) -> torc
 class CentralTrainer:
     """Mini-batch training over pooled examples, advanced to given step counts."""
 
-    def __init__(self, model: torch.nn.Module, histories: np.ndarray, targets: np.ndarray,
+    def __init__(self, model: FederatedModel, histories: np.ndarray, targets: np.ndarray,
                  cfg: CentralConfig, seed: int, users: np.ndarray | None = None) -> None:
         """``users``: (N,) the user of each example, for a model with per-user state."""
         self.model, self.cfg, self.seed = model, cfg, seed

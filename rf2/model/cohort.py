@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rf2.model.base import CANDIDATE, HISTORY
+from rf2.model.base import CANDIDATE, HISTORY, FederatedModel
 from rf2.model.hier_index import _JOINT_LIMIT, HierIndexModel
 from rf2.model.local_training import client_sample
 from rf2.model.two_tower import TwoTower
@@ -111,7 +111,8 @@ class _Cohort:
         (:func:`summed_step`); else each client holds its own gathered copy."""
         self.model = model
         self.shared = shared
-        self.hier = isinstance(model, HierIndexModel)
+        # The index's terms of the loss, for a model with a learned index only.
+        self.index_model = model if isinstance(model, HierIndexModel) else None
         c = len(jobs)
         self.n = np.array([len(j.targets) for j in jobs], dtype=np.int64)  # (C,)
         samples = [client_sample(model, j.seed) for j in jobs]
@@ -161,9 +162,12 @@ class _Cohort:
             self.neg_global = torch.from_numpy(neg)
             self.neg_local = torch.from_numpy(
                 np.stack([_local(neg[k], irows[k]) for k in range(c)]))  # (C, K)
-        bal = [s.balance for s in samples] if self.hier else [None]
+        # An index model's samples all carry a balance sample, or none does.
+        bal = ([s.balance for s in samples if s.balance is not None]
+               if self.index_model is not None else [])
         self.bal_local = None
-        if bal[0] is not None:
+        if bal:
+            assert len(bal) == c
             self.bal_local = torch.from_numpy(
                 np.stack([_local(b.numpy(), irows[k]) for k, b in enumerate(bal)]))  # (C, S)
 
@@ -217,7 +221,7 @@ class _Cohort:
         items = p["item_table"]  # (C, Ri, D); shared full catalogue: (I, D)
         flat = items.dim() == 2
         if flat:
-            if self.genres is not None:
+            if self.genres is not None and model.item_genres is not None:  # both or neither
                 items = items + model.item_genres @ self.leaves["genre_table"]  # (I, D)
             bias = p["bias"] if "bias" in p else items.new_zeros(items.shape[0])  # (I,)
             flat_items, flat_bias = items, bias
@@ -242,8 +246,8 @@ class _Cohort:
             per_ex = F.cross_entropy(scores.flatten(0, 1), tgt.flatten(), reduction="none")
             per_ex = per_ex.view(tgt.shape)  # (C, B)
         total = (per_ex * mask).sum(1) / count  # (C,)
-        if self.hier:
-            w = model.index_weight()
+        if self.index_model is not None:
+            w = self.index_model.index_weight()
             if w > 0:
                 total = total + w * self._index_loss(user, items, bias, tgt, mask, count)
         return total
@@ -263,9 +267,13 @@ class _Cohort:
         zeros = torch.zeros(logits.shape[0] * logits.shape[1], dtype=torch.int64)
         return F.cross_entropy(logits.flatten(0, 1), zeros, reduction="none").view(pos.shape)
 
+    def _index_model(self) -> HierIndexModel:
+        assert self.index_model is not None  # the index terms run for an index model only
+        return self.index_model
+
     def _codebooks(self) -> list[torch.Tensor]:
         p, books = self.params, []
-        for level in range(len(self.model.node_vecs)):
+        for level in range(len(self._index_model().node_vecs)):
             vecs = p[f"node_vecs.{level}"]  # (C, K_l, D)
             if f"node_bias.{level}" in p:
                 vecs = torch.cat([vecs, p[f"node_bias.{level}"].unsqueeze(2)], dim=2)
@@ -289,7 +297,8 @@ class _Cohort:
     def _index_loss(self, user: torch.Tensor, items: torch.Tensor, bias: torch.Tensor,
                     tgt: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         """(C,) the index terms of ``HierIndexModel.loss`` (weighted, before w(t))."""
-        icfg, alpha = self.model.cfg.index, self.model.alpha()
+        index_model = self._index_model()
+        icfg, alpha = index_model.cfg.index, index_model.alpha()
         has_bias = "bias" in self.params
         keys = torch.cat([items, bias.unsqueeze(2)], dim=2) if has_bias else items  # (C, Ri, Dq)
         q = torch.cat([user, user.new_ones(*user.shape[:2], 1)], dim=2) if has_bias else user
@@ -310,7 +319,8 @@ class _Cohort:
         """(C,) ``HierIndexModel.balance_loss`` per client."""
         c, n = keys.shape[:2]
         assign, _ = self._soft_assign(keys, alpha, books)
-        terms, joint = [], keys.new_ones(c, n, 1)  # (C, N, P)
+        terms: list[torch.Tensor] = []
+        joint: torch.Tensor | None = keys.new_ones(c, n, 1)  # (C, N, P)
         for a in assign:
             if joint is not None and n * joint.shape[2] * a.shape[2] <= _JOINT_LIMIT:
                 joint = (joint.unsqueeze(3) * a.unsqueeze(2)).flatten(2)  # (C, N, P * K_l)
@@ -331,8 +341,19 @@ class _Cohort:
         return total
 
 
+def _vectorisable(model: FederatedModel) -> TwoTower:
+    """``model`` as the TwoTower whose maths the cohort trains, or NotVectorisable why not."""
+    reason = model.cohort_unsupported_reason()
+    if reason is not None:
+        raise NotVectorisable(reason)
+    if not isinstance(model, TwoTower):  # declared support, but the maths are TwoTower's
+        raise NotVectorisable(f"{type(model).__name__} is no TwoTower (the cohort trains "
+                              "rf2's two-tower maths only)")
+    return model
+
+
 def train_cohort(
-    model: TwoTower,
+    model: FederatedModel,
     arrays: Mapping[str, np.ndarray],
     jobs: Sequence[ClientJob],
     *,
@@ -347,9 +368,7 @@ def train_cohort(
     and training-progress schedules are read; its parameters are not used).
     Equal to ``train_locally`` per job (tests/test_cohort.py).
     """
-    reason = model.cohort_unsupported_reason()
-    if reason is not None:
-        raise NotVectorisable(reason)
+    model = _vectorisable(model)
     if not jobs:
         return []
     active = [k for k, j in enumerate(jobs) if len(j.targets) > 0]
@@ -433,12 +452,12 @@ def _train(model: TwoTower, arrays: Mapping[str, np.ndarray], jobs: Sequence[Cli
                 for leaf, grad in zip(leaves, grads, strict=True):
                     if grad is not None:
                         leaf.add_(grad, alpha=-lr)
-            values = loss.detach().tolist()
+            step_losses = loss.detach().tolist()
             if not loss_before:
-                loss_before = list(values)
+                loss_before = list(step_losses)
             for k in range(c):
                 if sizes[k]:
-                    totals[k] += values[k] * sizes[k]
+                    totals[k] += step_losses[k] * sizes[k]
                     counts[k] += sizes[k]
         loss_after = [totals[k] / max(counts[k], 1) for k in range(c)]
     out = []
@@ -491,7 +510,7 @@ def one_full_batch_step(jobs: Sequence[ClientJob], local_epochs: int, batch_size
 
 
 def summed_step(
-    model: TwoTower,
+    model: FederatedModel,
     arrays: Mapping[str, np.ndarray],
     jobs: Sequence[ClientJob],
     *,
@@ -506,9 +525,7 @@ def summed_step(
     ``train_cohort``'s updates to rounding (tests/test_partial_sums.py).
     Requires :func:`one_full_batch_step` and clients with examples.
     """
-    reason = model.cohort_unsupported_reason()
-    if reason is not None:
-        raise NotVectorisable(reason)
+    model = _vectorisable(model)
     if not jobs or any(len(j.targets) == 0 for j in jobs):
         raise ValueError("summed_step needs at least one job, each with examples")
     if not isinstance(model, HierIndexModel):
@@ -545,9 +562,9 @@ def summed_step(
     rows_out: dict[str, np.ndarray] = {}
     deltas: dict[str, np.ndarray] = {}
     for name, g in arrays.items():
-        grad = totals.get(name)
-        full = (torch.zeros(np.shape(g), dtype=torch.float32) if grad is None
-                else grad.detach()) * -lr
+        total = totals.get(name)
+        full = (torch.zeros(np.shape(g), dtype=torch.float32) if total is None
+                else total.detach()) * -lr
         if name in row_sets:
             union = np.unique(np.concatenate(row_sets[name]))
             rows_out[name] = union
@@ -619,10 +636,10 @@ def _flat_two_tower_step(model: TwoTower, arrays: Mapping[str, np.ndarray],
         0, owner, per_ex.detach().to(torch.float64))
     losses = (sums / torch.from_numpy(n).to(torch.float64)).tolist()  # (C,) mean per client
     hrows = [np.unique(j.histories[j.histories >= 0]).astype(np.int64) for j in jobs]
-    irows = [model.candidate_rows(np.asarray(j.targets, dtype=np.int64), s)
-             for j, s in zip(jobs, samples, strict=True)]
+    candidates = [model.candidate_rows(np.asarray(j.targets, dtype=np.int64), s)
+                  for j, s in zip(jobs, samples, strict=True)]
     all_items = np.arange(model.num_items, dtype=np.int64)
-    irows = [all_items if r is None else np.asarray(r, dtype=np.int64) for r in irows]
+    irows = [all_items if r is None else np.asarray(r, dtype=np.int64) for r in candidates]
     tables = model.row_tables()
     history_tables = [t for t, roles in tables.items() if roles == {HISTORY}]
     item_tables = [t for t, roles in tables.items() if roles == {CANDIDATE}]

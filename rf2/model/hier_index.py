@@ -271,7 +271,8 @@ class HierIndexModel(TwoTower):
         """
         n = keys.shape[0]
         assign, _ = self.soft_assign(keys, alpha)
-        terms, joint = [], keys.new_ones(n, 1)  # (N, P) soft prefix membership
+        terms: list[torch.Tensor] = []
+        joint: torch.Tensor | None = keys.new_ones(n, 1)  # (N, P) soft prefix membership
         for a in assign:
             if joint is not None and n * joint.shape[1] * a.shape[1] <= _JOINT_LIMIT:
                 joint = (joint.unsqueeze(2) * a.unsqueeze(1)).flatten(1)  # (N, P * K_l)
@@ -337,7 +338,7 @@ class HierIndexModel(TwoTower):
         return out
 
     def loss(
-        self, history: torch.LongTensor, target: torch.LongTensor,
+        self, history: torch.Tensor, target: torch.Tensor,
         sample: LossSample | None = None,
     ) -> torch.Tensor:
         """Item softmax + warmed-up index losses (see the module docstring)."""

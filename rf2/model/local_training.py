@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from rf2.model.base import FederatedModel
+
 
 def client_sample(model: torch.nn.Module, seed: int) -> Any:  # noqa: ANN401 - LossSample
     """One client's loss sample (``TwoTower.draw_sample``) from its own seed; None for a
@@ -29,7 +31,7 @@ class LocalTrainingResult:
 
 
 def train_locally(
-    model: torch.nn.Module,
+    model: FederatedModel,
     histories: np.ndarray,  # (n, H) int64, PAD = -1
     targets: np.ndarray,  # (n,) int64
     *,

@@ -321,11 +321,13 @@ class FaissIVFRetriever:
         self.num_items, d = x.shape
         quantizer = faiss.IndexFlatIP(d)
         metric = faiss.METRIC_INNER_PRODUCT
+        ivf: faiss.IndexIVF
         if kind == "flat":
             ivf = faiss.IndexIVFFlat(quantizer, d, nlist, metric)
         elif kind == "rq":
-            ivf = faiss.IndexIVFResidualQuantizer(quantizer, d, nlist, rq_m, rq_nbits, metric)
-            ivf.rq.max_beam_size = rq_beam  # encoding beam (FAISS default 5)
+            rq_ivf = faiss.IndexIVFResidualQuantizer(quantizer, d, nlist, rq_m, rq_nbits, metric)
+            rq_ivf.rq.max_beam_size = rq_beam  # encoding beam (FAISS default 5)
+            ivf = rq_ivf
         else:
             raise ValueError(f"kind must be 'flat' or 'rq', got {kind!r}")
         ivf.cp.seed = seed
@@ -335,12 +337,15 @@ class FaissIVFRetriever:
         ivf.nprobe = nprobe
         self._quantizer, self._ivf, self.nprobe = quantizer, ivf, nprobe
         self.refine = int(refine)
-        self.index = ivf
+        self.index: faiss.Index = ivf
         if self.refine > 0:  # wraps the empty trained index; adding fills both
-            self.index = faiss.IndexRefineFlat(ivf)
-            self.index.k_factor = float(self.refine)
+            refined = faiss.IndexRefineFlat(ivf)
+            refined.k_factor = float(self.refine)
+            self.index = refined
         self.index.add(x)
-        self._list_sizes = np.array([ivf.invlists.list_size(i) for i in range(nlist)])
+        lists = ivf.invlists
+        assert lists is not None  # an IVF index owns its inverted lists
+        self._list_sizes = np.array([lists.list_size(i) for i in range(nlist)])
 
     def topk(
         self, queries: torch.Tensor, k: int, exclude: Sequence[np.ndarray] | None = None

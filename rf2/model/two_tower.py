@@ -153,7 +153,7 @@ class TwoTower(FederatedModel):
         """
         self._sampler.manual_seed(seed)
 
-    def user_embedding(self, history: torch.LongTensor) -> torch.Tensor:
+    def user_embedding(self, history: torch.Tensor) -> torch.Tensor:
         """(B, H) item ids, PAD = -1 -> (B, D). An all-PAD history pools to zero."""
         mask = (history >= 0).unsqueeze(-1).to(self.history_table.dtype)  # (B, H, 1)
         emb = self.history_table[history.clamp(min=0)] * mask  # (B, H, D)
@@ -199,7 +199,7 @@ class TwoTower(FederatedModel):
         return LossSample(negatives=torch.randint(0, self.num_items, (k,), generator=generator))
 
     def loss(
-        self, history: torch.LongTensor, target: torch.LongTensor,
+        self, history: torch.Tensor, target: torch.Tensor,
         sample: LossSample | None = None,
     ) -> torch.Tensor:
         """Mean softmax cross-entropy of the target item; full or sampled (``cfg.loss``).
