@@ -225,13 +225,16 @@ def test_sweep_jobs_run_as_ray_tasks_on_the_cluster_and_ctrl_c_checkpoints_them(
         assert {n["node_id"] for n in nodes} <= cluster_nodes  # its clients: the cluster
         assert f"rf2: run finished: {folder}" in out
 
-    # Ctrl-C with two of three jobs running: both stop at a round boundary with their
-    # checkpoint, the third never starts, one summary lists what to resume.
+    # SIGTERM to the sweep's process group (scancel, systemd; a Ctrl-C takes the same
+    # path, tests/test_interrupt.py) with two of three jobs running: both stop at a round
+    # boundary with their checkpoint, the third never starts, one summary lists what to
+    # resume (before: Ray's own handler in the launcher, a stack dump, exit 134).
     proc = _rf2_sweep(tmp_path, "stopped", "optimization=none", "seed=1,2,3",
                       "num_rounds=2000", *on_cluster)
     sweep = tmp_path / "stopped"
-    code, err = signal_sweep(proc, sweep, running=2, sig=signal.SIGINT, timeout_s=120)
-    assert code == 130, err
+    code, err = signal_sweep(proc, sweep, running=2, sig=signal.SIGTERM, timeout_s=120,
+                             group=True)
+    assert code == 143, err
     assert_sweep_stopped_at_checkpoints(sweep, err, running=2)
 
 

@@ -36,7 +36,7 @@ ARGS = ["num_rounds=400", "checkpoint_every=50", "dataset.num_users=400",
 
 def _interrupt(tmp_path: Path, backend: list[str], wait_rows: int,
                sig: signal.Signals = signal.SIGINT,
-               resume: bool = False) -> tuple[int, float, str]:
+               resume: bool = False, group: bool = False) -> tuple[int, float, str]:
     """rf2 into ``tmp_path/run`` (``resume``: ``rf2 resume=`` of it), ``sig`` once its
     metrics hold ``wait_rows`` rows; exit status, seconds from the signal to the exit, stderr."""
     run = tmp_path / "run"
@@ -52,7 +52,7 @@ def _interrupt(tmp_path: Path, backend: list[str], wait_rows: int,
             break
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()
-    send_signal(proc.pid, sig)
+    send_signal(proc.pid, sig, group)
     sent = time.monotonic()
     try:
         _, err = proc.communicate(timeout=60)
@@ -108,9 +108,12 @@ def test_ctrl_c_then_sigterm_in_process_keep_rounds_release_the_lock_and_resume_
 @pytest.mark.slow
 def test_ctrl_c_then_sigterm_on_ray_stop_within_5_s_without_a_stack_dump_and_resume(
         tmp_path: Path) -> None:
-    """A Ray run stopped by Ctrl-C, then its resume on Ray stopped by SIGTERM: each keeps
-    every completed round (exit 130, then 143), the resume continues from the first
-    one's checkpoint; a resume to the end is tested in-process above."""
+    """A Ray run stopped by Ctrl-C, then its resume on Ray stopped by SIGTERM to the whole
+    process group (scancel, systemd; rf2 gets it as from ``kill PID``): each keeps every
+    completed round (exit 130, then 143), the resume continues from the first one's
+    checkpoint; a resume to the end is tested in-process above. Ray's processes are in a
+    group of their own: the round in flight is not turned into client errors (before:
+    they died of the group's SIGTERM and every client of that round failed)."""
     code, seconds, err = _interrupt(tmp_path, ["simulation=ray",
                                                f"simulation.ray_temp_dir={_ray_tmp('rf2cc')}"],
                                     wait_rows=3)
@@ -118,9 +121,12 @@ def test_ctrl_c_then_sigterm_on_ray_stop_within_5_s_without_a_stack_dump_and_res
     before = without_timing(read_rows(tmp_path / "run"))
     code, seconds, err = _interrupt(tmp_path, ["simulation=ray",
                                                f"simulation.ray_temp_dir={_ray_tmp('rf2st')}"],
-                                    wait_rows=n + 4, sig=signal.SIGTERM, resume=True)
+                                    wait_rows=n + 4, sig=signal.SIGTERM, resume=True,
+                                    group=True)
     m = _check_interrupted(tmp_path, code, seconds, err, expected=143)
     assert m >= n + 3 and without_timing(read_rows(tmp_path / "run"))[:n + 1] == before
+    assert "failed in round" not in err, err
+    assert all(r.get("fault/client_error", 0) == 0 for r in read_rows(tmp_path / "run")), err
 
 
 def _ray_tmp(prefix: str) -> str:

@@ -150,6 +150,14 @@ def _after_fork_in_child() -> None:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         except (OSError, ValueError):
             pass
+        try:
+            # Out of rf2's process group (the raylet's workers follow it): a SIGTERM to
+            # the whole group (SLURM's scancel, systemd, kill -TERM -- -PGID) then reaches
+            # rf2, which stops at a round boundary and shuts Ray down, and not Ray's
+            # workers, which would die mid-round (the round's clients failed).
+            os.setpgid(0, 0)
+        except OSError:
+            pass
 
 
 # Runs in the child of os.fork() and of subprocess.Popen(preexec_fn=...), which is how
@@ -220,15 +228,22 @@ def start_noting_stops(start: Callable[[], None], poll_s: float = 0.05) -> Itera
 
 @contextmanager
 def children_ignore_sigint() -> Iterator[None]:
-    """Processes started inside inherit SIGINT ignored, and so does this process
-    meanwhile (a Ctrl-C then is lost: prefer :func:`start_noting_stops`, which keeps
-    this process's handler). Used where a Ctrl-C reaches the work another way
+    """Processes started inside inherit SIGINT ignored and leave this process group, and
+    this process ignores SIGINT meanwhile (a Ctrl-C then is lost: prefer
+    :func:`start_noting_stops`, which keeps this process's handler); its SIGTERM handler
+    is put back after. Used where a Ctrl-C reaches the work another way
     (``rf2.fl.ray_jobs``: through its stop flag)."""
+    global _children_ignore_sigint
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    term = signal.getsignal(signal.SIGTERM)
+    _children_ignore_sigint = True  # and out of this process group, as above
     try:
         yield
     finally:
+        _children_ignore_sigint = False
         signal.signal(signal.SIGINT, previous)
+        if term is not None:  # ray.init from the main thread installs its own (sys.exit)
+            signal.signal(signal.SIGTERM, term)

@@ -99,13 +99,16 @@ def start_or_join(address: str | None, temp_dir: str | None = None) -> str:
     GCS address, for the jobs to join."""
     import ray
 
-    if address:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    else:
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-        if temp_dir:
-            kwargs["_temp_dir"] = os.path.abspath(temp_dir)
-        with children_ignore_sigint():  # Ctrl-C reaches the jobs through the flag
+    # Ctrl-C reaches the jobs through the flag; a local Ray's processes leave this process
+    # group (a group SIGTERM reaches the sweep's launcher only), and rf2's SIGTERM handler
+    # is put back after ray.init.
+    with children_ignore_sigint():
+        if address:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        else:
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+            if temp_dir:
+                kwargs["_temp_dir"] = os.path.abspath(temp_dir)
             ray.init(**kwargs)
     return str(ray.get_runtime_context().gcs_address)
 
