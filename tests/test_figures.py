@@ -132,3 +132,14 @@ def test_single_tier_curves_draw_no_duplicate_series_and_the_baseline(tmp_path: 
     assert not fig.axes[0].collections  # no ± std band for a single seed
     for figure in (fig, plot_tier_curves(df), plot_participation(df)):
         assert text_layout_problems(figure) == []
+
+
+def test_extra_tiers_never_take_a_reserved_tier_colour() -> None:
+    from rf2.analysis.figures import _colors
+
+    tiers = ["a", "b", "mid", *[f"t{i}" for i in range(12)]]
+    colors = _colors(tiers)
+    assert colors["mid"] == "#ff7f0e"
+    reserved = {"#d62728", "#ff7f0e", "#2ca02c"}
+    assert not reserved & {colors[t] for t in tiers if t != "mid"}
+    assert len({colors[t] for t in tiers[:8]}) == 8  # seven spares, then they repeat

@@ -11,6 +11,7 @@ No torch, no Flower: this runs on a laptop with pandas and matplotlib.
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 import sys
 import textwrap
@@ -59,8 +60,13 @@ _TIER_COLORS = {"low": "#d62728", "mid": "#ff7f0e", "high": "#2ca02c"}
 
 def _colors(tiers: Sequence[str]) -> dict[str, str]:
     """Stable colours: low/mid/high always red/orange/green, others from tab10."""
-    spare = iter(c for c in matplotlib.color_sequences["tab10"] if c not in _TIER_COLORS)
-    return {t: _TIER_COLORS.get(t) or matplotlib.colors.to_hex(next(spare)) for t in tiers}
+    # Spare colours skip the three reserved ones (compared as hex: tab10 holds RGB tuples),
+    # so a tier named e.g. "b" never looks like mid; cycle past ten tiers rather than fail.
+    reserved = set(_TIER_COLORS.values())
+    spare = itertools.cycle([h for h in map(matplotlib.colors.to_hex,
+                                            matplotlib.color_sequences["tab10"])
+                             if h not in reserved])
+    return {t: _TIER_COLORS.get(t) or next(spare) for t in tiers}
 
 
 def _ordered(values: Iterable[object], first: Sequence[str]) -> list[str]:
