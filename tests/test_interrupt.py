@@ -294,3 +294,33 @@ def test_cli_prints_the_summary_and_rf2_log_holds_the_console(tmp_path: Path,
         assert line in log
     assert "round 2/2" in log
     json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+@pytest.mark.slow  # a two-job sweep through rf2's command
+def test_a_signal_as_a_sweep_job_finishes_leaves_it_finished_not_to_resume(
+        tmp_path: Path, rf2_in_process: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM to the whole group lands in a worker's job between its DONE and the end
+    of its run (the lock being released): the job finished, it is not listed to resume
+    (seen on CI: a job with DONE printed as ``rf2 resume=...``)."""
+    import rf2.cli.support as support
+
+    def signalled_after_done(*args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
+        written = run_job(*args, **kwargs)
+        assert (written / "DONE").exists()
+        raise KeyboardInterrupt  # what rf2's signal handler raises inside a run
+
+    def exit_status(code: int) -> None:  # an interrupted sweep leaves by os._exit
+        raise SystemExit(code)
+
+    monkeypatch.setattr(support, "run_job", signalled_after_done)
+    monkeypatch.setattr(os, "_exit", exit_status)
+    sweep = tmp_path / "sweep"
+    proc = rf2_in_process("-m", "simulation=inprocess", "dataset.num_users=200",
+                          "dataset.num_items=150", "clients_per_round=10", "num_rounds=2",
+                          "model.dim=16", "progress=false", "seed=1,2",
+                          f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "interrupted" not in proc.stderr and "resume=" not in proc.stderr, proc.stderr
+    for job in ("0", "1"):
+        assert (sweep / job / "DONE").exists() and not (sweep / job / LOCK).exists()
+    assert proc.stdout.count("rf2: job finished:") == 2, proc.stdout

@@ -185,7 +185,6 @@ def _data_of(cfg: DictConfig) -> dict[str, Any]:
 def _run(run_dir: Path, data: dict[str, Any], in_sweep: bool) -> Path | None:
     from rf2.cli.support import remove_unused_run_dir, run_job
     from rf2.runs.console import console_copied_to
-    from rf2.runs.summary import job_line, run_summary
 
     debug = bool(data.get("debug", False))
     resume = data.get("resume")
@@ -203,11 +202,7 @@ def _run(run_dir: Path, data: dict[str, Any], in_sweep: bool) -> Path | None:
                 written = run_job(data, run_dir, overrides)
             finally:
                 _in_run.clear()
-            # In a sweep one line per job; the sweep's table follows at the end.
-            for line in [job_line(RunFolder(written))] if in_sweep else run_summary(
-                    RunFolder(written)):
-                print(line, flush=True)
-            return written
+            return _finished(written, in_sweep)
         except RunFolderError as ex:
             # Full disk, read-only folder: earlier rounds stay intact (appends are whole
             # lines, checkpoints are renamed into place) and `resume=` can continue later.
@@ -224,6 +219,11 @@ def _run(run_dir: Path, data: dict[str, Any], in_sweep: bool) -> Path | None:
         except (RunInterrupted, KeyboardInterrupt):
             if debug:
                 traceback.print_exc()
+            if RunFolder(folder).done:
+                # The signal came as the run ended (DONE written, the lock being released,
+                # a sweep's signal to the whole group as this job finished): it finished,
+                # there is nothing to resume.
+                return _finished(folder, in_sweep)
             rows = RunFolder(folder).read_metrics() if folder.is_dir() else []
             started = bool(rows) or RunFolder(folder).holds_run
             if rows:
@@ -247,6 +247,16 @@ def _run(run_dir: Path, data: dict[str, Any], in_sweep: bool) -> Path | None:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(exit_status(_stop_signal()))
+
+
+def _finished(written: Path, in_sweep: bool) -> Path:
+    """A finished run: in a sweep one line per job (the sweep's table follows at the
+    end), else the run's summary."""
+    from rf2.runs.summary import job_line, run_summary
+
+    for line in [job_line(RunFolder(written))] if in_sweep else run_summary(RunFolder(written)):
+        print(line, flush=True)
+    return written
 
 
 _hydra_main = hydra.main(version_base="1.3", config_path="pkg://rf2.conf", config_name="config")(
