@@ -12,13 +12,12 @@ import pickle
 import shutil
 import sys
 import tempfile
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import read_rows, small_run, without_timing
+from conftest import plugin_module, read_rows, small_run, without_timing
 
 from rf2.cli.support import run_job
 from rf2.core.config import DatasetConfig, FCFConfig, ModelConfig
@@ -247,11 +246,7 @@ class PersonalTwoTower(TwoTower):
 
 @pytest.fixture
 def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    pkg = tmp_path / "plugins"
-    pkg.mkdir()
-    name = f"mylab_personal_{abs(hash(str(tmp_path))) % 10**8}"
-    (pkg / f"{name}.py").write_text(textwrap.dedent(PLUGIN))
-    monkeypatch.syspath_prepend(str(pkg))
+    name = plugin_module(tmp_path, monkeypatch, "mylab_personal", PLUGIN)
     yield name
     sys.modules.pop(name, None)
 

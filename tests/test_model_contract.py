@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import logging
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import read_rows, small_run, without_timing
+from conftest import plugin_module, read_rows, small_run, without_timing
 
 from rf2.cli.support import run_job
 from rf2.core.config import DatasetConfig, ModelConfig
@@ -62,11 +61,7 @@ def tied_model(dataset, cfg, seed):
 @pytest.fixture
 def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """The plug-in's module name, importable for this test only."""
-    pkg = tmp_path / "plugins"
-    pkg.mkdir()
-    name = f"mylab_models_{abs(hash(str(tmp_path))) % 10**8}"
-    (pkg / f"{name}.py").write_text(textwrap.dedent(PLUGIN))
-    monkeypatch.syspath_prepend(str(pkg))
+    name = plugin_module(tmp_path, monkeypatch, "mylab_models", PLUGIN)
     yield name
     sys.modules.pop(name, None)
 

@@ -17,11 +17,15 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import dp_accounting
 import numpy as np
-from dp_accounting import pld, rdp
+
+if TYPE_CHECKING:
+    import dp_accounting
+
+# dp-accounting is imported where it is used: it pulls in scipy (~1.5 s on this machine),
+# which a run without DP (rf2's server imports this module) never needs.
 
 Kind = Literal["rdp", "pld"]
 __all__ = ["Kind", "PrivacyLedger", "epsilon_of", "solve_noise_multiplier"]
@@ -42,6 +46,8 @@ def _quiet() -> Iterator[None]:
 
 
 def _accountant(kind: Kind) -> dp_accounting.PrivacyAccountant:
+    from dp_accounting import pld, rdp
+
     if kind == "rdp":
         return rdp.RdpAccountant()
     if kind == "pld":
@@ -50,6 +56,8 @@ def _accountant(kind: Kind) -> dp_accounting.PrivacyAccountant:
 
 
 def _event(q: float, z: float) -> dp_accounting.DpEvent:
+    import dp_accounting
+
     return dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z))
 
 
@@ -72,6 +80,8 @@ def solve_noise_multiplier(target_epsilon: float, q: float, steps: int, delta: f
                            kind: Kind = "rdp") -> float:
     """The smallest z whose ``steps`` releases at rate ``q`` stay within ``target_epsilon``
     at ``delta`` (dp-accounting's ``calibrate_dp_mechanism``, tolerance 1e-4)."""
+    import dp_accounting
+
     with _quiet():
         return float(dp_accounting.calibrate_dp_mechanism(
             lambda: _accountant(kind),
@@ -119,6 +129,8 @@ class PrivacyLedger:
             return math.inf
         if self.kind == "pld":
             return self._pld_epsilon()
+        from dp_accounting import rdp
+
         orders = np.asarray(rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS, dtype=np.float64)
         total = np.zeros_like(orders)
         for q, z, count in self.steps:
