@@ -17,6 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from rf2.core.arrays import sorted_unique
 from rf2.data.base import FederatedDataset
 from rf2.fl.client import training_seed
 from rf2.fl.tier_settings import TierSettings
@@ -76,8 +77,8 @@ class DownloadSizes:
         cached = self._examples.get(user)
         if cached is None:
             histories, targets = user_examples(self.dataset, user)
-            cached = (np.unique(histories[histories >= 0]).astype(np.int64),
-                      np.unique(targets).astype(np.int64))
+            cached = (sorted_unique(histories[histories >= 0]).astype(np.int64),
+                      sorted_unique(targets).astype(np.int64))
             self._examples[user] = cached
         history, targets = cached
         candidate = self.model.candidate_rows(targets, sample)

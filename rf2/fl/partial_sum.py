@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from rf2.core.arrays import sorted_unique
 from rf2.fl.user_task import RoundRecipe, UserTask
 from rf2.model.cohort import CohortSum
 from rf2.optim.sparse import ROWS, VALUES, changed_rows
@@ -110,7 +111,7 @@ class SumBuilder:
                 acc = np.zeros(np.shape(g), dtype=np.float64)
             if name in self.row_tables:
                 parts = self.touched[name]
-                rows = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+                rows = sorted_unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
                 out[name + VALUES] = acc[rows].astype(np.float32)
                 out[name + ROWS] = rows.astype(np.int64)
             else:

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from rf2.core.arrays import sorted_unique
+
 if TYPE_CHECKING:
     from rf2.core.config import ModelConfig
     from rf2.data.base import FederatedDataset
@@ -102,7 +104,7 @@ class FederatedModel(nn.Module, ABC):
                      ) -> dict[str, np.ndarray]:  # noqa: ANN401
         """Row table -> (R,) sorted ids of the rows a client with these examples and
         loss sample reads (and so may change, and must download)."""
-        history = np.unique(histories[histories >= 0]).astype(np.int64)
+        history = sorted_unique(histories[histories >= 0]).astype(np.int64)
         candidate = self.candidate_rows(targets, sample)
         out: dict[str, np.ndarray] = {}
         for name, roles in self.row_tables().items():
@@ -112,7 +114,7 @@ class FederatedModel(nn.Module, ABC):
             parts = [history] if HISTORY in roles else []
             if CANDIDATE in roles and candidate is not None:
                 parts.append(np.asarray(candidate, dtype=np.int64))
-            out[name] = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+            out[name] = sorted_unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
         return out
 
     def user_state_names(self) -> tuple[str, ...]:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rf2.core.arrays import sorted_unique
 from rf2.model.base import CANDIDATE, HISTORY, FederatedModel
 from rf2.model.hier_index import _JOINT_LIMIT, HierIndexModel
 from rf2.model.local_training import client_sample
@@ -131,7 +132,7 @@ class _Cohort:
         candidates = [model.candidate_rows(np.asarray(j.targets, dtype=np.int64), s)
                       for j, s in zip(jobs, samples, strict=True)]
         self.full_items = candidates[0] is None
-        hrows = [np.unique(j.histories[j.histories >= 0]) for j in jobs]
+        hrows = [sorted_unique(j.histories[j.histories >= 0]) for j in jobs]
         if self.full_items:
             irows = [np.arange(num_items, dtype=np.int64)] * c
         else:
@@ -566,7 +567,7 @@ def summed_step(
         full = (torch.zeros(np.shape(g), dtype=torch.float32) if total is None
                 else total.detach()) * -lr
         if name in row_sets:
-            union = np.unique(np.concatenate(row_sets[name]))
+            union = sorted_unique(np.concatenate(row_sets[name]))
             rows_out[name] = union
             deltas[name] = full.numpy()[union]
         else:
@@ -635,7 +636,7 @@ def _flat_two_tower_step(model: TwoTower, arrays: Mapping[str, np.ndarray],
     sums = torch.zeros(len(jobs), dtype=torch.float64).index_add_(
         0, owner, per_ex.detach().to(torch.float64))
     losses = (sums / torch.from_numpy(n).to(torch.float64)).tolist()  # (C,) mean per client
-    hrows = [np.unique(j.histories[j.histories >= 0]).astype(np.int64) for j in jobs]
+    hrows = [sorted_unique(j.histories[j.histories >= 0]).astype(np.int64) for j in jobs]
     candidates = [model.candidate_rows(np.asarray(j.targets, dtype=np.int64), s)
                   for j, s in zip(jobs, samples, strict=True)]
     all_items = np.arange(model.num_items, dtype=np.int64)
@@ -649,8 +650,8 @@ def _flat_two_tower_step(model: TwoTower, arrays: Mapping[str, np.ndarray],
                  for k in range(len(jobs))]
     rows: dict[str, np.ndarray] = {}
     deltas: dict[str, np.ndarray] = {}
-    unions = {"h": np.unique(np.concatenate(hrows)),
-              "i": np.unique(np.concatenate(irows))}
+    unions = {"h": sorted_unique(np.concatenate(hrows)),
+              "i": sorted_unique(np.concatenate(irows))}
     for name, grad in zip(names, grads, strict=True):
         full = (torch.zeros(leaves[name].shape) if grad is None else grad.detach()) * -lr
         if name in history_tables or name in item_tables:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rf2.core.arrays import sorted_unique
 from rf2.core.config import ModelConfig
 from rf2.model.base import CANDIDATE, FederatedModel, Role
 from rf2.model.two_tower import LossSample, sampled_softmax
@@ -88,7 +89,7 @@ class FCF(FederatedModel):
                        ) -> np.ndarray | None:
         if sample is None or sample.negatives is None:
             return None  # full softmax: every item's score is in the loss
-        return np.unique(np.concatenate([np.asarray(targets, dtype=np.int64),
+        return sorted_unique(np.concatenate([np.asarray(targets, dtype=np.int64),
                                          sample.negatives.numpy()]))
 
     def draw_sample(self, generator: torch.Generator) -> LossSample:

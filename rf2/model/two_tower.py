@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rf2.core.arrays import sorted_unique
 from rf2.core.config import ModelConfig
 from rf2.model.base import CANDIDATE, HISTORY, FederatedModel, Role
 
@@ -106,7 +107,7 @@ class TwoTower(FederatedModel):
         parts = [np.asarray(targets, dtype=np.int64), sample.negatives.numpy()]
         if sample.balance is not None:
             parts.append(sample.balance.numpy())
-        return np.unique(np.concatenate(parts))
+        return sorted_unique(np.concatenate(parts))
 
     def width_rules(self) -> dict[str, tuple[int, ...]]:
         """Embedding tables narrow along D (columns); the per-item bias has no D axis."""

@@ -19,6 +19,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from rf2.core.arrays import sorted_unique
+
 Shapes = Mapping[str, tuple[int, ...]]
 
 
@@ -33,14 +35,14 @@ def item_row_params(shapes: Shapes, num_items: int) -> tuple[str, ...]:
 def touched_rows_for(item_ids: np.ndarray, params: Iterable[str]) -> dict[str, np.ndarray]:
     """The same touched item ids for every item-indexed parameter (PAD < 0 dropped)."""
     ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
-    rows = np.unique(ids[ids >= 0])  # (R,) sorted, unique
+    rows = sorted_unique(ids[ids >= 0])  # (R,) sorted, unique
     return {name: rows for name in params}
 
 
 def touched_items(histories: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Sorted unique item ids in a client's examples: (n, H) histories (PAD = -1), (n,)."""
     ids = np.concatenate([np.asarray(histories).reshape(-1), np.asarray(targets).reshape(-1)])
-    return np.unique(ids[ids >= 0]).astype(np.int64)
+    return sorted_unique(ids[ids >= 0]).astype(np.int64)
 
 
 def _row_params(touched_rows: Sequence[Mapping[str, np.ndarray]]) -> set[str]:
@@ -98,7 +100,7 @@ def aggregate_rows(
         total = np.zeros(g.shape, dtype=np.float64)  # (I, ...) sum_k w_k x_k[row]
         cover = np.zeros(g.shape[0], dtype=np.float64)  # (I,) sum_k w_k over touchers
         for wk, c, t in zip(w, client_arrays, touched_rows, strict=True):
-            rows = np.unique(np.asarray(t[name], dtype=np.int64))  # (R,)
+            rows = sorted_unique(np.asarray(t[name], dtype=np.int64))  # (R,)
             total[rows] += wk * np.asarray(c[name], dtype=np.float64)[rows]
             cover[rows] += wk
         hit = cover > 0  # (I,)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rf2.core.arrays import sorted_unique
+
 ROWS, VALUES = ".rows", ".values"
 
 Arrays = Mapping[str, np.ndarray]
@@ -158,7 +160,7 @@ def weighted_mean(
             # Only the union of the replies' rows can move; the others stay w_t exactly
             # (g + 0 in float64 rounds back to g), so accumulate over the union alone:
             # O(Σ rows) instead of a float64 pass over the whole catalogue.
-            touched = np.unique(np.concatenate([u.rows[name] for u in updates]))  # (U,)
+            touched = sorted_unique(np.concatenate([u.rows[name] for u in updates]))  # (U,)
             acc = np.zeros((len(touched), *g.shape[1:]), dtype=np.float64)  # Σ_k w_k Δ_k
             base = g[touched].astype(np.float64)  # (U, ...)
             for wk, u in zip(w, updates, strict=True):
