@@ -60,7 +60,7 @@ from rf2.model.local_training import LocalTrainingResult, train_locally
 from rf2.optim.compression import compress_update
 from rf2.optim.heterofl import extract, rules_for, slice_spec
 from rf2.optim.row_averaging import touched_items
-from rf2.optim.sparse import ROWS, VALUES, encode, encode_dense
+from rf2.optim.sparse import ROWS, VALUES, changed_rows, encode, encode_dense
 
 log = logging.getLogger(__name__)
 
@@ -444,8 +444,37 @@ def _train_one(state: _WorkerState, received: dict[str, np.ndarray], recipe: Rou
     )
     if own is not None:
         own.keep(model, task.user)
-    return _Trained(task.user, held, result, histories, targets, tuple(model.row_tables()),
-                    arrays=state_to_numpy(model))
+    tables = tuple(model.row_tables())
+    if result.touched is None:  # rows not tracked: the whole model, compared row by row
+        return _Trained(task.user, held, result, histories, targets, tables,
+                        arrays=state_to_numpy(model))
+    return _Trained(task.user, held, result, histories, targets, tables,
+                    update=_row_update(model, held, result))
+
+
+def _row_update(model: FederatedModel, held: dict[str, np.ndarray],
+                result: LocalTrainingResult) -> ClientUpdate:
+    """A per-user result in the cohort's row-sparse form: of each row table, the rows
+    training changed (looked for among the rows it gave a gradient, ``result.touched``:
+    plain SGD moves no other), every other parameter whole. The same rows and values as
+    comparing the whole trained model with ``held`` (``SumBuilder.add_full``,
+    ``encode_dense``), without a pass over every row of every table per user."""
+    assert result.touched is not None
+    own = set(model.user_state_names())
+    rows: dict[str, np.ndarray] = {}
+    values: dict[str, np.ndarray] = {}
+    for name, tensor in model.state_dict().items():
+        if name in own:
+            continue  # per-user state: never sent (rf2.fl.user_state)
+        ids = result.touched.get(name)
+        if ids is None:
+            values[name] = tensor.detach().cpu().numpy().copy()
+            continue
+        new = tensor.detach()[torch.from_numpy(ids)].cpu().numpy()  # (R, ...) a copy
+        old = np.asarray(held[name])[ids].astype(new.dtype, copy=False)
+        keep = changed_rows(new, old)
+        rows[name], values[name] = ids[keep], new[keep]
+    return ClientUpdate(result.num_examples, result.loss_before, result.loss_after, rows, values)
 
 
 def _own_reply(recipe: RoundRecipe, task: UserTask, done: _Trained, sparse: bool

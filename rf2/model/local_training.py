@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rf2.core.arrays import sorted_unique
 from rf2.model.base import FederatedModel
 
 
@@ -28,6 +29,39 @@ class LocalTrainingResult:
     num_examples: int
     loss_before: float  # F_k(w_t): mean loss on the local data at the global model
     loss_after: float  # mean loss over the last local epoch's batches
+    # Row table -> (R,) sorted ids of every row that had a nonzero gradient at some step:
+    # plain SGD changes no other row, so the reply and the sum need look at these rows
+    # only (O(rows touched), not O(catalogue)). None: not tracked (a row table that is not
+    # a trainable parameter, or no example).
+    touched: dict[str, np.ndarray] | None = None
+
+
+def _row_table_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter] | None:
+    """The model's row tables (``FederatedModel.row_tables``) as parameters, or None
+    when one of them is not a trainable parameter (it may then change without a
+    gradient: its rows cannot be tracked)."""
+    tables = getattr(model, "row_tables", None)
+    if not callable(tables):
+        return None
+    params = dict(model.named_parameters())
+    out = {}
+    for name in tables():
+        p = params.get(name)
+        if p is None or not p.requires_grad:
+            return None
+        out[name] = p
+    return out
+
+
+def _rows_with_gradient(grad: torch.Tensor) -> torch.Tensor:
+    """(r,) ids of the rows of a row table's gradient that hold a nonzero (or NaN)."""
+    def nonzero_rows(values: torch.Tensor) -> torch.Tensor:  # (r, ...) -> (r,) bool
+        return (values.unsqueeze(1) if values.dim() == 1 else values).flatten(1).ne(0).any(1)
+
+    if grad.is_sparse:
+        g = grad.coalesce()
+        return g.indices()[0][nonzero_rows(g.values())]
+    return torch.nonzero(nonzero_rows(grad)).flatten()
 
 
 def train_locally(
@@ -79,6 +113,8 @@ def train_locally(
     # Plain SGD by hand: ``torch.optim`` imports torch._dynamo on first use (~2-6 s in
     # every fresh worker) and costs a constructor per client for a one-line update.
     params = [p for p in model.parameters() if p.requires_grad]
+    row_params = _row_table_params(model)
+    touched: dict[str, list[torch.Tensor]] = {name: [] for name in row_params or {}}
     bs = n if batch_size <= 0 else min(batch_size, n)
     gen = torch.Generator().manual_seed(seed)
     loss_after = loss_before
@@ -99,10 +135,16 @@ def train_locally(
                 objective = loss + 0.5 * proximal_mu * prox
             objective.backward()
             with torch.no_grad():
+                for name, p in (row_params or {}).items():
+                    if p.grad is not None:
+                        touched[name].append(_rows_with_gradient(p.grad))
                 for p in params:
                     if p.grad is not None:
                         p.add_(p.grad, alpha=-lr)
             total += float(loss.detach()) * len(idx)
             count += len(idx)
         loss_after = total / max(count, 1)
-    return LocalTrainingResult(n, loss_before, loss_after)
+    rows = None if row_params is None else {
+        name: sorted_unique(torch.cat(ids).numpy()) if ids else np.zeros(0, np.int64)
+        for name, ids in touched.items()}
+    return LocalTrainingResult(n, loss_before, loss_after, rows)

@@ -46,7 +46,9 @@ def changed_rows(new: np.ndarray, old: np.ndarray) -> np.ndarray:
     """(R,) sorted ids of the rows where ``new`` differs from ``old``."""
     diff = new != old
     if diff.ndim > 1:
-        diff = diff.reshape(diff.shape[0], -1).any(axis=1)
+        # (an empty array cannot be reshaped with -1: no row, or rows of nothing to differ)
+        diff = (diff.reshape(diff.shape[0], -1).any(axis=1) if diff.size
+                else np.zeros(diff.shape[0], dtype=bool))
     return np.flatnonzero(diff).astype(np.int64)
 
 
