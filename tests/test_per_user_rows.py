@@ -80,3 +80,19 @@ def test_a_row_table_without_gradient_is_not_tracked() -> None:
     hist, tgt = user_examples(DS, USER)
     result = train_locally(model, hist, tgt, lr=1.0, local_epochs=1, batch_size=0, seed=5)
     assert result.touched is None and result.num_examples == len(tgt)
+
+
+def test_rows_with_gradient_dense_sparse_nan_and_empty() -> None:
+    import torch
+
+    from rf2.model.local_training import _rows_with_gradient
+
+    dense = torch.tensor([[0.0, 1.0], [0.0, 0.0], [2.0, 0.0], [float("nan"), 0.0],
+                          [-0.0, 0.0]])
+    assert _rows_with_gradient(dense).tolist() == [0, 2, 3]  # NaN counts, -0.0 does not
+    assert _rows_with_gradient(torch.tensor([0.0, 3.0, 0.0])).tolist() == [1]  # a bias
+    assert _rows_with_gradient(torch.zeros(0, 4)).tolist() == []
+    table = torch.nn.Embedding(6, 3, sparse=True)
+    table(torch.tensor([4, 1, 4])).sum().backward()
+    assert table.weight.grad is not None and table.weight.grad.is_sparse
+    assert sorted(_rows_with_gradient(table.weight.grad).tolist()) == [1, 4]
