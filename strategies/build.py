@@ -3,15 +3,16 @@
 ``name`` picks the aggregation rule, ``server_optimizer`` the step applied to it:
 
 =========  ===========  ======================  ===================
-name       none         adagrad / adam / yogi   client must
-=========  ===========  ======================  ===================
-fedavg     FedAvg       FedAdagrad/Adam/Yogi    (plain local SGD)
-fedprox    FedProx      FedProxAdagrad/...      add (mu/2)||w − w_t||², mu = ``proximal-mu``
-qffl       QFFL         QFFLAdagrad/...         report ``train_loss`` = F_k(w_t)
-=========  ===========  ======================  ===================
+name       none         adagrad / adam / yogi   momentum          client must
+=========  ===========  ======================  ================  ===================
+fedavg     FedAvg       FedAdagrad/Adam/Yogi    FedAvgMomentum    (plain local SGD)
+fedprox    FedProx      FedProxAdagrad/...      FedProxMomentum   add (mu/2)||w − w_t||², mu = ``proximal-mu``
+qffl       QFFL         QFFLAdagrad/...         QFFLMomentum      report ``train_loss`` = F_k(w_t)
+=========  ===========  ======================  ================  ===================
 
 Every class is Flower's own or a thin composition of Flower's (``fedprox.py``,
-``qffl.py``; QFFL is Flower's QFedAvg without a per-reply ``gc.collect()``).
+``qffl.py``; QFFL is Flower's QFedAvg without a per-reply ``gc.collect()``), except
+FedAvgMomentum (``momentum.py``): Flower's FedAvgM arithmetic with FedOpt's conventions.
 Sampling is rf2's (see ``rf2.fl.round_grid``), so every strategy is built to take all the
 nodes it is shown (fraction 1, no minimums) and to skip Flower's client-side evaluation
 (rf2 evaluates on the server, over all users).
@@ -25,8 +26,9 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedProx, FedYog
 
 from rf2.core.config import ClientConfig, StrategyConfig
 
-from .fedprox import FedProxAdagrad, FedProxAdam, FedProxYogi
-from .qffl import QFFL, QFFLAdagrad, QFFLAdam, QFFLYogi
+from .fedprox import FedProxAdagrad, FedProxAdam, FedProxMomentum, FedProxYogi
+from .momentum import FedAvgMomentum
+from .qffl import QFFL, QFFLAdagrad, QFFLAdam, QFFLMomentum, QFFLYogi
 from .sampling import SAMPLING
 
 # (name, server_optimizer) -> class; "none" entries take no optimizer arguments.
@@ -35,20 +37,24 @@ _CLASSES: dict[tuple[str, str], type[Strategy]] = {
     ("fedavg", "adagrad"): FedAdagrad,
     ("fedavg", "adam"): FedAdam,
     ("fedavg", "yogi"): FedYogi,
+    ("fedavg", "momentum"): FedAvgMomentum,
     ("fedprox", "none"): FedProx,
     ("fedprox", "adagrad"): FedProxAdagrad,
     ("fedprox", "adam"): FedProxAdam,
     ("fedprox", "yogi"): FedProxYogi,
+    ("fedprox", "momentum"): FedProxMomentum,
     ("qffl", "none"): QFFL,
     ("qffl", "adagrad"): QFFLAdagrad,
     ("qffl", "adam"): QFFLAdam,
     ("qffl", "yogi"): QFFLYogi,
+    ("qffl", "momentum"): QFFLMomentum,
     # FedBuff: FedAvg's mean of the (staleness-weighted, rebased) buffered updates; the
     # asynchrony itself is the server's (rf2.fl.buffered).
     ("fedbuff", "none"): FedAvg,
     ("fedbuff", "adagrad"): FedAdagrad,
     ("fedbuff", "adam"): FedAdam,
     ("fedbuff", "yogi"): FedYogi,
+    ("fedbuff", "momentum"): FedAvgMomentum,
 }
 
 
@@ -62,7 +68,9 @@ def build_strategy(cfg: StrategyConfig, client: ClientConfig) -> Strategy:
             f"{sorted({o for _, o in _CLASSES})}"
         )
     kwargs: dict[str, Any] = dict(SAMPLING)
-    if cfg.server_optimizer != "none":
+    if cfg.server_optimizer == "momentum":  # FedAvgM (rf2.strategies.momentum)
+        kwargs.update(server_learning_rate=cfg.server_lr, server_momentum=cfg.server_momentum)
+    elif cfg.server_optimizer != "none":
         kwargs.update(eta=cfg.server_lr, eta_l=client.lr, tau=cfg.tau)
         if cfg.server_optimizer != "adagrad":  # FedAdagrad fixes beta_1 = beta_2 = 0
             kwargs.update(beta_1=cfg.beta_1, beta_2=cfg.beta_2)

@@ -19,6 +19,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedYogi
 
+from .momentum import FedAvgMomentum
+
 
 class ProximalMixin(FedAvg):
     """FedProx's server-side hook for any FedAvg-family class: put it first in the bases.
@@ -49,3 +51,7 @@ class FedProxAdam(ProximalMixin, FedAdam):
 
 class FedProxYogi(ProximalMixin, FedYogi):
     """FedProx clients, FedYogi server step."""
+
+
+class FedProxMomentum(ProximalMixin, FedAvgMomentum):
+    """FedProx clients, FedAvgM server step."""

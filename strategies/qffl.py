@@ -36,6 +36,7 @@ except ImportError as _ex:
     raise FlowerCompatError(f"rf2.strategies.qffl reuses Flower's q-FFL helpers: {_ex}",
                             remedy="install flwr 1.42.x") from _ex
 
+from .momentum import FedAvgMomentum
 from .sampling import SAMPLING
 
 if not callable(getattr(QFedAvg, "_check_and_log_replies", None)):  # used by QFFL below
@@ -143,6 +144,10 @@ class QFFLAdam(_QFFLConfig, FedAdam, QFFLMean):
 
 class QFFLYogi(_QFFLConfig, FedYogi, QFFLMean):
     """q-FFL's aggregate, then FedYogi's step towards it."""
+
+
+class QFFLMomentum(_QFFLConfig, FedAvgMomentum, QFFLMean):
+    """q-FFL's aggregate, then FedAvgM's step towards it."""
 
 
 def needs_each_reply(strategy: object) -> bool:

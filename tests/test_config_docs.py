@@ -50,7 +50,7 @@ def test_every_key_is_documented_with_type_default_and_description() -> None:
     beam = keys["model.index.beam"]
     assert (beam.type, beam.default) == ("int", 16) and "beam search" in beam.description
     assert "an integer >= 1" in beam.allowed
-    assert keys["strategy.server_optimizer"].type == "one of 'none', 'adagrad', 'adam', 'yogi'"
+    assert keys["strategy.server_optimizer"].type == "one of 'none', 'adagrad', 'adam', 'yogi', 'momentum'"
     assert keys["fault_injection[].kind"].default == "raise"
     text = config_docs.DOCS.read_text(encoding="utf-8")
     assert "| `model.index.ttt` | bool | `false` |" in text

@@ -106,6 +106,23 @@ def test_resume_continues_to_the_same_result(inprocess_run: Path, tmp_path: Path
     assert without_timing(read_rows(part)) == without_timing(read_rows(inprocess_run))
 
 
+def test_fedavgm_resumes_with_its_momentum_to_the_same_result(tmp_path: Path) -> None:
+    """Server momentum (FedAvgM) is in the checkpoint: a run resumed from round 2 ends
+    where the uninterrupted one does (without it, round 3 would restart the momentum)."""
+    opts = {"strategy.server_optimizer": "momentum", "strategy.server_lr": 0.5}
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    run_job(small_run(num_rounds=4, **opts), whole)
+    run_job(small_run(num_rounds=4, checkpoint_every=2, **opts), part)
+    rows = (part / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (part / "metrics.jsonl").write_text("".join(rows[:3]))  # a crash after round 2
+    shutil.rmtree(part / "checkpoints" / "round_000004")
+    (part / "DONE").unlink()
+    (part / "model.pt").unlink()
+    run_job(small_run(resume=str(part)), tmp_path / "unused")
+    assert without_timing(read_rows(part)) == without_timing(read_rows(whole))
+    assert read_rows(whole)[-1]["recall@20"] != read_rows(whole)[0]["recall@20"]
+
+
 def test_refuses_to_overwrite_an_existing_run(inprocess_run: Path) -> None:
     from rf2.runs.run_folder import RunExists
 

@@ -127,6 +127,7 @@ def _pair(tmp_path: Path, tag: str, atol: float = 1e-5, **overrides: object
     ("fedavg", "adagrad", "sampled"),
     ("fedavg", "adam", "sampled"),
     ("fedavg", "yogi", "full"),
+    ("fedavg", "momentum", "sampled"),
     ("fedprox", "adagrad", "full"),
 ])
 def test_summed_rounds_equal_the_per_client_rounds(

@@ -18,6 +18,7 @@ from flwr.serverapp.strategy import QFedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from rf2.core.config import ClientConfig, StrategyConfig
+from rf2.core.errors import ConfigError
 from rf2.model.local_training import train_locally
 from rf2.strategies import build_strategy
 from rf2.strategies.merge import aggregate_precomputed
@@ -102,7 +103,7 @@ def qffl_formula(w: Arrays, clients: list[tuple[Arrays, float, float]], q: float
 
 
 # -- every combination ---------------------------------------------------------------
-@pytest.mark.parametrize("opt", ["none", "adagrad", "adam", "yogi"])
+@pytest.mark.parametrize("opt", ["none", "adagrad", "adam", "yogi", "momentum"])
 @pytest.mark.parametrize("name", ["fedavg", "fedprox", "qffl"])
 def test_every_combination_builds_and_trains(name: str, opt: str) -> None:
     s = build(name, opt, proximal_mu=0.1)
@@ -227,11 +228,60 @@ def test_qffl_adagrad_is_adagrad_towards_the_qffl_point() -> None:
         w = got
 
 
-def test_server_optimizer_state_round_trips() -> None:
-    a = build("qffl", "yogi", q=1.0)
+# -- FedAvgM ------------------------------------------------------------------------------
+def test_fedavg_momentum_equals_flowers_fedavgm_step_for_step() -> None:
+    """rf2's FedAvgMomentum is Flower's FedAvgM arithmetic (w_t snapshotted each round)."""
+    from flwr.serverapp.strategy import FedAvgM
+
+    ours = build("fedavg", "momentum", server_lr=0.3, server_momentum=0.8)
+    flowers = FedAvgM(server_learning_rate=0.3, server_momentum=0.8, **SAMPLING)
+    w = dict(W0)
+    for rnd in (1, 2, 3):
+        clients = clients_around(w, seed=40 + rnd)
+        a, b = run_round(ours, rnd, w, clients), run_round(flowers, rnd, w, clients)
+        for k in w:
+            np.testing.assert_array_equal(a[k], b[k])
+        assert any(not np.allclose(a[k], w[k]) for k in w)
+        w = a
+
+
+def test_fedavg_momentum_is_sgd_with_momentum_on_the_pseudo_gradient() -> None:
+    """g_t = w_t - mean_t, m_1 = g_1, m_t = beta m_(t-1) + g_t, w_(t+1) = w_t - eta m_t;
+    eta 1 and beta 0 is plain FedAvg."""
+    s = build("fedavg", "momentum", server_lr=0.5, server_momentum=0.9)
+    w, m = dict(W0), None
+    for rnd in (1, 2, 3):
+        clients = clients_around(w, seed=50 + rnd)
+        total = sum(n for _, n, _ in clients)
+        mean = {k: sum(n * wk[k].astype(np.float64) for wk, n, _ in clients) / total for k in w}
+        g = {k: w[k] - mean[k] for k in w}
+        m = g if m is None else {k: 0.9 * m[k] + g[k] for k in w}
+        want = {k: w[k] - 0.5 * m[k] for k in w}
+        got = run_round(s, rnd, w, clients)
+        for k in w:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
+        w = got
+    clients = clients_around(W0, seed=60)
+    plain = run_round(build("fedavg", "momentum", server_lr=1.0, server_momentum=0.0), 1, W0,
+                      clients)
+    fedavg = run_round(build("fedavg"), 1, W0, clients)
+    for k in W0:
+        np.testing.assert_array_equal(plain[k], fedavg[k])
+
+
+def test_server_momentum_out_of_range_is_one_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"strategy\.server_momentum"):
+        StrategyConfig(server_optimizer="momentum", server_momentum=1.0).validate()
+
+
+@pytest.mark.parametrize(("name", "opt"), [("qffl", "yogi"), ("fedavg", "momentum"),
+                                           ("qffl", "momentum")])
+def test_server_optimizer_state_round_trips(name: str, opt: str) -> None:
+    a = build(name, opt, q=1.0)
     run_round(a, 1, W0, clients_around(W0, seed=5))
     meta, moments = strategy_state(a)
-    b = build("qffl", "yogi", q=1.0)
+    assert moments  # the momentum / moments are in the checkpoint
+    b = build(name, opt, q=1.0)
     load_strategy_state(b, meta, moments)
     clients = clients_around(W0, seed=6)
     ra, rb = run_round(a, 2, W0, clients), run_round(b, 2, W0, clients)

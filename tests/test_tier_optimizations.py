@@ -88,6 +88,7 @@ def test_heterofl_with_per_row_averaging_is_rejected() -> None:
     {"name": "qffl", "q": 1.0},
     {"name": "qffl", "q": 1.0, "server_optimizer": "none"},
     {"name": "fedavg", "server_optimizer": "yogi"},
+    {"name": "qffl", "q": 1.0, "server_optimizer": "momentum"},
 ])
 def test_strategies_run_end_to_end(tmp_path: Path, strategy: dict) -> None:
     rows = run(tmp_path, "s", strategy=strategy, **{"client.local_epochs": 2})

@@ -287,9 +287,11 @@ class StrategyConfig:
     # one server step per "round" after clients_per_round arrivals (docs/strategies.md).
     # With a custom _target_: fedavg (synchronous rounds) or fedbuff (asynchronous).
     name: Literal["fedavg", "fedprox", "qffl", "fedbuff"] = "fedavg"
-    # Server optimizer applied to the aggregated pseudo-gradient (FedOpt, Reddi et al.).
-    server_optimizer: Literal["none", "adagrad", "adam", "yogi"] = "adagrad"
-    # Server optimizer's learning rate.
+    # Server optimizer applied to the aggregated pseudo-gradient: adagrad/adam/yogi are
+    # FedOpt (Reddi et al.), momentum is FedAvgM (Hsu et al.: server SGD with momentum).
+    server_optimizer: Literal["none", "adagrad", "adam", "yogi", "momentum"] = "adagrad"
+    # Server optimizer's learning rate (momentum: the SGD step, whose steady-state size
+    # is server_lr / (1 - server_momentum); 1.0 without momentum is plain FedAvg).
     server_lr: float = 0.1
     # Adaptivity constant of Adagrad/Adam/Yogi (FedOpt's tau).
     tau: float = 1e-9
@@ -297,6 +299,8 @@ class StrategyConfig:
     beta_1: float = 0.9
     # Adam/Yogi second-moment decay.
     beta_2: float = 0.99
+    # momentum (FedAvgM): the server momentum beta.
+    server_momentum: float = 0.9
     # FedProx: weight mu of the proximal term (mu/2)||w - w_global||^2.
     proximal_mu: float = 0.01
     # q-FFL: fairness exponent q (0 = unweighted mean, larger = fairer).
@@ -312,6 +316,8 @@ class StrategyConfig:
         check(self.tau > 0, f"{path}.tau", self.tau, "a number > 0")
         check(0 <= self.beta_1 < 1, f"{path}.beta_1", self.beta_1, "a number in [0, 1)")
         check(0 <= self.beta_2 < 1, f"{path}.beta_2", self.beta_2, "a number in [0, 1)")
+        check(0 <= self.server_momentum < 1, f"{path}.server_momentum", self.server_momentum,
+              "a number in [0, 1)")
         check(self.proximal_mu >= 0, f"{path}.proximal_mu", self.proximal_mu, "a number >= 0")
         check(self.q >= 0, f"{path}.q", self.q, "a number >= 0")
         check(self.concurrency is None or self.concurrency >= 1, f"{path}.concurrency",

@@ -55,7 +55,7 @@ class BuiltinOnly:
 
 GROUPS = (
     BuiltinOnly("strategy", "name", ("server_optimizer", "server_lr", "tau", "beta_1", "beta_2",
-                                     "proximal_mu", "q"), BUILTIN_STRATEGY,
+                                     "server_momentum", "proximal_mu", "q"), BUILTIN_STRATEGY,
                 "rf2's builder (rf2.strategies.build_strategy)"),
     BuiltinOnly("population", "mode", ("alpha", "strength", "leak_test", "path"),
                 reader="rf2's tierings (population.mode)"),

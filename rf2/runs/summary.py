@@ -70,7 +70,9 @@ def describe_run(config: Mapping[str, Any], data: Mapping[str, Any],
         strategy = str(part_used(config, "strategy") or "?")
         server = server_optimizer_used(config)
         if server and server != "none":
-            strategy += f" + server {server} (lr {_get(config, 'strategy.server_lr')})"
+            beta = (f", beta {_get(config, 'strategy.server_momentum')}"
+                    if server == "momentum" else "")
+            strategy += f" + server {server} (lr {_get(config, 'strategy.server_lr')}{beta})"
         how = (f"{strategy}, {_get(config, 'clients_per_round')} clients/round, "
                f"optimization {_get(config, 'optimization.name', 'none')}")
     backend = _get(config, "simulation.backend", "?")
