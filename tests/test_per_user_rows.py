@@ -35,7 +35,7 @@ def _trained(model_cfg: dict, kwargs: dict) -> tuple:  # noqa: ANN401
     held = state_to_numpy(model)
     hist, tgt = user_examples(DS, USER)
     opts = {"lr": 1.0, "local_epochs": 1, "batch_size": 0, **kwargs}
-    result = train_locally(model, hist, tgt, seed=5, user=USER, **opts)
+    result = train_locally(model, hist, tgt, seed=5, user=USER, track_rows=True, **opts)
     return model, held, result
 
 
@@ -78,8 +78,12 @@ def test_a_row_table_without_gradient_is_not_tracked() -> None:
     model = build_model(ModelConfig(name="two_tower", dim=8), DS, seed=1)
     model.item_table.requires_grad_(False)
     hist, tgt = user_examples(DS, USER)
-    result = train_locally(model, hist, tgt, lr=1.0, local_epochs=1, batch_size=0, seed=5)
+    result = train_locally(model, hist, tgt, lr=1.0, local_epochs=1, batch_size=0, seed=5,
+                           track_rows=True)
     assert result.touched is None and result.num_examples == len(tgt)
+    model.item_table.requires_grad_(True)  # trackable, but not asked for: not tracked
+    plain = train_locally(model, hist, tgt, lr=1.0, local_epochs=1, batch_size=0, seed=5)
+    assert plain.touched is None
 
 
 def test_rows_with_gradient_dense_sparse_nan_and_empty() -> None:

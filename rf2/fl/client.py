@@ -441,6 +441,7 @@ def _train_one(state: _WorkerState, received: dict[str, np.ndarray], recipe: Rou
         proximal_mu=recipe.proximal_mu,
         seed=_user_seed(recipe, task),
         user=task.user,
+        track_rows=True,
     )
     if own is not None:
         own.keep(model, task.user)

@@ -618,16 +618,23 @@ def _flat_two_tower_step(model: TwoTower, arrays: Mapping[str, np.ndarray],
         pos = (user * tgt_emb).sum(-1)  # (E,)
         if tgt_bias is not None:
             pos = pos + tgt_bias
-        parts, start = [], 0
+        # Every client's negatives gathered at once and the examples split per client
+        # (split/unbind): one gather and one concatenation in the backward pass, where
+        # per-client gathers and slices each wrote a zero-filled table-sized gradient.
+        all_negs = torch.stack([s.negatives for s in samples])  # (C, K)
+        neg_emb_all, neg_bias_all = item_rows(all_negs.reshape(-1))  # (C K, D), (C K,)
+        neg_embs = neg_emb_all.reshape(len(samples), k, -1).unbind(0)  # C x (K, D)
+        neg_biases = (None if neg_bias_all is None
+                      else neg_bias_all.reshape(len(samples), k).unbind(0))  # C x (K,)
+        sizes = [int(x) for x in n]
+        users_c, tgts_c = torch.split(user, sizes), torch.split(tgt, sizes)
+        parts = []
         for c, sample in enumerate(samples):  # a client's examples share its negatives
-            stop = start + int(n[c])
-            neg_emb, neg_bias = item_rows(sample.negatives)  # (K, D), (K,)
-            negs = user[start:stop] @ neg_emb.T - log_q  # (n_c, K)
-            if neg_bias is not None:
-                negs = negs + neg_bias
-            hit = sample.negatives.unsqueeze(0) == tgt[start:stop].unsqueeze(1)
+            negs = users_c[c] @ neg_embs[c].T - log_q  # (n_c, K)
+            if neg_biases is not None:
+                negs = negs + neg_biases[c]
+            hit = sample.negatives.unsqueeze(0) == tgts_c[c].unsqueeze(1)
             parts.append(negs.masked_fill(hit, float("-inf")))
-            start = stop
         logits = torch.cat([pos.unsqueeze(1), torch.cat(parts)], dim=1)  # (E, 1 + K)
         per_ex = F.cross_entropy(logits, torch.zeros_like(tgt), reduction="none")  # (E,)
     names = list(leaves)

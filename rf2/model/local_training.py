@@ -80,11 +80,15 @@ def train_locally(
     proximal_mu: float = 0.0,
     seed: int = 0,
     user: int | None = None,
+    track_rows: bool = False,
 ) -> LocalTrainingResult:
     """Train ``model`` in place on one client's examples with plain SGD.
 
     ``user``: the client's user id, passed to the loss of a model with per-user state
     (``FederatedModel.user_state_names``) as ``users=``; other models never see it.
+    ``track_rows``: record the rows of each row table that got a gradient
+    (``LocalTrainingResult.touched``; rf2's per-user client path builds its reply from
+    them); off, training is the plain loop alone.
     """
     n = int(len(targets))
     hist_t = torch.from_numpy(np.asarray(histories, dtype=np.int64))
@@ -118,7 +122,7 @@ def train_locally(
     # Plain SGD by hand: ``torch.optim`` imports torch._dynamo on first use (~2-6 s in
     # every fresh worker) and costs a constructor per client for a one-line update.
     params = [p for p in model.parameters() if p.requires_grad]
-    row_params = _row_table_params(model)
+    row_params = _row_table_params(model) if track_rows else None
     touched: dict[str, list[torch.Tensor]] = {name: [] for name in row_params or {}}
     bs = n if batch_size <= 0 else min(batch_size, n)
     gen = torch.Generator().manual_seed(seed)
