@@ -137,3 +137,25 @@ def test_async_run_is_stale_in_slow_tiers_and_resumes_exactly(tmp_path: Path) ->
     (part / "model.pt").unlink()
     run_job({**cfg, "resume": str(part)}, tmp_path / "unused", overrides=["num_rounds=4"])
     assert without_timing(read_rows(part)) == full
+
+
+@pytest.mark.slow
+def test_async_fedavgm_steps_against_the_current_model_and_resumes_exactly(
+        tmp_path: Path) -> None:
+    """FedBuff with server momentum: stale versions train, the momentum step is taken
+    against the current model (FedBuff sets the strategy's w_t before aggregating) and
+    the momentum survives a resume."""
+    from rf2.cli.support import run_job
+
+    cfg = small_run(num_rounds=4, checkpoint_every=2, **{
+        "devices.profile": "rf2-3tier", "strategy.name": "fedbuff",
+        "strategy.server_optimizer": "momentum", "strategy.server_lr": 0.5})
+    full = without_timing(read_rows(run_job(cfg, tmp_path / "full")))
+    assert max(r["staleness_max"] for r in full[1:]) >= 1
+    assert full[-1]["recall@20"] != full[0]["recall@20"]
+    part = tmp_path / "part"
+    run_job({**cfg, "num_rounds": 2}, part)
+    (part / "DONE").unlink()
+    (part / "model.pt").unlink()
+    run_job({**cfg, "resume": str(part)}, tmp_path / "unused", overrides=["num_rounds=4"])
+    assert without_timing(read_rows(part)) == full
