@@ -135,7 +135,9 @@ class FederatedModel(nn.Module, ABC):
         """On-device update of a stateful model's per-user rows before the client's
         federated step (FCF fits the user's vector to the current item table), with the
         client's (B, H) histories, (B,) targets, loss sample and (B,) users. Local training
-        calls it for models with per-user state only. Default: nothing."""
+        calls it for models with per-user state only. It must change per-user rows only:
+        a row table changes through its gradient alone (the per-user client path builds
+        the reply from the rows that got one). Default: nothing."""
 
     def dense_parameters(self) -> list[str]:
         """Federated parameters that travel whole: neither row tables nor user state."""
