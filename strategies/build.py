@@ -2,7 +2,7 @@
 
 ``name`` picks the aggregation rule, ``server_optimizer`` the step applied to it:
 
-=========  ===========  ======================  ===================
+=========  ===========  ======================  ================  ===================
 name       none         adagrad / adam / yogi   momentum          client must
 =========  ===========  ======================  ================  ===================
 fedavg     FedAvg       FedAdagrad/Adam/Yogi    FedAvgMomentum    (plain local SGD)

@@ -47,6 +47,16 @@ def test_encode_keeps_changed_rows_and_densify_restores() -> None:
     assert sparse.screen(enc, g) is None
 
 
+def test_changed_rows_of_tables_vectors_and_empty_row_sets() -> None:
+    a = np.arange(12, dtype=np.float32).reshape(3, 2, 2)
+    b = a.copy()
+    b[2, 1, 0] += 1
+    assert sparse.changed_rows(b, a).tolist() == [2]  # any element of a row
+    assert sparse.changed_rows(np.array([1.0, 5.0]), np.array([1.0, 2.0])).tolist() == [1]
+    for shape in ((0, 4), (3, 0)):  # no row; rows of nothing (nothing differs)
+        assert sparse.changed_rows(np.zeros(shape), np.zeros(shape)).tolist() == []
+
+
 def test_weighted_mean_equals_dense_fedavg() -> None:
     g = _global()
     unchanged = {k: (v + 0.1 if k == "genre_table" else v.copy()) for k, v in g.items()}

@@ -90,7 +90,7 @@ class FCF(FederatedModel):
         if sample is None or sample.negatives is None:
             return None  # full softmax: every item's score is in the loss
         return sorted_unique(np.concatenate([np.asarray(targets, dtype=np.int64),
-                                         sample.negatives.numpy()]))
+                                             sample.negatives.numpy()]))
 
     def draw_sample(self, generator: torch.Generator) -> LossSample:
         if self.cfg.loss_kind(self.num_items) != "sampled":

@@ -53,20 +53,23 @@ def _row_table_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter] |
     return out
 
 
-def _rows_with_gradient(grad: torch.Tensor) -> torch.Tensor:
-    """(r,) ids of the rows of a row table's gradient that hold a nonzero (or NaN)."""
-    def nonzero_rows(values: torch.Tensor) -> torch.Tensor:  # (r, ...) -> (r,) bool
-        flat = (values.unsqueeze(1) if values.dim() == 1 else values).flatten(1)
-        if flat.shape[1] == 0:
-            return torch.zeros(flat.shape[0], dtype=torch.bool)
-        # |g| max per row (NaN stays NaN, so it counts): ~8x faster than ne(0).any(1),
-        # which on a 36k x 64 table cost more than the user's backward pass.
-        return flat.abs().amax(1).ne(0)
+def _nonzero_rows(values: torch.Tensor) -> torch.Tensor:
+    """(r, ...) -> (r,) bool: the rows holding a nonzero (or NaN)."""
+    flat = (values.unsqueeze(1) if values.dim() == 1 else values).flatten(1)
+    if flat.shape[1] == 0:
+        return torch.zeros(flat.shape[0], dtype=torch.bool)
+    # |g| max per row (NaN stays NaN, so it counts): ~8x faster than ne(0).any(1), which
+    # on a 36k x 64 table cost more than the user's backward pass.
+    return flat.abs().amax(1).ne(0)
 
+
+def _rows_with_gradient(grad: torch.Tensor) -> torch.Tensor:
+    """(r,) ids of the rows of a row table's gradient (dense or sparse) that hold a
+    nonzero (or NaN)."""
     if grad.is_sparse:
         g = grad.coalesce()
-        return g.indices()[0][nonzero_rows(g.values())]
-    return torch.nonzero(nonzero_rows(grad)).flatten()
+        return g.indices()[0][_nonzero_rows(g.values())]
+    return torch.nonzero(_nonzero_rows(grad)).flatten()
 
 
 def train_locally(

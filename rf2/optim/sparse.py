@@ -18,6 +18,7 @@ still decay the moments of rows nobody touched. Rules that need one array per cl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -45,10 +46,8 @@ class SparseUpdate:
 def changed_rows(new: np.ndarray, old: np.ndarray) -> np.ndarray:
     """(R,) sorted ids of the rows where ``new`` differs from ``old``."""
     diff = new != old
-    if diff.ndim > 1:
-        # (an empty array cannot be reshaped with -1: no row, or rows of nothing to differ)
-        diff = (diff.reshape(diff.shape[0], -1).any(axis=1) if diff.size
-                else np.zeros(diff.shape[0], dtype=bool))
+    if diff.ndim > 1:  # the row's width spelled out: -1 cannot be inferred for no rows
+        diff = diff.reshape(diff.shape[0], math.prod(diff.shape[1:])).any(axis=1)
     return np.flatnonzero(diff).astype(np.int64)
 
 
